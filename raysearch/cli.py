@@ -1,0 +1,233 @@
+"""CLI: argument parsing and error formatting only; every command calls a typed library function.
+
+A ``RaysearchError`` prints as one line on stderr with exit code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from raysearch import __version__
+from raysearch.errors import RaysearchError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _stdout_console():
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # logs and CI: wide enough that tables do not truncate
+        console = Console(width=160)
+    return console
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_data(args) -> int:
+    from raysearch.data import read_mura, summary_table
+    from raysearch.storage import atomic_write_parquet
+
+    manifest = read_mura(
+        args.root, val_fraction=args.val_fraction, seed=args.seed, skip_bad=args.skip_bad
+    )
+    out = _stdout_console()
+    out.print(summary_table(manifest))
+    skipped = manifest.attrs.get("skipped")
+    if skipped is not None and len(skipped):
+        _console().print(f"[yellow]left out {len(skipped)} bad image(s) (--skip-bad)[/]")
+        for reason, n in skipped["reason"].value_counts().items():
+            _console().print(f"  {n} x {reason}")
+    unlisted = manifest.attrs.get("unlisted", 0)
+    if unlisted:
+        _console().print(f"[yellow]{unlisted} PNG file(s) on disk are not listed in the CSVs[/]")
+    if args.out:
+        manifest.attrs = {}
+        atomic_write_parquet(manifest, args.out)
+        out.print(f"manifest: {len(manifest)} images -> {args.out}")
+    return 0
+
+
+def cmd_demo_data(args) -> int:
+    import time
+
+    from raysearch.synth import make_demo_data
+
+    t0 = time.perf_counter()
+    root = make_demo_data(args.dir, seed=args.seed, size=args.size, label_noise=args.label_noise)
+    _stdout_console().print(f"demo dataset ({args.size}, seed {args.seed}) -> {root} "
+                            f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from raysearch.train import run_single
+
+    run_single(
+        args.config, data_root=args.data_root, storage=args.storage, name=args.name,
+        fresh=args.fresh, address=args.address, verbose=args.verbose,
+    )
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from raysearch.config import load_search_space
+    from raysearch.tune import run_search
+
+    spec = load_search_space(
+        args.space, data_root=args.data_root, name=args.name, storage=args.storage,
+        num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+    )
+    run_search(
+        spec, resume=args.resume, overwrite=args.overwrite, address=args.address,
+        verbose=args.verbose, console=_stdout_console(),
+    )
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    from raysearch.ensemble import run_ensemble
+
+    run_ensemble(
+        experiment=args.experiment, storage=args.storage, top=args.top, method=args.method,
+        tta=args.tta, out=args.out, n_boot=args.n_boot, seed=args.seed,
+        console=_stdout_console(),
+    )
+    return 0
+
+
+def cmd_weights_fetch(args) -> int:
+    from raysearch.models import fetch_weights
+
+    uri = fetch_weights(args.arch, to=args.to)
+    _stdout_console().print(f"{args.arch}: ImageNet weights staged at {uri}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from raysearch import bench
+
+    console = _stdout_console()
+    if args.what == "data":
+        bench.bench_data(root=args.root, image_size=args.image_size or 128,
+                         n_images=args.n_images, console=console)
+    elif args.what == "train":
+        bench.bench_train(root=args.root, arch=args.arch, image_size=args.image_size or 64,
+                          batch_size=args.batch_size, console=console)
+    else:
+        bench.bench_search(root=args.root, num_samples=args.num_samples, console=console)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="raysearch",
+        description="Distributed hyperparameter and ensemble search for radiograph classification.",
+    )
+    p.add_argument("--version", action="version", version=f"raysearch {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("data", help="validate a MURA-v1.1 dataset and summarise it")
+    s.add_argument("root", help="the MURA-v1.1 folder or its parent (path or URL)")
+    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--skip-bad", action="store_true", help="leave out bad images and say how many")
+    s.add_argument("--out", help="write the manifest to this Parquet file")
+    s.set_defaults(func=cmd_data)
+
+    s = sub.add_parser("demo-data", help="write a synthetic dataset in the MURA-v1.1 layout")
+    s.add_argument("dir")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", default="small", choices=["tiny", "small", "medium", "large"])
+    s.add_argument("--label-noise", type=float, default=0.03)
+    s.set_defaults(func=cmd_demo_data)
+
+    s = sub.add_parser("train", help="run one trial (no search) under Ray Train")
+    s.add_argument("config", help="trial config YAML")
+    s.add_argument("--data-root")
+    s.add_argument("--storage")
+    s.add_argument("--name")
+    s.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    s.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("tune", help="run the search described by a search-space YAML")
+    s.add_argument("space", help="search-space YAML, e.g. search_spaces/demo.yaml")
+    s.add_argument("--data-root")
+    s.add_argument("--name")
+    s.add_argument("--storage", help="local folder or gs://bucket/prefix")
+    s.add_argument("--num-samples", type=int)
+    s.add_argument("--max-concurrent", type=int)
+    s.add_argument("--resume", action="store_true", help="continue an existing experiment")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing experiment")
+    s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    s.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs")
+    s.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("ensemble", help="select members, score on test, write reports")
+    s.add_argument("--experiment", help="name, folder or URL (default: the most recent)")
+    s.add_argument("--storage", default="reports", help="where experiments live (default reports)")
+    s.add_argument("--top", type=int, default=4, help="K members (top-k) / max rounds (greedy)")
+    s.add_argument("--method", choices=["top", "greedy"], default="top")
+    s.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
+    s.add_argument("--out", help="output folder (default <experiment>/ensemble)")
+    s.add_argument("--n-boot", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_ensemble)
+
+    s = sub.add_parser("weights", help="pretrained weights")
+    ws = s.add_subparsers(dest="weights_command", required=True)
+    f = ws.add_parser("fetch", help="stage torchvision's ImageNet weights into a folder or bucket")
+    f.add_argument("arch")
+    f.add_argument("--to", required=True, help="folder or URL (gs://bucket/weights/)")
+    f.set_defaults(func=cmd_weights_fetch)
+
+    s = sub.add_parser("bench", help="measure speed, side by side in one run")
+    s.add_argument("what", choices=["data", "train", "search"])
+    s.add_argument("--root", help="dataset (default: generated demo data)")
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--n-images", type=int, default=512)
+    s.add_argument("--arch", default="resnet18")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--num-samples", type=int, default=8)
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RaysearchError as e:
+        if args.debug:
+            raise
+        print(f"raysearch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raysearch: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or an unexpected library error: one line unless --debug
+        if args.debug or os.environ.get("RAYSEARCH_DEBUG"):
+            raise
+        kind = type(e).__name__
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"raysearch: unexpected {kind}: {first} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

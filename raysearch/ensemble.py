@@ -1,0 +1,692 @@
+"""Ensemble stage: member selection (top-k or greedy), test inference, study-level evaluation.
+
+``run_ensemble`` reads a finished search (``raysearch tune``): ``experiment.json``,
+``trials.parquet``, the manifest and each trial's best checkpoint. Members are *selected* on the
+val probabilities saved in the checkpoints (no re-inference, nnU-Net style), then *scored* by
+running each member on the ``test`` split (MURA's official validation set), which played no part
+in training, early stopping or selection. The val metrics are reported too, labelled
+``split == "val"``: they are the selection set and therefore optimistic.
+
+An ensemble's image probability is the weighted mean of its members' (top-k: equal weights;
+greedy: how often each member was picked). A study's probability is the mean of its images'
+probabilities, and the study is abnormal when that mean is > 0.5 (MURA's rule, see ``metrics``).
+
+Outputs, under ``<experiment>/ensemble/`` or ``out`` (every file written atomically, after
+everything has been computed, so a failure leaves no partial file behind)::
+
+    members.parquet            rank, trial_id, weight, picks, best_val_loss, best_epoch, status,
+                               val_study_kappa, val_study_log_loss, checkpoint, then every
+                               TrialConfig field (from the checkpoint's trial.json)
+    study_predictions.parquet  study_id, patient_id, body_part, split, label, n_images,
+                               prob, pred (the ensemble), prob_<trial_id> per member
+    image_predictions.parquet  image_path, study_id, patient_id, body_part, split, label,
+                               prob, pred, prob_<trial_id> per member
+    category_metrics.parquet   model (``ensemble`` or a trial id), split (``test`` | ``val``),
+                               body_part (the 7 parts, then ``ALL``), n_studies, accuracy,
+                               kappa, kappa_low, kappa_high, sensitivity, specificity, auc,
+                               tp, fp, tn, fn, image_auc
+    worklist.csv               the test studies, most likely abnormal first: rank, study_id,
+                               patient_id, body_part, prob, pred, label
+    ensemble.json              the settings of the run and the member weights (written last)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from raysearch import metrics as M
+from raysearch.config import TrialConfig
+from raysearch.data import BODY_PARTS
+from raysearch.errors import CheckpointError, ConfigError, DataError, RaysearchError, name_some
+from raysearch.storage import (
+    atomic_write_parquet,
+    atomic_write_text,
+    exists,
+    get_fs,
+    is_url,
+    join,
+    read_bytes,
+    read_parquet,
+)
+
+METHODS = ("top", "greedy")
+SPLITS = ("test", "val")  # the honest estimate first, then the selection set
+VAL_COLUMNS = ("image_path", "study_id", "patient_id", "body_part", "label", "prob")
+IMAGE_KEYS = ["image_path", "study_id", "patient_id", "body_part", "split", "label"]
+METRIC_COLUMNS = ["model", "split", *M.CATEGORY_COLUMNS, "image_auc"]
+_EPS = 1e-7  # the clipping of metrics.log_loss
+
+
+# ----------------------------------------------------------------------------- finding things
+
+
+def find_experiment(experiment: str | None, *, storage: str = "reports") -> str:
+    """The experiment folder to ensemble: ``None`` -> the most recent one under ``storage``
+    (newest ``experiment.json``); a bare name -> ``storage/name``; a path or URL as given."""
+    if experiment is None:
+        found = _list_experiments(storage)
+        if not found:
+            raise ConfigError(
+                f"no experiment under {storage} (no */experiment.json); run `raysearch tune` "
+                "first or name one with --experiment"
+            )
+        return max(found, key=lambda item: (item[1], item[0]))[0]
+    bare = not is_url(experiment) and "/" not in experiment and os.sep not in experiment
+    candidates = [join(storage, experiment)] if bare else []
+    candidates.append(experiment if is_url(experiment) else join(experiment))
+    for path in candidates:
+        if exists(join(path, "experiment.json")):
+            return path
+    known = [uri.rstrip("/").rsplit("/", 1)[-1] for uri, _ in _list_experiments(storage)]
+    listing = (
+        f"experiments under {storage}: {name_some(sorted(known), limit=8)}"
+        if known
+        else f"there are none under {storage}"
+    )
+    raise ConfigError(f"no experiment at {candidates[0]} (no experiment.json); {listing}")
+
+
+def _list_experiments(storage: str) -> list[tuple[str, float]]:
+    """(folder URI, modification time of its experiment.json) for every experiment in storage."""
+    fs, root = get_fs(storage)
+    if not fs.isdir(root):
+        return []
+    out = []
+    for path in fs.glob(root.rstrip("/") + "/*/experiment.json"):
+        name = path.rstrip("/").rsplit("/", 2)[-2]
+        out.append((join(storage, name), _mtime(fs, path)))
+    return out
+
+
+def _mtime(fs, path: str) -> float:
+    try:
+        return fs.modified(path).timestamp()
+    except (NotImplementedError, AttributeError, KeyError):
+        info = fs.info(path)
+        for key in ("mtime", "updated", "LastModified", "created"):
+            value = info.get(key)
+            if isinstance(value, (int, float)):
+                return float(value)
+            if hasattr(value, "timestamp"):
+                return value.timestamp()
+        return 0.0
+
+
+def _read_experiment(exp_dir: str) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+    """experiment.json, trials.parquet and the manifest of a finished search."""
+    info_uri = join(exp_dir, "experiment.json")
+    try:
+        info = json.loads(read_bytes(info_uri))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{info_uri} is not valid JSON ({e})") from e
+    trials_uri = join(exp_dir, "trials.parquet")
+    if not exists(trials_uri):
+        raise DataError(
+            f"{exp_dir} has no trials.parquet: its search has not finished "
+            "(resume it with `raysearch tune SPACE.yaml --resume`)"
+        )
+    trials = read_parquet(trials_uri)
+    missing = [c for c in ("trial_id", "best_val_loss", "best_checkpoint") if c not in trials]
+    if missing:
+        raise DataError(f"{trials_uri} lacks the columns {', '.join(missing)}")
+    trials["trial_id"] = trials["trial_id"].astype(str)
+    # The folder may have moved since the search: prefer the manifest beside experiment.json.
+    manifest_uri = join(exp_dir, "manifest.parquet")
+    if not exists(manifest_uri):
+        manifest_uri = str(info.get("manifest") or manifest_uri)
+    if not exists(manifest_uri):
+        raise DataError(f"experiment {exp_dir}: its manifest {manifest_uri} is missing")
+    return info, trials, read_parquet(manifest_uri)
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def usable_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials with a best checkpoint and a finite best val_loss, lowest val_loss first.
+
+    Any status counts: a trial that failed at epoch 9 still has a sound best checkpoint.
+    """
+    ckpt = trials["best_checkpoint"]
+    has_ckpt = ckpt.map(lambda c: isinstance(c, str) and c != "").astype(bool)
+    loss = pd.to_numeric(trials["best_val_loss"], errors="coerce")
+    ok = trials[has_ckpt & np.isfinite(loss)]
+    return ok.sort_values(["best_val_loss", "trial_id"], kind="stable").reset_index(drop=True)
+
+
+def select_top(trials: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The ``k`` usable trials with the lowest best val_loss, each with ``weight`` 1/(their count).
+
+    Fewer than ``k`` usable trials give a smaller ensemble (the caller says so); none is an error.
+    """
+    if k < 1:
+        raise ConfigError(f"--top must be >= 1, got {k}")
+    ok = usable_trials(trials)
+    if ok.empty:
+        raise CheckpointError(_none_usable(trials))
+    top = ok.head(k).copy()
+    top["weight"] = 1.0 / len(top)
+    return top.reset_index(drop=True)
+
+
+def _none_usable(trials: pd.DataFrame) -> str:
+    if trials.empty:
+        return "trials.parquet lists no trials"
+    counts = trials["status"].value_counts() if "status" in trials else pd.Series(dtype=int)
+    statuses = ", ".join(f"{n} {s}" for s, n in counts.items())
+    return f"none of the {len(trials)} trials has a checkpoint to ensemble ({statuses})"
+
+
+def greedy_select(
+    val_probs: dict[str, np.ndarray],
+    images: pd.DataFrame,
+    *,
+    max_rounds: int,
+    init: int = 1,
+) -> dict[str, float]:
+    """Greedy ensemble selection with replacement (Caruana et al., ICML 2004).
+
+    ``val_probs`` maps each candidate to its image probabilities, aligned with the rows of
+    ``images`` (``study_id``, ``patient_id``, ``body_part``, ``label``). The first ``init`` picks
+    are the best single candidates; each later round adds the candidate (possibly again) that
+    gives the lowest *study-level* log loss; ``max_rounds`` picks in all. Returns
+    ``{trial_id: picks / total picks}`` of the best ensemble seen along the way, most picked
+    first, so the result is never worse than the best single candidate (round one). Ties go to
+    the earlier candidate.
+    """
+    picks = greedy_picks(val_probs, images, max_rounds=max_rounds, init=init)
+    total = sum(picks.values())
+    return {name: n / total for name, n in picks.items()}
+
+
+def greedy_picks(
+    val_probs: dict[str, np.ndarray], images: pd.DataFrame, *, max_rounds: int, init: int = 1
+) -> dict[str, int]:
+    """How often ``greedy_select`` picks each candidate (only those picked, most picked first)."""
+    if max_rounds < 1:
+        raise ConfigError(f"greedy selection needs max_rounds >= 1, got {max_rounds}")
+    if init < 1:
+        raise ConfigError(f"greedy selection needs init >= 1, got {init}")
+    if not val_probs:
+        raise ValueError("greedy_select: no candidates")
+    names = list(val_probs)
+    labels, S = _study_matrix(images, [val_probs[n] for n in names])
+    single = _log_losses(labels, S)
+    order = np.argsort(single, kind="stable")
+
+    picks = np.zeros(len(names), dtype=np.int64)
+    total = np.zeros(len(labels), dtype=np.float64)
+    best_loss, best_picks = math.inf, picks
+    for r in range(max_rounds):
+        if r < min(init, len(names)):
+            j = int(order[r])
+        else:
+            j = int(np.argmin(_log_losses(labels, (total[:, None] + S) / (r + 1))))
+        picks = picks.copy()
+        picks[j] += 1
+        total += S[:, j]
+        loss = float(_log_losses(labels, (total / (r + 1))[:, None])[0])
+        if loss < best_loss:
+            best_loss, best_picks = loss, picks
+    chosen = sorted(np.flatnonzero(best_picks), key=lambda j: (-best_picks[j], single[j], j))
+    return {names[j]: int(best_picks[j]) for j in chosen}
+
+
+def _study_matrix(images: pd.DataFrame, probs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Study labels and a (studies x candidates) matrix of study probabilities (view means)."""
+    cols = [f"_p{i}" for i in range(len(probs))]
+    frame = images[["study_id", "patient_id", "body_part", "label"]].reset_index(drop=True)
+    for col, p in zip(cols, probs):
+        p = np.asarray(p, dtype=np.float64)
+        if len(p) != len(frame):
+            raise ValueError(f"probabilities of length {len(p)} for {len(frame)} images")
+        frame[col] = p
+    studies = M.aggregate_studies(frame, prob_cols=cols)
+    return studies["label"].to_numpy(np.float64), studies[cols].to_numpy(np.float64)
+
+
+def _log_losses(labels: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """Mean binary cross-entropy of every column of ``P`` (as ``metrics.log_loss``)."""
+    P = np.clip(P, _EPS, 1.0 - _EPS)
+    y = labels[:, None]
+    return -(y * np.log(P) + (1.0 - y) * np.log1p(-P)).mean(axis=0)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class Member:
+    """A trial's best checkpoint: where it is, its config and its saved val predictions."""
+
+    trial_id: str
+    checkpoint: str
+    config: TrialConfig
+    val: pd.DataFrame  # val_predictions.parquet
+
+    def __repr__(self) -> str:
+        return f"Member({self.trial_id!r}, {self.config.arch}, checkpoint={self.checkpoint!r})"
+
+
+def _checkpoint_file(trial_id: str, checkpoint: str, name: str) -> bytes:
+    uri = join(checkpoint, name)
+    try:
+        return read_bytes(uri)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"trial {trial_id}: {name} is missing from its checkpoint {checkpoint}"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"trial {trial_id}: cannot read {uri} ({e})") from e
+
+
+def load_member(trial_id: str, checkpoint: str) -> Member:
+    """Read a checkpoint's trial.json and val_predictions.parquet (not the weights)."""
+    raw = _checkpoint_file(trial_id, checkpoint, "trial.json")
+    try:
+        config = TrialConfig.from_dict(json.loads(raw), path="trial.json")
+    except (ValueError, UnicodeDecodeError, RaysearchError) as e:
+        raise CheckpointError(
+            f"trial {trial_id}: trial.json in {checkpoint} is corrupt ({_first_line(e)})"
+        ) from e
+    raw = _checkpoint_file(trial_id, checkpoint, "val_predictions.parquet")
+    try:
+        val = pd.read_parquet(io.BytesIO(raw))
+    except Exception as e:  # pyarrow raises several unrelated types on garbage bytes
+        raise CheckpointError(
+            f"trial {trial_id}: val_predictions.parquet in {checkpoint} is corrupt "
+            f"({_first_line(e)})"
+        ) from e
+    missing = [c for c in VAL_COLUMNS if c not in val.columns]
+    if missing:
+        raise CheckpointError(
+            f"trial {trial_id}: val_predictions.parquet in {checkpoint} lacks {', '.join(missing)}"
+        )
+    probs = pd.to_numeric(val["prob"], errors="coerce").to_numpy(np.float64)
+    if not np.all(np.isfinite(probs)) or ((probs < 0) | (probs > 1)).any():
+        raise CheckpointError(
+            f"trial {trial_id}: val_predictions.parquet in {checkpoint} has probabilities that "
+            "are missing or outside [0, 1]"
+        )
+    if val["image_path"].duplicated().any():
+        raise CheckpointError(
+            f"trial {trial_id}: val_predictions.parquet in {checkpoint} lists images twice"
+        )
+    return Member(trial_id=trial_id, checkpoint=checkpoint, config=config, val=val)
+
+
+def load_model(member: Member, *, device):
+    """The member's network with its best weights, in eval mode on ``device``."""
+    import torch
+
+    from raysearch.models import create_model
+
+    raw = _checkpoint_file(member.trial_id, member.checkpoint, "model.pt")
+    try:
+        state = torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
+    except Exception as e:  # unpickling garbage raises anything from EOFError to RuntimeError
+        raise CheckpointError(
+            f"trial {member.trial_id}: model.pt in {member.checkpoint} is not a readable state "
+            f"dict ({type(e).__name__}: {_first_line(e)})"
+        ) from e
+    model = create_model(member.config.arch, weights="none", dropout=member.config.dropout)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"trial {member.trial_id}: model.pt in {member.checkpoint} does not fit "
+            f"{member.config.arch} ({_first_line(e)})"
+        ) from e
+    return model.to(device).eval()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def align_val(
+    members: list[Member], manifest: pd.DataFrame
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The val images (manifest order) and each member's saved probabilities aligned to them.
+
+    Every member must have predicted exactly the manifest's val images; anything else means the
+    checkpoint belongs to another dataset or split, and mixing it in would be silently wrong.
+    """
+    images = manifest.loc[manifest["split"] == "val", IMAGE_KEYS].reset_index(drop=True)
+    if images.empty:
+        raise DataError("the experiment's manifest has no `val` images to select members on")
+    wanted = pd.Index(images["image_path"])
+    probs = {}
+    for m in members:
+        got = pd.Index(m.val["image_path"])
+        extra, missing = got.difference(wanted), wanted.difference(got)
+        if len(extra) or len(missing):
+            raise CheckpointError(
+                f"trial {m.trial_id}: the val predictions in {m.checkpoint} do not match the "
+                f"manifest's val split ({len(missing)} images missing, {len(extra)} extra, e.g. "
+                f"{name_some(list(missing[:3]) or list(extra[:3]))})"
+            )
+        aligned = m.val.set_index("image_path").reindex(wanted)
+        if (aligned["label"].to_numpy() != images["label"].to_numpy()).any():
+            raise CheckpointError(
+                f"trial {m.trial_id}: the val labels in {m.checkpoint} disagree with the manifest"
+            )
+        probs[m.trial_id] = aligned["prob"].to_numpy(np.float64)
+    return images, probs
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def predict_test(
+    members: list[Member],
+    *,
+    manifest: pd.DataFrame,
+    cache_dir: str,
+    tta: bool,
+    device,
+    console=None,
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The test images (manifest order) and each member's probabilities on them, batched."""
+    from raysearch.augment import DeviceAugment
+    from raysearch.cache import build_cache
+    from raysearch.train import predict_rows
+
+    images = manifest.loc[manifest["split"] == "test", IMAGE_KEYS].reset_index(drop=True)
+    if images.empty:
+        raise DataError("the experiment's manifest has no `test` images to score the ensemble on")
+    caches: dict[int, Any] = {}
+    probs = {}
+    for i, m in enumerate(members, 1):
+        cfg = m.config
+        if console is not None:
+            console.print(
+                f"member {i}/{len(members)}: trial {m.trial_id} ({cfg.arch} @ {cfg.image_size}px) "
+                f"on {len(images)} test images{' with flip TTA' if tta else ''}"
+            )
+        if cfg.image_size not in caches:
+            caches[cfg.image_size] = build_cache(
+                manifest,
+                image_size=cfg.image_size,
+                cache_dir=cache_dir,
+                progress=console is not None,
+            )
+        cache = caches[cfg.image_size]
+        model = load_model(m, device=device)
+        augment = DeviceAugment(cfg.augment_params(), device=device, seed=cfg.seed)
+        probs[m.trial_id] = predict_rows(
+            model,
+            augment,
+            cache,
+            cache.rows_for(images["image_path"].tolist()),
+            batch_size=max(cfg.batch_size, 64),
+            device=device,
+            hflip=tta,
+        ).astype(np.float64)
+        del model
+    return images, probs
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def prob_column(trial_id: str) -> str:
+    return f"prob_{trial_id}"
+
+
+def ensemble_frames(
+    parts: dict[str, tuple[pd.DataFrame, dict[str, np.ndarray]]],
+    weights: dict[str, float],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Image and study predictions for every split: ensemble ``prob``/``pred`` and one
+    ``prob_<trial_id>`` column per member."""
+    total = sum(weights.values())
+    frames = []
+    for split, (images, probs) in parts.items():
+        frame = images.assign(split=split)[IMAGE_KEYS].copy()
+        ens = np.zeros(len(frame), dtype=np.float64)
+        for tid, w in weights.items():
+            ens += (w / total) * probs[tid]
+        frame["prob"] = ens
+        frame["pred"] = M.predict(ens)
+        for tid in weights:
+            frame[prob_column(tid)] = probs[tid]
+        frames.append(frame)
+    images = pd.concat(frames, ignore_index=True)
+    cols = ["prob", *[prob_column(t) for t in weights]]
+    studies = M.aggregate_studies(images, prob_cols=cols)
+    studies.insert(studies.columns.get_loc("prob") + 1, "pred", M.predict(studies["prob"]))
+    return images, studies
+
+
+def category_table(
+    images: pd.DataFrame,
+    studies: pd.DataFrame,
+    *,
+    models: dict[str, str],
+    n_boot: int,
+    seed: int,
+) -> pd.DataFrame:
+    """``category_metrics`` for every model (name -> probability column) and split, plus the
+    image-level AUC. The same bootstrap seed for every row keeps models comparable."""
+    rows = []
+    for split in SPLITS:
+        st = studies[studies["split"] == split]
+        im = images[images["split"] == split]
+        if st.empty:
+            continue
+        for model, col in models.items():
+            cm = _all_parts(M.category_metrics(st, prob_col=col, n_boot=n_boot, seed=seed))
+            cm["image_auc"] = [
+                M.roc_auc(sub["label"], sub[col])
+                for sub in (
+                    im if part == M.ALL else im[im["body_part"] == part] for part in cm["body_part"]
+                )
+            ]
+            cm.insert(0, "split", split)
+            cm.insert(0, "model", model)
+            rows.append(cm)
+    return pd.concat(rows, ignore_index=True)[METRIC_COLUMNS]
+
+
+def _all_parts(cm: pd.DataFrame) -> pd.DataFrame:
+    """Every body part gets a row, so the schema does not depend on the data: a part without
+    studies has n_studies = 0, zero counts and nan metrics."""
+    parts = [*BODY_PARTS, *sorted(set(cm["body_part"]) - {*BODY_PARTS, M.ALL}), M.ALL]
+    out = cm.set_index("body_part").reindex(parts).reset_index()
+    for col in ("n_studies", "tp", "fp", "tn", "fn"):
+        out[col] = out[col].fillna(0).astype(np.int64)
+    return out
+
+
+def worklist(studies: pd.DataFrame) -> pd.DataFrame:
+    """Test studies from most to least likely abnormal (ties by study id): the triage order."""
+    test = studies[studies["split"] == "test"]
+    test = test.sort_values(["prob", "study_id"], ascending=[False, True], kind="stable")
+    out = test[["study_id", "patient_id", "body_part", "prob", "pred", "label"]].reset_index(
+        drop=True
+    )
+    out.insert(0, "rank", np.arange(1, len(out) + 1))
+    return out
+
+
+def members_frame(
+    members: list[Member],
+    weights: dict[str, float],
+    trials: pd.DataFrame,
+    *,
+    val_images: pd.DataFrame,
+    val_probs: dict[str, np.ndarray],
+    picks: dict[str, int],
+) -> pd.DataFrame:
+    by_id = trials.set_index("trial_id")
+    labels, S = _study_matrix(val_images, [val_probs[m.trial_id] for m in members])
+    study_losses = _log_losses(labels, S)
+    rows = []
+    for rank, (m, loss) in enumerate(zip(members, study_losses), 1):
+        t = by_id.loc[m.trial_id]
+        rows.append(
+            {
+                "rank": rank,
+                "trial_id": m.trial_id,
+                "weight": weights[m.trial_id],
+                "picks": picks[m.trial_id],
+                "best_val_loss": float(t["best_val_loss"]),
+                "best_epoch": int(t["best_epoch"])
+                if "best_epoch" in t and pd.notna(t["best_epoch"])
+                else None,
+                "status": str(t["status"]) if "status" in t else None,
+                "val_study_kappa": float(t["val_study_kappa"])
+                if "val_study_kappa" in t
+                else math.nan,
+                "val_study_log_loss": float(loss),
+                "checkpoint": m.checkpoint,
+                **m.config.to_dict(),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def select_members(
+    trials: pd.DataFrame, manifest: pd.DataFrame, *, method: str, top: int, console=None
+) -> tuple[list[Member], dict[str, int], pd.DataFrame, dict[str, np.ndarray]]:
+    """Members (in order), how often each was picked, and the aligned val images and
+    probabilities of every candidate that was read."""
+    if method == "top":
+        chosen = select_top(trials, top)
+        members = [load_member(r.trial_id, r.best_checkpoint) for r in chosen.itertuples()]
+        val_images, val_probs = align_val(members, manifest)
+        n_usable = len(usable_trials(trials))
+        if n_usable < top and console is not None:
+            console.print(
+                f"[yellow]only {n_usable} of {len(trials)} trials have a usable checkpoint: "
+                f"the ensemble has {n_usable} members, not {top}[/]"
+            )
+        return members, {m.trial_id: 1 for m in members}, val_images, val_probs
+    ok = usable_trials(trials)
+    if ok.empty:
+        raise CheckpointError(_none_usable(trials))
+    candidates = {r.trial_id: load_member(r.trial_id, r.best_checkpoint) for r in ok.itertuples()}
+    val_images, val_probs = align_val(list(candidates.values()), manifest)
+    picks = greedy_picks(val_probs, val_images, max_rounds=top)
+    return [candidates[t] for t in picks], picks, val_images, val_probs
+
+
+def run_ensemble(
+    *,
+    experiment: str | None = None,
+    storage: str = "reports",
+    top: int = 4,
+    method: str = "top",
+    tta: bool = False,
+    out: str | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    console=None,
+) -> str:
+    """``raysearch ensemble``: select members, score them on test, write the reports.
+
+    ``top`` is K for ``method="top"`` and the number of greedy rounds for ``method="greedy"``.
+    Returns the output folder URI.
+    """
+    import torch
+    from rich.console import Console
+
+    from raysearch.report import ensemble_table, members_table
+
+    console = console or Console(stderr=True)
+    if method not in METHODS:
+        raise ConfigError(f"method: unknown value {method!r}; allowed: {', '.join(METHODS)}")
+    if top < 1:
+        raise ConfigError(f"--top must be >= 1, got {top}")
+    if n_boot < 1:
+        raise ConfigError(f"--n-boot must be >= 1, got {n_boot}")
+    exp_dir = find_experiment(experiment, storage=storage)
+    info, trials, manifest = _read_experiment(exp_dir)
+    out_dir = out or join(exp_dir, "ensemble")
+    name = info.get("name") or exp_dir.rstrip("/").rsplit("/", 1)[-1]
+
+    # --- select members on the saved val predictions
+    members, picks, val_images, val_probs = select_members(
+        trials, manifest, method=method, top=top, console=console
+    )
+    weights = {t: n / sum(picks.values()) for t, n in picks.items()}
+    console.print(
+        f"[bold]{name}[/]: {method} ensemble of {len(members)} member(s) from {len(trials)} trials"
+    )
+
+    # --- score every member on test (fail fast on a missing file before any inference)
+    for m in members:
+        if not exists(join(m.checkpoint, "model.pt")):
+            raise CheckpointError(
+                f"trial {m.trial_id}: model.pt is missing from its checkpoint {m.checkpoint}"
+            )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cache_dir = str(info.get("cache_dir") or join(exp_dir, "cache"))
+    test_images, test_probs = predict_test(
+        members, manifest=manifest, cache_dir=cache_dir, tta=tta, device=device, console=console
+    )
+
+    # --- predictions, metrics, worklist: all in memory before anything is written
+    images, studies = ensemble_frames(
+        {"test": (test_images, test_probs), "val": (val_images, val_probs)}, weights
+    )
+    models = {"ensemble": "prob", **{m.trial_id: prob_column(m.trial_id) for m in members}}
+    metrics = category_table(images, studies, models=models, n_boot=n_boot, seed=seed)
+    members_df = members_frame(
+        members, weights, trials, val_images=val_images, val_probs=val_probs, picks=picks
+    )
+    work = worklist(studies)
+    summary = {
+        "experiment": exp_dir,
+        "method": method,
+        "top": top,
+        "tta": tta,
+        "n_boot": n_boot,
+        "seed": seed,
+        "device": device.type,
+        "weights": weights,
+        "n_test_studies": int((studies["split"] == "test").sum()),
+    }
+
+    # --- write (each file atomically; ensemble.json last marks a complete run)
+    atomic_write_parquet(members_df, join(out_dir, "members.parquet"))
+    atomic_write_parquet(studies, join(out_dir, "study_predictions.parquet"))
+    atomic_write_parquet(images, join(out_dir, "image_predictions.parquet"))
+    atomic_write_parquet(metrics, join(out_dir, "category_metrics.parquet"))
+    atomic_write_text(join(out_dir, "worklist.csv"), work.to_csv(index=False))
+    atomic_write_text(join(out_dir, "ensemble.json"), json.dumps(summary, indent=1))
+
+    # --- the terminal report: best single member = lowest best val_loss (chosen on val)
+    best = members_df.sort_values(["best_val_loss", "trial_id"], kind="stable")["trial_id"].iloc[0]
+    console.print(members_table(members_df, title=f"{name}: ensemble members"))
+    console.print(
+        ensemble_table(
+            metrics,
+            best=best,
+            split="val",
+            title="selection set (val): optimistic, the members were chosen on it",
+        )
+    )
+    console.print(
+        ensemble_table(
+            metrics,
+            best=best,
+            split="test",
+            title=f"test (MURA valid): ensemble vs best single member {best}",
+        )
+    )
+    console.print(f"results: {out_dir}")
+    return out_dir

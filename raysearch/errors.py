@@ -1,0 +1,37 @@
+"""Errors: one root exception for everything raysearch reports to a user.
+
+The CLI prints ``str(error)`` as one line and exits non-zero; the traceback appears only with
+``--debug``. Messages name the offending thing (a path, a key, a trial).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class RaysearchError(Exception):
+    """Root of every error that raysearch reports to a user."""
+
+
+class ConfigError(RaysearchError):
+    """A YAML file or option is invalid (unknown key, wrong type, bound out of order)."""
+
+
+class DataError(RaysearchError):
+    """The dataset is missing, malformed or inconsistent."""
+
+
+class WeightsError(RaysearchError):
+    """Pretrained weights are missing, unreadable or do not fit the model."""
+
+
+class CheckpointError(RaysearchError):
+    """A trial checkpoint is missing or corrupt."""
+
+
+def name_some(items: Sequence[object], *, limit: int = 3) -> str:
+    """Return 'a, b, c (+N more)' for error messages that name the first few offenders."""
+    items = [str(i) for i in items]
+    shown = ", ".join(items[:limit])
+    rest = len(items) - limit
+    return f"{shown} (+{rest} more)" if rest > 0 else shown

@@ -1,0 +1,523 @@
+"""Train stage: one trial under Ray Train (V2 ``TorchTrainer``), plus the Tune driver around it.
+
+A trial fine-tunes one architecture on the decode-once cache and, every epoch, reports what ASHA
+and the ensemble need (``val_loss``, study kappa, ...) and writes a checkpoint holding the model,
+the resolved trial config and the ``val`` image probabilities, so that ensemble selection never
+re-runs inference. A retried or restored trial finds its own checkpoints by its stable run name
+(``train-<trial_id>``) and resumes from the latest one.
+
+Checkpoint layout (a directory)::
+
+    model.pt                  state dict of the model (torch.load(weights_only=True))
+    train_state.pt            optimizer, lr schedule, epoch counters, augmentation RNG (resume)
+    trial.json                the fully resolved TrialConfig
+    val_predictions.parquet   image_path, study_id, patient_id, body_part, label, prob
+    metrics.json              the metrics reported with this checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from raysearch import metrics as M
+from raysearch.config import TrialConfig
+from raysearch.data import BODY_PARTS
+from raysearch.errors import DataError, RaysearchError
+from raysearch.storage import atomic_write_parquet, join, read_parquet
+
+CONTROLLER_FAILURE_LIMIT = 3  # a worker group that cannot start fails the trial instead of hanging
+
+
+# ----------------------------------------------------------------------------- data preparation
+
+
+def prepare_data(
+    *,
+    root: str,
+    val_fraction: float,
+    seed: int,
+    skip_bad: bool,
+    experiment_dir: str,
+    cache_dir: str,
+    image_sizes: list[int],
+    progress: bool = True,
+    console=None,
+) -> str:
+    """Read and split the dataset, save the manifest, and build the caches. Returns the manifest URI.
+
+    Runs once on the driver so that trials only open what is already there.
+    """
+    from raysearch.cache import build_cache
+    from raysearch.data import read_mura
+
+    manifest = read_mura(root, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad)
+    skipped = manifest.attrs.get("skipped")
+    if console is not None and skipped is not None and len(skipped):
+        console.print(f"[yellow]left out {len(skipped)} bad images (--skip-bad)[/]")
+    manifest.attrs = {}
+    uri = join(experiment_dir, "manifest.parquet")
+    atomic_write_parquet(manifest, uri)
+    for size in sorted(set(image_sizes)):
+        build_cache(manifest, image_size=size, cache_dir=cache_dir, progress=progress)
+    return uri
+
+
+# ----------------------------------------------------------------------------- per-worker loop
+
+
+@dataclass
+class _Split:
+    rows: np.ndarray  # rows in the cache
+    frame: pd.DataFrame  # manifest rows, aligned with ``rows``
+
+
+def _split(manifest: pd.DataFrame, cache, name: str) -> _Split:
+    frame = manifest[manifest["split"] == name].reset_index(drop=True)
+    if frame.empty:
+        raise DataError(f"the `{name}` split is empty")
+    return _Split(rows=cache.rows_for(frame["image_path"].tolist()), frame=frame)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype), dtype
+    return torch.autocast("cpu", enabled=False), torch.float32
+
+
+def _lr_lambda(cfg: TrialConfig, steps_per_epoch: int):
+    total = max(1, cfg.max_epochs * steps_per_epoch)
+    warmup = max(0, cfg.warmup_epochs * steps_per_epoch)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+@torch.no_grad()
+def predict_rows(model, augment, cache, rows: np.ndarray, *, batch_size: int, device, hflip=False):
+    """Image probabilities for ``rows`` of the cache, in order (eval mode, no augmentation)."""
+    from raysearch.cache import BatchLoader
+
+    out = np.empty(len(rows), dtype=np.float32)
+    if len(rows) == 0:
+        return out
+    loader = BatchLoader(
+        cache, rows, np.zeros(len(rows), np.float32), batch_size=batch_size, shuffle=False,
+        pin_memory=device.type == "cuda",
+    )
+    ctx, _ = _autocast(device)
+    model.eval()
+    i = 0
+    for images, _, _ in loader:
+        x = augment.eval_batch(images.to(device, non_blocking=True))
+        with ctx:
+            logits = model(x).float().squeeze(1)
+        if hflip:
+            with ctx:
+                logits_f = model(torch.flip(x, dims=[3])).float().squeeze(1)
+            p = (torch.sigmoid(logits) + torch.sigmoid(logits_f)) / 2
+        else:
+            p = torch.sigmoid(logits)
+        out[i : i + len(p)] = p.cpu().numpy()
+        i += len(p)
+    return out
+
+
+def val_metrics(frame: pd.DataFrame, probs: np.ndarray) -> dict[str, float]:
+    """Image-level loss/AUC and study-level accuracy/kappa (overall and per body part)."""
+    labels = frame["label"].to_numpy()
+    images = frame[["study_id", "patient_id", "body_part", "label"]].assign(prob=probs)
+    studies = M.aggregate_studies(images)
+    out = {
+        "val_loss": M.log_loss(labels, probs),
+        "val_auc": M.roc_auc(labels, probs),
+    }
+    study_labels = studies["label"].to_numpy()
+    study_pred = M.predict(studies["prob"].to_numpy())
+    out["val_study_accuracy"] = float((study_labels == study_pred).mean())
+    out["val_study_kappa"] = M.cohen_kappa(study_labels, study_pred)
+    for part in BODY_PARTS:
+        sel = (studies["body_part"] == part).to_numpy()
+        if sel.any():
+            out[f"val_kappa_{part.lower()}"] = M.cohen_kappa(study_labels[sel], study_pred[sel])
+    return {k: float(v) for k, v in out.items()}
+
+
+def _gather(probs: np.ndarray, world_size: int) -> list[np.ndarray]:
+    if world_size == 1:
+        return [probs]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, probs)
+    return gathered
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The loop each Ray Train worker runs. ``config``: trial, manifest, cache_dir."""
+    import ray.train
+    import ray.train.torch
+
+    from raysearch.augment import DeviceAugment
+    from raysearch.cache import BatchLoader, build_cache
+    from raysearch.models import create_model
+    from raysearch.weighting import example_weights
+
+    cfg = TrialConfig.from_dict(config["trial"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    cuda = device.type == "cuda"
+    threads = config.get("torch_threads")
+    if threads and not cuda:
+        torch.set_num_threads(int(threads))
+
+    # --- data: the cache was built on the driver; opening it is a memory map, not a decode
+    manifest = read_parquet(config["manifest"])
+    cache = build_cache(
+        manifest, image_size=cfg.image_size, cache_dir=config["cache_dir"], progress=False
+    )
+    train = _split(manifest, cache, "train")
+    val = _split(manifest, cache, "val")
+    weight_by_row = torch.zeros(len(cache), dtype=torch.float32)
+    weight_by_row[torch.from_numpy(train.rows)] = torch.from_numpy(
+        example_weights(train.frame, scheme=cfg.class_weighting, fp_bias=cfg.fp_bias)
+    )
+    loader = BatchLoader(
+        cache, train.rows, train.frame["label"].to_numpy(np.float32),
+        batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=len(train.rows) > cfg.batch_size,
+        rank=rank, world_size=world, pin_memory=cuda,
+    )
+    val_shard = np.array_split(np.arange(len(val.rows)), world)[rank]
+
+    # --- model, optimiser, schedule
+    torch.manual_seed(cfg.seed)  # head initialisation; the worker process is ours alone
+    model = create_model(cfg.arch, weights=cfg.weights, dropout=cfg.dropout)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    raw_model = model.module if hasattr(model, "module") else model
+    augment = DeviceAugment(
+        cfg.augment_params(), device=device, seed=cfg.seed * 1000 + rank, channels_last=cuda
+    )
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.lr_schedule == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=0.1, patience=cfg.plateau_patience
+        )
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, len(loader)))
+    autocast, amp_dtype = _autocast(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+
+    # --- resume from the latest checkpoint, if this run has one
+    start_epoch, best_val_loss, bad_epochs = 0, math.inf, 0
+    history: list[dict[str, Any]] = []  # every epoch's report, carried in each checkpoint
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            raw_model.load_state_dict(
+                torch.load(os.path.join(d, "model.pt"), map_location=device, weights_only=True)
+            )
+            state = torch.load(
+                os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True
+            )
+            with open(os.path.join(d, "history.json")) as f:
+                history = json.load(f)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        augment.load_state_dict(state["augment"])
+        start_epoch, best_val_loss, bad_epochs = (
+            state["epoch"], state["best_val_loss"], state["bad_epochs"]
+        )
+
+    for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
+        # --- train one epoch
+        model.train()
+        loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        n_seen = 0
+        for images, labels, rows in loader:
+            x = augment.train_batch(images.to(device, non_blocking=True))
+            y = labels.to(device, non_blocking=True)
+            w = weight_by_row[rows].to(device, non_blocking=True)
+            with autocast:
+                logits = model(x).float().squeeze(1)
+            loss = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).mean()
+            if cfg.fail_at_epoch == epoch and cfg.fail_mode == "nan":
+                loss = loss * float("nan")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if cfg.lr_schedule == "cosine":
+                scheduler.step()
+            loss_sum += loss.detach() * len(y)
+            n_seen += len(y)
+        train_loss = float(loss_sum) / max(1, n_seen)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(
+                f"trial {cfg.arch}: training loss is {train_loss} at epoch {epoch}; "
+                "lower the learning rate or check the data"
+            )
+        if cfg.fail_at_epoch == epoch and cfg.fail_mode == "raise":
+            raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")
+        train_time = time.perf_counter() - t0
+
+        # --- validate on this rank's shard, then gather every rank's probabilities
+        t1 = time.perf_counter()
+        shard_probs = predict_rows(
+            model, augment, cache, val.rows[val_shard], batch_size=max(cfg.batch_size, 64),
+            device=device,
+        )
+        probs = np.concatenate(_gather(shard_probs, world))
+        report = {"epoch": epoch, "train_loss": train_loss, **val_metrics(val.frame, probs)}
+        val_time = time.perf_counter() - t1
+
+        # --- bookkeeping: schedule, early stopping
+        improved = report["val_loss"] < best_val_loss
+        best_val_loss = min(best_val_loss, report["val_loss"])
+        bad_epochs = 0 if improved else bad_epochs + 1
+        if cfg.lr_schedule == "plateau":
+            scheduler.step(report["val_loss"])
+        stop = bad_epochs >= cfg.early_stop_patience
+        report.update(
+            best_val_loss=best_val_loss,
+            lr=optimizer.param_groups[0]["lr"],
+            epoch_time_s=train_time,
+            val_time_s=val_time,
+            train_images_per_s=n_seen * world / max(train_time, 1e-9),
+            early_stopped=stop,
+            reported_at=time.time(),
+        )
+
+        # --- checkpoint (rank 0 writes, every rank reports)
+        history.append(report)
+        with tempfile.TemporaryDirectory() as d:
+            t2 = time.perf_counter()
+            ckpt = None
+            if rank == 0:
+                _write_checkpoint(d, raw_model, optimizer, scheduler, augment, cfg, val.frame, probs,
+                                  epoch=epoch, best_val_loss=best_val_loss, bad_epochs=bad_epochs,
+                                  history=history)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            report["checkpoint_write_s"] = time.perf_counter() - t2
+            ray.train.report(report, checkpoint=ckpt)
+        if stop:
+            break
+
+
+def _write_checkpoint(d, model, optimizer, scheduler, augment, cfg, val_frame, probs, *, epoch,
+                      best_val_loss, bad_epochs, history) -> None:
+    torch.save(model.state_dict(), os.path.join(d, "model.pt"))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "augment": augment.state_dict(),
+            "epoch": epoch,
+            "best_val_loss": best_val_loss,
+            "bad_epochs": bad_epochs,
+        },
+        os.path.join(d, "train_state.pt"),
+    )
+    with open(os.path.join(d, "trial.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+    with open(os.path.join(d, "metrics.json"), "w") as f:
+        json.dump(history[-1], f, indent=1, default=float)
+    with open(os.path.join(d, "history.json"), "w") as f:
+        json.dump(history, f, indent=1, default=float)
+    preds = val_frame[["image_path", "study_id", "patient_id", "body_part", "label"]].assign(
+        prob=probs.astype(np.float32)
+    )
+    preds.to_parquet(os.path.join(d, "val_predictions.parquet"), index=False)
+
+
+# ----------------------------------------------------------------------------- Ray session
+
+
+def init_ray(*, address: str | None = None, verbose: bool = False) -> None:
+    """Connect to a running cluster (``--address`` or RAY_ADDRESS) or start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+    kwargs: dict[str, Any] = {
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+        "log_to_driver": verbose,
+        "configure_logging": True,
+    }
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        kwargs["address"] = address
+    # Workers import raysearch from the same interpreter/environment; the package must be
+    # installed on every node (cluster.yaml does this).
+    ray.init(**kwargs)
+    if not verbose:
+        for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# ----------------------------------------------------------------------------- Ray Train plumbing
+
+
+def make_trainer(
+    loop_config: dict[str, Any],
+    *,
+    run_name: str,
+    storage: str,
+    workers: int,
+    gpus_per_worker: float,
+    cpus_per_worker: float,
+    max_failures: int = 0,
+    callbacks: list | None = None,
+):
+    """A TorchTrainer for one trial. Best-by-val_loss and latest checkpoints are kept."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raysearch.storage import ray_storage_args
+
+    resources = {"CPU": cpus_per_worker}
+    if gpus_per_worker:
+        resources["GPU"] = gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=bool(gpus_per_worker), resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            **ray_storage_args(storage),
+            # num_to_keep=1 with a score keeps the best checkpoint; Ray always keeps the latest too.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
+            failure_config=ray.train.FailureConfig(
+                max_failures=max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
+            ),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def tune_trial_driver(config: dict[str, Any], *, run: dict[str, Any]) -> None:
+    """The Tune function trainable of one trial: builds and fits the trial's TorchTrainer.
+
+    ``config`` holds the sampled parameters; ``run`` the constants of the experiment.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    sampled = {k: v for k, v in config.items() if k in run["space_names"]}
+    trial = {**run["trial"], **sampled, "max_epochs": run["max_epochs"]}
+    loop_config = {
+        "trial": TrialConfig.from_dict(trial).to_dict(),
+        "manifest": run["manifest"],
+        "cache_dir": run["cache_dir"],
+        "torch_threads": run["torch_threads"],
+    }
+    trainer = make_trainer(
+        loop_config,
+        run_name=f"train-{trial_id}",
+        storage=run["experiment_dir"],
+        workers=run["workers"],
+        gpus_per_worker=run["gpus_per_worker"],
+        cpus_per_worker=run["cpus_per_worker"],
+        callbacks=[TuneReportCallback()],
+    )
+    trainer.fit()
+
+
+def run_single(
+    config_path: str,
+    *,
+    data_root: str | None = None,
+    storage: str | None = None,
+    name: str | None = None,
+    fresh: bool = False,
+    address: str | None = None,
+    verbose: bool = False,
+    console=None,
+) -> pd.DataFrame:
+    """``raysearch train CONFIG.yaml``: one trial, no search, through the same Ray Train path.
+
+    Running it again on the same name continues from the latest checkpoint (``fresh`` starts over).
+    Returns the reported epochs.
+    """
+    import dataclasses
+
+    from rich.console import Console
+
+    from raysearch.config import load_trial_config
+    from raysearch.report import epochs_table
+    from raysearch.storage import get_fs
+
+    console = console or Console(stderr=True)
+    cfg, rest = load_trial_config(config_path)
+    data = rest["data"]
+    if data_root:
+        data = dataclasses.replace(data, root=os.path.abspath(data_root) if "://" not in data_root else data_root)
+    storage = storage or rest["storage"]
+    name = name or rest["name"]
+    exp_dir = join(storage, name)
+    cache_dir = data.cache_dir or join(storage, "cache")
+    if fresh:
+        fs, path = get_fs(exp_dir)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    manifest = prepare_data(
+        root=data.root, val_fraction=data.val_fraction, seed=data.seed, skip_bad=data.skip_bad,
+        experiment_dir=exp_dir, cache_dir=cache_dir, image_sizes=[cfg.image_size], console=console,
+    )
+    init_ray(address=address, verbose=verbose)
+    import ray
+
+    res = rest["resources"]
+    workers = res.workers_per_trial
+    total_cpu = float(ray.cluster_resources().get("CPU", 1))
+    gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (
+        1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+    cpus = res.cpus_per_worker or max(0.01, math.floor(total_cpu / workers * 100) / 100)
+    trainer = make_trainer(
+        {"trial": cfg.to_dict(), "manifest": manifest, "cache_dir": cache_dir,
+         "torch_threads": max(1, round(cpus))},
+        run_name="train", storage=exp_dir, workers=workers, gpus_per_worker=gpus,
+        cpus_per_worker=cpus, max_failures=res.max_failures,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RaysearchError(f"trial {name} reported no checkpoint")
+    with result.checkpoint.as_directory() as d, open(os.path.join(d, "history.json")) as f:
+        epochs = pd.DataFrame(json.load(f))
+    console.print(epochs_table(epochs, title=f"{name}: {cfg.arch} @ {cfg.image_size}px"))
+    best = result.get_best_checkpoint("val_loss", "min")
+    if best is not None:
+        console.print(f"best checkpoint: {best.path}")
+    return epochs

@@ -1,0 +1,471 @@
+"""Tune stage: many trials under Ray Tune with Optuna (TPE) and ASHA; resumable and fault tolerant.
+
+``run_search(spec)`` prepares the data once on the driver, turns the search space into an Optuna
+define-by-run function (conditional parameters allowed), sizes concurrency so that trial drivers
+plus their worker placement groups always fit the cluster, and writes ``trials.parquet``,
+``epochs.parquet``, ``search_space.yaml`` and ``experiment.json`` under the experiment folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from raysearch.config import Param, ResourcesConfig, SearchSpace
+from raysearch.errors import ConfigError
+from raysearch.storage import (
+    atomic_write_parquet,
+    atomic_write_text,
+    exists,
+    get_fs,
+    join,
+    ray_storage_args,
+    read_bytes,
+    to_uri,
+)
+
+DRIVER_CPU = 0.01  # the per-trial Tune function only waits on its TorchTrainer
+TRIAL_COLUMNS = [
+    "trial_id", "status", "epochs", "best_val_loss", "best_epoch", "val_study_kappa",
+    "best_checkpoint", "wall_time_s", "error",
+]
+
+
+# ----------------------------------------------------------------------------- search space
+
+
+class DefineByRun:
+    """An Optuna define-by-run function: samples in file order, honouring ``when`` conditions.
+
+    A class rather than a closure because Ray pickles the searcher with the experiment state.
+    """
+
+    def __init__(self, space: tuple[Param, ...]) -> None:
+        self.space = space
+
+    def __call__(self, trial) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        constants: dict[str, Any] = {}
+        for p in self.space:
+            if not p.applies(values):
+                continue
+            if p.kind == "constant":
+                constants[p.name] = values[p.name] = p.values[0]
+            elif p.kind == "choice":
+                values[p.name] = trial.suggest_categorical(p.name, list(p.values))
+            elif p.kind == "int":
+                values[p.name] = trial.suggest_int(
+                    p.name, int(p.low), int(p.high), step=int(p.step or 1)
+                )
+            else:
+                values[p.name] = trial.suggest_float(
+                    p.name, float(p.low), float(p.high), log=p.kind == "loguniform",
+                    step=p.step if p.kind == "uniform" else None,
+                )
+        return constants
+
+
+def image_sizes(spec: SearchSpace) -> list[int]:
+    """Image sizes that trials may ask for, so the driver can build their caches up front."""
+    sizes: set[int] = set()
+    if not any(p.name == "image_size" for p in spec.space):
+        sizes.add(int(spec.trial.get("image_size", 320)))
+    for p in spec.space:
+        if p.name == "image_size" and p.kind in ("choice", "constant"):
+            sizes.update(int(v) for v in p.values)
+        elif p.name == "image_size" and p.kind == "int" and p.high - p.low <= 512:
+            step = int(p.step or 1)
+            sizes.update(range(int(p.low), int(p.high) + 1, step))
+    for point in spec.search.points_to_evaluate:
+        if "image_size" in point:
+            sizes.add(int(point["image_size"]))
+    return sorted(sizes)
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    workers: int
+    gpus_per_worker: float
+    cpus_per_worker: float
+    max_concurrent: int
+    torch_threads: int
+
+
+def plan_resources(res: ResourcesConfig, cluster: dict[str, float]) -> ResourcePlan:
+    """Per-trial resources and concurrency that cannot deadlock.
+
+    Every running trial needs its driver (DRIVER_CPU) *and* its whole worker placement group; if
+    ``max_concurrent`` drivers start but their workers do not fit, every trial waits forever.
+    """
+    total_cpu = float(cluster.get("CPU", 0))
+    total_gpu = float(cluster.get("GPU", 0))
+    w = res.workers_per_trial
+    gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (1.0 if total_gpu else 0.0)
+    if gpus > 0:
+        cpus = res.cpus_per_worker if res.cpus_per_worker is not None else 2.0
+        if total_gpu >= gpus * w:
+            k = int(total_gpu // (gpus * w))
+            k = min(k, res.max_concurrent) if res.max_concurrent else k
+        else:  # an autoscaling cluster with no GPU node up yet: trust the file
+            k = res.max_concurrent or 1
+        return ResourcePlan(w, gpus, cpus, k, max(1, int(cpus)))
+    if total_cpu < DRIVER_CPU + w * 0.01:
+        raise ConfigError(f"the Ray cluster has no CPUs to run trials on ({cluster})")
+    per_worker = res.cpus_per_worker
+    k = res.max_concurrent or max(1, int(total_cpu // (w * (per_worker or 1.0))))
+    if per_worker is None:
+        # Share the machine evenly, leaving room for the k drivers.
+        per_worker = math.floor((total_cpu - DRIVER_CPU * k) / (k * w) * 100) / 100
+    need = k * (DRIVER_CPU + w * per_worker)
+    if per_worker <= 0 or need > total_cpu + 1e-9:
+        raise ConfigError(
+            f"resources: {k} concurrent trials x {w} workers x {per_worker} CPUs (+ drivers) need "
+            f"{need:.2f} CPUs but the cluster has {total_cpu:g}; lower resources.max_concurrent, "
+            "workers_per_trial or cpus_per_worker"
+        )
+    return ResourcePlan(w, 0.0, per_worker, k, max(1, round(per_worker)))
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def run_search(
+    spec: SearchSpace,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    address: str | None = None,
+    verbose: bool = False,
+    console=None,
+) -> str:
+    """Run (or resume) the search described by ``spec``. Returns the experiment folder URI."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    exp_dir = spec.experiment_dir
+    spec_yaml = yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    restoring = _check_existing(spec, exp_dir, spec_yaml, resume=resume, overwrite=overwrite)
+
+    from raysearch.train import init_ray
+
+    init_ray(address=address, verbose=verbose)
+    import ray
+
+    plan = plan_resources(spec.resources, ray.cluster_resources())
+    console.print(
+        f"[bold]{spec.name}[/]: {spec.search.num_samples} trials, {plan.max_concurrent} at a time, "
+        f"{plan.workers} worker(s) x {plan.cpus_per_worker:g} CPU"
+        + (f" + {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else "")
+        + f" per trial -> {exp_dir}"
+    )
+
+    # Data once, on the driver: manifest, split and decode-once caches for every image size.
+    manifest_uri = join(exp_dir, "manifest.parquet")
+    if not (restoring and exists(manifest_uri)):
+        from raysearch.train import prepare_data
+
+        prepare_data(
+            root=spec.data.root, val_fraction=spec.data.val_fraction, seed=spec.data.seed,
+            skip_bad=spec.data.skip_bad, experiment_dir=exp_dir, cache_dir=spec.cache_dir,
+            image_sizes=image_sizes(spec), console=console,
+        )
+    atomic_write_text(join(exp_dir, "search_space.yaml"), spec_yaml)
+    atomic_write_text(
+        join(exp_dir, "experiment.json"),
+        json.dumps(
+            {
+                "name": spec.name, "storage": spec.storage, "experiment_dir": exp_dir,
+                "manifest": manifest_uri, "cache_dir": spec.cache_dir,
+                "data": {"root": spec.data.root, "val_fraction": spec.data.val_fraction,
+                         "seed": spec.data.seed},
+            },
+            indent=1,
+        ),
+    )
+
+    run = {
+        "trial": dict(spec.trial),
+        "space_names": [p.name for p in spec.space],
+        "max_epochs": spec.scheduler.max_epochs,
+        "manifest": manifest_uri,
+        "cache_dir": spec.cache_dir,
+        "experiment_dir": exp_dir,
+        "workers": plan.workers,
+        "gpus_per_worker": plan.gpus_per_worker,
+        "cpus_per_worker": plan.cpus_per_worker,
+        "torch_threads": plan.torch_threads,
+    }
+    progress = SearchProgress(spec, console=console)
+    tuner = _make_tuner(spec, plan, run, progress, restoring=restoring)
+    t0 = time.time()
+    with progress:
+        grid = tuner.fit()
+    trials, epochs = collect_results(grid, spec)
+    atomic_write_parquet(epochs, join(exp_dir, "epochs.parquet"))
+    atomic_write_parquet(trials, join(exp_dir, "trials.parquet"))
+    from raysearch.report import best_trials_table
+
+    console.print(best_trials_table(trials, title=f"{spec.name}: best trials"))
+    n_failed = int((trials["status"] == "failed").sum())
+    console.print(
+        f"{len(trials)} trials ({n_failed} failed), {int(epochs.shape[0])} epochs in "
+        f"{time.time() - t0:.0f} s. Results: {join(exp_dir, 'trials.parquet')}"
+    )
+    return exp_dir
+
+
+def _check_existing(spec, exp_dir, spec_yaml, *, resume, overwrite) -> bool:
+    """True when an existing experiment should be restored; refuse to overwrite silently."""
+    from ray.tune import Tuner
+
+    state_exists = Tuner.can_restore(**_restore_path_args(exp_dir))
+    if overwrite:
+        fs, path = get_fs(exp_dir)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        return False
+    if not state_exists:
+        if resume:
+            raise ConfigError(f"--resume: no experiment to resume at {exp_dir}")
+        return False
+    saved = join(exp_dir, "search_space.yaml")
+    if exists(saved) and read_bytes(saved).decode() != spec_yaml:
+        raise ConfigError(
+            f"experiment {spec.name!r} already exists at {exp_dir} with a different search space; "
+            "use --name to start a new one or --overwrite to replace it"
+        )
+    return True
+
+
+def _restore_path_args(exp_dir: str) -> dict[str, Any]:
+    args = ray_storage_args(exp_dir)
+    out = {"path": args["storage_path"]}
+    if "storage_filesystem" in args:
+        out["storage_filesystem"] = args["storage_filesystem"]
+    return out
+
+
+def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, restoring: bool):
+    from optuna.samplers import RandomSampler, TPESampler
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raysearch.train import tune_trial_driver
+
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trial_driver, run=run), {"cpu": DRIVER_CPU}
+    )
+    if restoring:
+        tuner = tune.Tuner.restore(
+            trainable=trainable, resume_unfinished=True, resume_errored=False,
+            **_restore_path_args(spec.experiment_dir),
+        )
+        # Callbacks are not saved with the experiment; put the live view back.
+        tuner._local_tuner._run_config.callbacks = [progress]
+        return tuner
+    sampler = (
+        TPESampler(seed=spec.search.seed)
+        if spec.search.algorithm == "tpe"
+        else RandomSampler(seed=spec.search.seed)
+    )
+    searcher = OptunaSearch(
+        space=DefineByRun(spec.space), metric="val_loss", mode="min", sampler=sampler,
+        points_to_evaluate=[dict(p) for p in spec.search.points_to_evaluate] or None,
+    )
+    if spec.scheduler.kind == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="epoch", max_t=spec.scheduler.max_epochs,
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric="val_loss", mode="min", search_alg=searcher, scheduler=scheduler,
+            num_samples=spec.search.num_samples, max_concurrent_trials=plan.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            **ray_storage_args(spec.storage),
+            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+            callbacks=[progress],
+            verbose=0,
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------- results
+
+
+EPOCH_COLUMNS = [
+    "trial_id", "epoch", "train_loss", "val_loss", "best_val_loss", "val_auc",
+    "val_study_accuracy", "val_study_kappa", "lr", "epoch_time_s", "val_time_s",
+    "train_images_per_s", "checkpoint_write_s", "reported_at", "checkpoint_path",
+]
+
+
+def collect_results(grid, spec: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per trial and one per reported epoch, from a Tune ResultGrid."""
+    trial_rows, epoch_frames = [], []
+    names = [p.name for p in spec.space]
+    # ResultGrid keeps its results in the order of the analysis' Trial objects, which carry ids.
+    for trial, result in zip(grid._experiment_analysis.trials, grid):
+        config = result.config or {}
+        trial_id = str(trial.trial_id)
+        df = result.metrics_dataframe
+        if df is None or df.empty or "epoch" not in df:
+            df = pd.DataFrame(columns=EPOCH_COLUMNS)
+        df = df.copy()
+        df["trial_id"] = trial_id
+        df = df.drop_duplicates("epoch", keep="last").sort_values("epoch")
+        keep = ["trial_id"] + [
+            c for c in df.columns
+            if c != "trial_id" and (c in EPOCH_COLUMNS or c.startswith("val_kappa_"))
+        ]
+        epoch_frames.append(df[keep])
+        full = spec.trial_config({k: config[k] for k in names if k in config}).to_dict()
+        row: dict[str, Any] = {"trial_id": trial_id}
+        row["error"] = str(result.error).strip().splitlines()[-1][:500] if result.error else None
+        if len(df):
+            best = df.loc[df["val_loss"].astype(float).idxmin()]
+            last = df.iloc[-1]
+            row.update(
+                epochs=int(last["epoch"]),
+                best_val_loss=float(best["val_loss"]),
+                best_epoch=int(best["epoch"]),
+                val_study_kappa=float(best["val_study_kappa"]),
+                best_checkpoint=to_uri(str(best["checkpoint_path"]), spec.storage)
+                if isinstance(best.get("checkpoint_path"), str) else None,
+                wall_time_s=float(result.metrics.get("time_total_s", float("nan"))),
+            )
+            stopped_early = bool(last.get("early_stopped", False))
+        else:
+            row.update(epochs=0, best_val_loss=float("nan"), best_epoch=0,
+                       val_study_kappa=float("nan"), best_checkpoint=None,
+                       wall_time_s=float("nan"))
+            stopped_early = False
+        if result.error:
+            row["status"] = "failed"
+        elif row["epochs"] >= spec.scheduler.max_epochs:
+            row["status"] = "completed"
+        elif stopped_early:
+            row["status"] = "early_stopped"
+        elif row["epochs"] > 0:
+            row["status"] = "pruned"  # stopped by ASHA
+        else:
+            row["status"] = "pending"
+        row.update({k: v for k, v in full.items() if k not in row})
+        trial_rows.append(row)
+    trials = pd.DataFrame(trial_rows)
+    if trials.empty:
+        trials = pd.DataFrame(columns=TRIAL_COLUMNS)
+    cols = TRIAL_COLUMNS + [c for c in trials.columns if c not in TRIAL_COLUMNS]
+    trials = trials[cols].sort_values("best_val_loss", na_position="last").reset_index(drop=True)
+    epochs = pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame()
+    if "checkpoint_path" in epochs:
+        epochs["checkpoint_path"] = [
+            to_uri(p, spec.storage) if isinstance(p, str) else None for p in epochs["checkpoint_path"]
+        ]
+    return trials, epochs
+
+
+# ----------------------------------------------------------------------------- live view
+
+
+def _progress_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class SearchProgress(_progress_base()):
+    """A Tune callback that keeps a live Rich view on the driver: a progress bar over the epochs
+    budget and a table of trials (id, status, epoch, val_loss, best, kappa, key config values)."""
+
+    def __init__(self, spec: SearchSpace, *, console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.spec = spec
+        self.console = console
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.progress = Progress(
+            TextColumn("trials done"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console,
+        )
+        self.task = self.progress.add_task("trials", total=spec.search.num_samples)
+        self.live = None
+
+    # Ray pickles the run config (with its callbacks) into the experiment state; the console and
+    # the live display hold locks and cannot travel. A restored copy renders nothing.
+    def __getstate__(self):
+        return {"spec": self.spec, "rows": {}, "console": None, "progress": None, "task": None,
+                "live": None}
+
+    def __enter__(self):
+        from rich.live import Live
+
+        self.live = Live(self._render(), console=self.console, refresh_per_second=2,
+                         transient=not self.console.is_terminal)
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.update(self._render())
+            self.live.__exit__(*exc)
+            self.live = None
+
+    def _render(self):
+        from rich.console import Group
+
+        from raysearch.report import trials_table
+
+        rows = sorted(self.rows.values(), key=lambda r: r["trial_id"])
+        return Group(self.progress, trials_table(rows[-30:]))
+
+    def _row(self, trial) -> dict[str, Any]:
+        row = self.rows.setdefault(trial.trial_id, {"trial_id": trial.trial_id})
+        row.update({k: v for k, v in (trial.config or {}).items() if not k.startswith("_")})
+        return row
+
+    def _refresh(self) -> None:
+        if self.progress is None:
+            return
+        done = sum(r["status"] in ("done", "failed", "stopped") for r in self.rows.values())
+        self.progress.update(self.task, completed=done)
+        if self.live is not None:
+            self.live.update(self._render())
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._row(trial)["status"] = "running"
+        self._refresh()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        row = self._row(trial)
+        row.update(status="running", epoch=result.get("epoch"), val_loss=result.get("val_loss"),
+                   best_val_loss=result.get("best_val_loss"),
+                   val_study_kappa=result.get("val_study_kappa"))
+        self._refresh()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        row = self._row(trial)
+        row["status"] = "done" if (row.get("epoch") or 0) >= self.spec.scheduler.max_epochs else "stopped"
+        self._refresh()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._row(trial)["status"] = "failed"
+        self._refresh()

@@ -1,0 +1,149 @@
+"""Config: search-space YAML validation, a table of good and bad specs and the exact errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from raysearch.config import TrialConfig, load_search_space, load_trial_config, parse_search_space
+from raysearch.errors import ConfigError
+
+GOOD = {
+    "name": "t",
+    "data": {"root": "/data", "val_fraction": 0.2, "seed": 1},
+    "resources": {"workers_per_trial": 1},
+    "search": {"algorithm": "tpe", "seed": 0, "num_samples": 4},
+    "scheduler": {"kind": "asha", "max_epochs": 3, "grace_period": 1, "reduction_factor": 2},
+    "storage": "/tmp/reports",
+    "trial": {"weights": "none"},
+    "space": {
+        "arch": {"choice": ["resnet18", "mobilenet_v3_small"]},
+        "image_size": {"choice": [32, 48]},
+        "lr": {"loguniform": [1e-4, 1e-2]},
+        "dropout": {"uniform": [0.0, 0.5]},
+        "batch_size": {"int": [8, 32], "step": 8},
+        "augment": "light",
+        "fp_bias": {"uniform": [0.0, 1.0], "when": {"arch": ["resnet18"]}},
+    },
+}
+
+
+def spec_with(path: str, value, *, delete: bool = False) -> dict:
+    spec = copy.deepcopy(GOOD)
+    node = spec
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node[k]
+    if delete:
+        del node[keys[-1]]
+    else:
+        node[keys[-1]] = value
+    return spec
+
+
+def test_good_spec_parses_every_kind():
+    spec = parse_search_space(GOOD)
+    kinds = {p.name: p.kind for p in spec.space}
+    assert kinds == {
+        "arch": "choice", "image_size": "choice", "lr": "loguniform", "dropout": "uniform",
+        "batch_size": "int", "augment": "constant", "fp_bias": "uniform",
+    }
+    assert spec.scheduler.max_epochs == 3
+    assert spec.experiment_dir == "/tmp/reports/t"
+    assert spec.cache_dir == "/tmp/reports/cache"
+    cfg = spec.trial_config({"arch": "resnet18", "lr": 0.001})
+    assert cfg.max_epochs == 3 and cfg.weights == "none" and cfg.lr == 0.001
+    # The round trip through search_space.yaml gives the same spec.
+    again = parse_search_space(yaml.safe_load(yaml.safe_dump(spec.to_dict(), sort_keys=False)))
+    assert again == spec
+
+
+def test_cli_overrides_win():
+    spec = parse_search_space(
+        GOOD, data_root="/other", name="n2", storage="gs://b/runs", num_samples=9, max_concurrent=3
+    )
+    assert spec.data.root == "/other"
+    assert spec.name == "n2"
+    assert spec.storage == "gs://b/runs"
+    assert spec.experiment_dir == "gs://b/runs/n2"
+    assert spec.search.num_samples == 9
+    assert spec.resources.max_concurrent == 3
+
+
+BAD = [
+    (spec_with("colour", "red"), "unknown key `colour`; allowed: data, name, resources, scheduler, search, space, storage, trial"),
+    (spec_with("data.rot", "/x"), "unknown key `data.rot`; allowed: cache_dir, root, seed, skip_bad, val_fraction"),
+    (spec_with("data.val_fraction", "lots"), "`data.val_fraction` must be float, got 'lots'"),
+    (spec_with("data.val_fraction", 1.5), "data.val_fraction must be in (0, 1), got 1.5"),
+    (spec_with("search.num_samples", 0), "search.num_samples must be >= 1, got 0"),
+    (spec_with("search.algorithm", "grid"), "search.algorithm: unknown value 'grid'; allowed: tpe, random"),
+    (spec_with("scheduler.kind", "pbt"), "scheduler.kind: unknown value 'pbt'; allowed: asha, fifo"),
+    (spec_with("scheduler.grace_period", 5), "scheduler: `1 <= grace_period <= max_epochs` must hold, but got grace_period=5, max_epochs=3"),
+    (spec_with("space.arch", {"choice": []}), "`space.arch.choice` must be a non-empty list, got []"),
+    (spec_with("space.lr", {"loguniform": [1e-2, 1e-4]}), "`space.lr.loguniform`: `low < high` must hold, but got (low=0.01, high=0.0001)"),
+    (spec_with("space.lr", {"loguniform": [0, 1e-2]}), "`space.lr.loguniform`: low must be > 0, got 0"),
+    (spec_with("space.dropout", {"uniform": ["a", 1]}), "`space.dropout.uniform` low must be a number, got 'a'"),
+    (spec_with("space.dropout", {"normal": [0, 1]}), "unknown key `space.dropout.normal`; allowed: choice, uniform, loguniform, int, constant, step, when"),
+    (spec_with("space.colour", {"choice": [1]}), "unknown key `space.colour`; allowed parameters:"),
+    (spec_with("space.arch", {"choice": ["resnet18", "alexnet"]}), "space.arch: value 'alexnet' is invalid: trial.arch: unknown value 'alexnet'; allowed:"),
+    (spec_with("space.fp_bias", {"uniform": [0, 1], "when": {"optimizer": ["adam"]}}), "`space.fp_bias.when.optimizer` refers to a parameter that is not defined earlier in `space`"),
+    (spec_with("trial.max_epochs", 10), "trial.max_epochs is set by scheduler.max_epochs; remove it from `trial`"),
+    (spec_with("trial.optimiser", "adam"), "unknown key `trial.optimiser`; allowed:"),
+    (spec_with("space", None, delete=True), "<spec>: missing key `space` (the parameters to search)"),
+    (spec_with("search.points_to_evaluate", [{"arch": "resnet18", "colour": 1}]), "search.points_to_evaluate[0]: unknown parameter `colour`; the space defines:"),
+    (spec_with("name", "a/b"), "name must be a non-empty folder name without '/', got 'a/b'"),
+]
+
+
+@pytest.mark.parametrize("raw, message", BAD, ids=[m[:40] for _, m in BAD])
+def test_bad_spec_gets_one_clear_error(raw, message):
+    with pytest.raises(ConfigError) as info:
+        parse_search_space(raw)
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith(message), text
+
+
+def test_trial_config_errors():
+    with pytest.raises(ConfigError, match=r"^arch: unknown value 'resnet9'; allowed: .*densenet169"):
+        TrialConfig(arch="resnet9")
+    with pytest.raises(ConfigError, match=r"^dropout must be in \[0, 1\), got 1.0"):
+        TrialConfig(dropout=1.0)
+    with pytest.raises(ConfigError, match=r"^class_weighting: unknown value 'focal'"):
+        TrialConfig.from_dict({"class_weighting": "focal"})
+    with pytest.raises(ConfigError, match=r"^`batch_size` must be int, got 'big'"):
+        TrialConfig.from_dict({"batch_size": "big"})
+    with pytest.raises(ConfigError, match=r"^unknown key `colour`"):
+        TrialConfig.from_dict({"colour": 1})
+
+
+def test_yaml_scientific_notation_without_dot_is_a_float():
+    # PyYAML reads `1e-4` as a string; the config must still accept it for float fields.
+    assert TrialConfig.from_dict({"lr": "1e-4"}).lr == 1e-4
+
+
+def test_shipped_search_spaces_validate():
+    demo = load_search_space("search_spaces/demo.yaml")
+    mura = load_search_space("search_spaces/mura.yaml")
+    assert demo.scheduler.kind == "asha" and demo.trial["weights"] == "none"
+    baseline = mura.trial_config(dict(mura.search.points_to_evaluate[0]))
+    assert (baseline.arch, baseline.image_size, baseline.lr, baseline.augment, baseline.dropout) == (
+        "densenet169", 320, 1e-4, "mura", 0.0
+    )
+    assert baseline.weights == "imagenet"
+    assert (mura.scheduler.max_epochs, mura.scheduler.grace_period) == (30, 3)
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_search_space(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("space: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_search_space(str(bad))
+    trial = tmp_path / "trial.yaml"
+    trial.write_text("arch: resnet18\nweights: none\ndata: {root: x}\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown key `learning_rate`"):
+        load_trial_config(str(trial))

@@ -1,0 +1,245 @@
+"""Tests for the storage stage: the same checks against a local path, memory:// and gs:// (emulator)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pandas as pd
+import pytest
+
+from raysearch import storage
+from tests.gcs_emulator import GcsEmulator, gcs_emulator  # noqa: F401  (session fixture)
+
+BACKENDS = ["local", "memory", "gcs"]
+
+
+@pytest.fixture(params=BACKENDS)
+def root(request, tmp_path) -> Iterator[str]:
+    """A fresh, empty directory (or prefix) on one backend."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    if request.param == "local":
+        yield str(tmp_path / name)
+    elif request.param == "memory":
+        base = f"memory://raysearch-tests/{name}"
+        yield base
+        fs, path = storage.get_fs(base)  # memory:// lives as long as the process: clean up
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    else:
+        emulator: GcsEmulator = request.getfixturevalue("gcs_emulator")
+        yield emulator.url(name)
+
+
+def all_files(base: str) -> list[str]:
+    """Every file below ``base`` (relative names), temporary ones included."""
+    fs, path = storage.get_fs(base)
+    if not fs.exists(path):
+        return []
+    return sorted(p[len(path.rstrip("/")) + 1 :] for p in fs.find(path, withdirs=False))
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def test_atomic_write_bytes_round_trip(root):
+    target = storage.join(root, "sub", "blob.bin")
+    data = bytes(range(256)) * 64
+
+    returned = storage.atomic_write_bytes(target, data)
+
+    assert storage.read_bytes(returned) == data
+    assert storage.read_bytes(target) == data
+    assert all_files(root) == ["sub/blob.bin"]
+
+
+def test_atomic_write_text_round_trip_is_utf8(root):
+    target = storage.join(root, "notes.txt")
+    text = "study1_positive — Ärzte, 肘\n"
+
+    storage.atomic_write_text(target, text)
+
+    assert storage.read_bytes(target) == text.encode("utf-8")
+
+
+def test_atomic_write_parquet_round_trip(root):
+    target = storage.join(root, "reports", "trials.parquet")
+    df = pd.DataFrame(
+        {
+            "study_id": ["MURA-v1.1/valid/XR_WRIST/patient11185/study1_positive", "s2"],
+            "body_part": ["WRIST", "ELBOW"],
+            "label": [1, 0],
+            "prob": [0.875, 0.125],
+        }
+    )
+
+    storage.atomic_write_parquet(df, target)
+
+    pd.testing.assert_frame_equal(storage.read_parquet(target), df)
+    assert all_files(root) == ["reports/trials.parquet"]
+
+
+def test_overwrite_replaces_content(root):
+    target = storage.join(root, "state.json")
+    storage.atomic_write_text(target, '{"epoch": 1}')
+    storage.atomic_write_text(target, '{"epoch": 2}')
+
+    assert storage.read_bytes(target) == b'{"epoch": 2}'
+    assert all_files(root) == ["state.json"]
+
+
+# ----------------------------------------------------------------------------- join / exists
+
+
+def test_join_keeps_the_scheme_and_nests(root):
+    joined = storage.join(root + "/", "/a/", "b.txt")
+
+    if storage.is_url(root):
+        assert joined == f"{root}/a/b.txt"
+    else:
+        assert joined == os.path.join(root, "a", "b.txt")
+    storage.atomic_write_text(joined, "x")
+    assert all_files(root) == ["a/b.txt"]
+
+
+def test_exists(root):
+    target = storage.join(root, "d", "f.txt")
+    assert not storage.exists(target)
+
+    storage.atomic_write_text(target, "x")
+
+    assert storage.exists(target)
+    assert storage.exists(storage.join(root, "d"))
+    assert not storage.exists(storage.join(root, "d", "g.txt"))
+
+
+def test_read_missing_file_raises_file_not_found(root):
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(storage.join(root, "missing.bin"))
+
+
+# ----------------------------------------------------------------------------- failed writes
+
+
+def _break_upload(monkeypatch, target: str) -> None:
+    """Make the next write to ``target``'s backend fail half way through the data."""
+    if not storage.is_url(target):
+        # The local path writes the temporary file, then fsyncs it: fail like a full disk.
+        def fsync(fd):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        return
+    fs, _ = storage.get_fs(target)  # fsspec caches instances: this is the one the write uses
+    real_open = fs.open
+
+    def open_(path, mode="rb", **kwargs):
+        f = real_open(path, mode, **kwargs)
+        if "w" in mode:
+            real_write = f.write
+
+            def write(data):
+                real_write(data[: len(data) // 2])
+                raise OSError("connection reset while uploading")
+
+            f.write = write
+        return f
+
+    monkeypatch.setattr(fs, "open", open_)
+
+
+def _break_rename(monkeypatch, target: str) -> None:
+    """Make the final rename of ``target``'s backend fail after the data is written."""
+
+    def fail(*args, **kwargs):
+        raise OSError("rename failed")
+
+    if not storage.is_url(target):
+        monkeypatch.setattr(os, "replace", fail)
+        return
+    fs, _ = storage.get_fs(target)
+    monkeypatch.setattr(fs, "mv", fail)
+
+
+@pytest.mark.parametrize("break_at", [_break_upload, _break_rename], ids=["upload", "rename"])
+def test_failed_write_leaves_no_file_and_no_temp(root, monkeypatch, break_at):
+    target = storage.join(root, "out", "probs.parquet")
+    storage.atomic_write_text(storage.join(root, "out", "keep.txt"), "unrelated")
+
+    with monkeypatch.context() as m:
+        break_at(m, target)
+        with pytest.raises(OSError):
+            storage.atomic_write_bytes(target, b"0123456789" * 100)
+
+    assert not storage.exists(target)
+    assert all_files(root) == ["out/keep.txt"]
+
+
+@pytest.mark.parametrize("break_at", [_break_upload, _break_rename], ids=["upload", "rename"])
+def test_failed_overwrite_keeps_the_old_content(root, monkeypatch, break_at):
+    target = storage.join(root, "manifest.parquet")
+    storage.atomic_write_bytes(target, b"old")
+
+    with monkeypatch.context() as m:
+        break_at(m, target)
+        with pytest.raises(OSError):
+            storage.atomic_write_bytes(target, b"new content")
+
+    assert storage.read_bytes(target) == b"old"
+    assert all_files(root) == ["manifest.parquet"]
+
+
+def test_failed_dataframe_conversion_writes_nothing(root):
+    # The data producer fails: an object column that Parquet cannot encode.
+    df = pd.DataFrame({"study_id": ["s1", "s2"], "prob": [object(), object()]})
+    target = storage.join(root, "bad.parquet")
+
+    with pytest.raises(Exception):
+        storage.atomic_write_parquet(df, target)
+
+    assert all_files(root) == []
+
+
+# ----------------------------------------------------------------------------- Ray storage handoff
+
+
+def test_ray_storage_args_filesystem_writes_where_get_fs_reads(root):
+    """What Ray Train/Tune get for a storage URI lands where the rest of raysearch reads."""
+    import pyarrow.fs
+
+    args = storage.ray_storage_args(root)
+    path = args["storage_path"]
+    fs = args.get("storage_filesystem")
+    if fs is None:  # local: Ray writes with its own local filesystem
+        assert not storage.is_url(root) and os.path.isabs(path)
+        fs = pyarrow.fs.LocalFileSystem()
+    fs.create_dir(f"{path}/train-abc/checkpoint_000000")
+    with fs.open_output_stream(f"{path}/train-abc/checkpoint_000000/model.pt") as f:
+        f.write(b"weights")
+
+    uri = storage.to_uri(f"{path}/train-abc/checkpoint_000000/model.pt", like=root)
+    assert storage.read_bytes(uri) == b"weights"
+
+
+def test_pyarrow_native_gcs_client_reaches_the_emulator(gcs_emulator):  # noqa: F811
+    """pyarrow's own GCS client works against the emulator when built with its options."""
+    import pyarrow.fs
+
+    host = gcs_emulator.endpoint.removeprefix("http://")
+    fs = pyarrow.fs.GcsFileSystem(endpoint_override=host, scheme="http", anonymous=True)
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(f"{gcs_emulator.bucket}/{name}/a.bin") as f:
+        f.write(b"from pyarrow")
+    fs.move(f"{gcs_emulator.bucket}/{name}/a.bin", f"{gcs_emulator.bucket}/{name}/b.bin")
+
+    assert storage.read_bytes(gcs_emulator.url(name, "b.bin")) == b"from pyarrow"
+    assert not storage.exists(gcs_emulator.url(name, "a.bin"))
+
+
+def test_gs_urls_go_to_the_emulator(gcs_emulator):  # noqa: F811
+    """Code that only sees a gs:// URL talks to the emulator, not to Google."""
+    url = gcs_emulator.url("routing", "x.txt")
+    storage.atomic_write_text(url, "here")
+
+    assert gcs_emulator.fs.cat(f"{gcs_emulator.bucket}/routing/x.txt") == b"here"
