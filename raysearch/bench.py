@@ -7,6 +7,7 @@ ray-project/ray#28171 and the lung-triage report's starved GPU).
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -189,3 +190,207 @@ def _print_table(console: Console, r: dict[str, Any]) -> None:
     console.print(table)
     verdict = "meets" if r["speedup"] >= 20 else "misses"
     console.print(f"cached/naive = {r['speedup']:,.1f}x per core ({verdict} the 20x target)")
+
+
+# ----------------------------------------------------------------------------- bench train
+
+
+def _demo_root(root: str | None, console) -> tuple[str, Any]:
+    """``root`` or a freshly generated 'small' demo dataset (with its TemporaryDirectory)."""
+    if root is not None:
+        return root, None
+    from raysearch.synth import make_demo_data
+
+    tmp = tempfile.TemporaryDirectory(prefix="raysearch-bench-")
+    console.print("generating the demo dataset (small) ...")
+    make_demo_data(tmp.name, seed=0, size="small")
+    return tmp.name, tmp
+
+
+def bench_train(
+    *,
+    root: str | None = None,
+    arch: str = "resnet18",
+    image_size: int = 64,
+    batch_size: int = 32,
+    threads: int | None = None,
+    epochs: int = 2,
+    console: Console | None = None,
+) -> dict[str, float]:
+    """End-to-end trial throughput (Ray Train worker: cache, augmentation, forward, backward, step)
+    against pure forward/backward/step on tensors already in memory, same arch/size/batch/threads.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from raysearch.config import TrialConfig
+    from raysearch.models import create_model
+    from raysearch.train import make_trainer, prepare_data
+
+    console = console or Console()
+    threads = threads or (os.cpu_count() or 1)
+    data_root, tmp = _demo_root(root, console)
+    work = tempfile.TemporaryDirectory(prefix="raysearch-bench-train-")
+    try:
+        exp_dir = os.path.join(work.name, "bench")
+        cache_dir = os.path.join(work.name, "cache")
+        manifest = prepare_data(
+            root=data_root, val_fraction=0.15, seed=0, skip_bad=False, experiment_dir=exp_dir,
+            cache_dir=cache_dir, image_sizes=[image_size], progress=False,
+        )
+        cfg = TrialConfig(
+            arch=arch, weights="none", image_size=image_size, batch_size=batch_size,
+            max_epochs=epochs, augment="mura", class_weighting="mura", lr=1e-3,
+            early_stop_patience=epochs + 1,
+        )
+
+        # 1. Pure compute: forward/backward/step on a batch already in memory, ready to use.
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        model = create_model(arch, weights="none", dropout=0.0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        x = torch.randn(batch_size, 3, image_size, image_size)
+        y = (torch.rand(batch_size) > 0.5).float()
+        model.train()
+
+        def step():
+            loss = F.binary_cross_entropy_with_logits(model(x).squeeze(1), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(3):
+            step()
+        n_steps = max(10, int(1500 / batch_size))
+        t0 = time.perf_counter()
+        for _ in range(n_steps):
+            step()
+        pure = n_steps * batch_size / (time.perf_counter() - t0)
+        del model, opt
+
+        # 2. The trial itself, under Ray Train, with the same thread count.
+        from raysearch.train import init_ray
+
+        init_ray()
+        trainer = make_trainer(
+            {"trial": cfg.to_dict(), "manifest": manifest, "cache_dir": cache_dir,
+             "torch_threads": threads},
+            run_name="bench-train", storage=exp_dir, workers=1, gpus_per_worker=0.0,
+            cpus_per_worker=1.0,
+        )
+        result = trainer.fit()
+        df = result.metrics_dataframe
+        last = df.iloc[-1]
+        e2e = float(df["train_images_per_s"].max())
+    finally:
+        work.cleanup()
+        if tmp is not None:
+            tmp.cleanup()
+
+    figures = {
+        "pure_images_per_s": pure,
+        "trial_images_per_s": e2e,
+        "ratio": e2e / pure,
+        "val_time_s": float(last["val_time_s"]),
+        "checkpoint_write_s": float(last["checkpoint_write_s"]),
+        "epoch_time_s": float(last["epoch_time_s"]),
+        "threads": threads,
+    }
+    table = Table(
+        title=f"bench train: {arch}, {image_size}px, batch {batch_size}, {threads} thread(s), "
+        f"{os.cpu_count()} cores",
+        title_justify="left",
+    )
+    table.add_column("measurement")
+    table.add_column("value", justify="right")
+    table.add_row("pure forward/backward/step (images/s)", f"{pure:.1f}")
+    table.add_row("trial end to end under Ray Train (images/s)", f"{e2e:.1f}")
+    table.add_row("ratio trial / pure (target >= 0.9)", f"{e2e / pure:.2f}")
+    table.add_row("per-epoch validation (s)", f"{figures['val_time_s']:.2f}")
+    table.add_row("per-epoch checkpoint write (s)", f"{figures['checkpoint_write_s']:.2f}")
+    table.add_row("per-epoch training (s)", f"{figures['epoch_time_s']:.2f}")
+    console.print(table)
+    return figures
+
+
+# ----------------------------------------------------------------------------- bench search
+
+
+def _epochs_to_reach(epochs, target: float) -> int | None:
+    """Epochs consumed (in reporting order) until some trial's val_loss <= target."""
+    order = epochs.sort_values("reported_at")
+    hits = (order["val_loss"].to_numpy() <= target + 1e-12).nonzero()[0]
+    return int(hits[0]) + 1 if len(hits) else None
+
+
+def bench_search(
+    *,
+    root: str | None = None,
+    space: str = "search_spaces/demo.yaml",
+    num_samples: int = 8,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """ASHA + TPE against FIFO + random search on the demo data, same trials and seeds."""
+    from raysearch.config import load_search_space
+    from raysearch.storage import read_parquet
+    from raysearch.tune import run_search
+
+    console = console or Console()
+    data_root, tmp = _demo_root(root, console)
+    work = tempfile.TemporaryDirectory(prefix="raysearch-bench-search-")
+    runs: dict[str, dict[str, Any]] = {}
+    try:
+        for label, algorithm, kind in (("fifo+random", "random", "fifo"), ("asha+tpe", "tpe", "asha")):
+            spec = load_search_space(
+                space, data_root=data_root, name=label.replace("+", "-"), storage=work.name,
+                num_samples=num_samples,
+            )
+            import dataclasses
+
+            spec = dataclasses.replace(
+                spec,
+                search=dataclasses.replace(spec.search, algorithm=algorithm, points_to_evaluate=()),
+                scheduler=dataclasses.replace(spec.scheduler, kind=kind),
+                data=dataclasses.replace(spec.data, cache_dir=os.path.join(work.name, "cache")),
+            )
+            t0 = time.perf_counter()
+            exp = run_search(spec, console=console)
+            wall = time.perf_counter() - t0
+            trials = read_parquet(os.path.join(exp, "trials.parquet"))
+            epochs = read_parquet(os.path.join(exp, "epochs.parquet"))
+            in_loop = epochs.groupby("trial_id")[["epoch_time_s", "val_time_s"]].sum().sum(axis=1)
+            overhead = (trials.set_index("trial_id")["wall_time_s"] - in_loop).dropna()
+            runs[label] = {
+                "epochs": int(len(epochs)),
+                "best_val_loss": float(epochs["val_loss"].min()),
+                "wall_s": wall,
+                "overhead_per_trial_s": float(overhead.mean()) if len(overhead) else float("nan"),
+                "epoch_frame": epochs,
+            }
+    finally:
+        work.cleanup()
+        if tmp is not None:
+            tmp.cleanup()
+
+    fifo, asha = runs["fifo+random"], runs["asha+tpe"]
+    needed = _epochs_to_reach(asha["epoch_frame"], fifo["best_val_loss"])
+    fraction = needed / fifo["epochs"] if needed is not None else float("nan")
+    table = Table(title=f"bench search: {num_samples} trials each, {os.cpu_count()} cores",
+                  title_justify="left")
+    for col in ("search", "epochs", "best val_loss", "wall (s)", "Tune/Train overhead per trial (s)"):
+        table.add_column(col, justify="right" if col != "search" else "left")
+    for label, r in runs.items():
+        table.add_row(label, str(r["epochs"]), f"{r['best_val_loss']:.4f}", f"{r['wall_s']:.0f}",
+                      f"{r['overhead_per_trial_s']:.1f}")
+    console.print(table)
+    if needed is None:
+        console.print("ASHA+TPE did not reach FIFO+random's best val_loss "
+                      f"({fifo['best_val_loss']:.4f}); its best was {asha['best_val_loss']:.4f}")
+    else:
+        console.print(
+            f"ASHA+TPE reached FIFO+random's best val_loss ({fifo['best_val_loss']:.4f}) after "
+            f"{needed} epochs = {fraction:.2f} of FIFO's {fifo['epochs']} epochs (target <= 0.33)"
+        )
+    for r in runs.values():
+        r.pop("epoch_frame")
+    return {"runs": runs, "epochs_needed": needed, "fraction": fraction}

@@ -13,9 +13,9 @@ one row per image and these columns, in this order (later stages may rely on the
     label           int, 1 abnormal / 0 normal (per study, copied to each of its images)
 
 Rows are sorted by (official_split, study_id, view). ``manifest.attrs`` carries what was not
-used: ``"unlisted"`` (number of files on disk that no CSV lists) and ``"skipped"`` (a list of
-``{"path", "reason"}`` records for what ``skip_bad=True`` left out; ``skipped_frame`` turns it
-into a DataFrame). Both are JSON-friendly, so they survive ``to_parquet``.
+used: ``"unlisted"`` (number of files on disk that no CSV lists) and ``"skipped"`` (a DataFrame
+with columns path, reason: what ``skip_bad=True`` left out, paths as written in the CSVs).
+pandas cannot store a DataFrame in Parquet metadata, so clear ``attrs`` before ``to_parquet``.
 
 The CSVs are the source of truth and every disagreement with the files is reported: by default
 as one ``DataError`` line, with ``skip_bad=True`` as skipped records. Nothing is dropped silently.
@@ -40,8 +40,8 @@ __all__ = [
     "MANIFEST_COLUMNS",
     "find_mura_root",
     "read_mura",
-    "split_patients",
     "skipped_frame",
+    "split_patients",
     "summarize",
     "summary_table",
 ]
@@ -142,14 +142,18 @@ def read_mura(
     if problems and not skip_bad:
         raise DataError(_problem_line(root, problems))
     if images.empty:
-        raise DataError(f"no usable images in {root}" + (" after skipping bad ones" if problems else ""))
+        raise DataError(
+            f"no usable images in {root}" + (" after skipping bad ones" if problems else "")
+        )
     _check_leakage(studies)
 
     manifest = _build_manifest(root, images, studies, val_fraction=val_fraction, seed=seed)
     listed = set(images["rel"]) | {_strip_first(path) for path, _ in problems}
-    listed |= {f"{o}_{kind}.csv" for o in OFFICIAL_SPLITS for kind in ("image_paths", "labeled_studies")}
+    listed |= {
+        f"{o}_{kind}.csv" for o in OFFICIAL_SPLITS for kind in ("image_paths", "labeled_studies")
+    }
     manifest.attrs["unlisted"] = sum(rel not in listed for rel in sizes)
-    manifest.attrs["skipped"] = [{"path": p, "reason": r} for p, r in problems]
+    manifest.attrs["skipped"] = pd.DataFrame(problems, columns=["path", "reason"])
     return manifest
 
 
@@ -263,7 +267,9 @@ def _drop_empty_studies(images: pd.DataFrame, studies: pd.DataFrame):
     return images.reset_index(drop=True), studies[~empty].reset_index(drop=True), problems
 
 
-def _check_pngs(fs, root_path: str, rels: list[str], sizes: dict[str, int]) -> list[tuple[int, str]]:
+def _check_pngs(
+    fs, root_path: str, rels: list[str], sizes: dict[str, int]
+) -> list[tuple[int, str]]:
     """(row index, reason) for files that are not complete PNGs; reads only head and tail bytes."""
 
     def check(i: int) -> tuple[int, str] | None:
@@ -291,10 +297,11 @@ def _problem_line(root: str, problems: list[tuple[str, str]]) -> str:
     for path, reason in problems:
         by_reason[reason].append(path)
     parts = [f"{reason} ({len(paths)}): {name_some(paths)}" for reason, paths in by_reason.items()]
+    n = len(problems)
     return (
-        f"{len(problems)} problems in the MURA data at {root} — " + "; ".join(parts)
-        + ". Fix them, or pass skip_bad (--skip-bad) to leave them out."
-    )  # fmt: skip
+        f"{n} problem{'s' if n != 1 else ''} in the MURA data at {root} — {'; '.join(parts)}. "
+        "Fix them, or pass skip_bad (--skip-bad) to leave them out."
+    )
 
 
 def _check_leakage(studies: pd.DataFrame) -> None:
@@ -324,7 +331,10 @@ def _build_manifest(root, images, studies, *, val_fraction: float, seed: int) ->
 
 def skipped_frame(manifest: pd.DataFrame) -> pd.DataFrame:
     """What ``read_mura(skip_bad=True)`` left out, as a DataFrame with columns path, reason."""
-    return pd.DataFrame(manifest.attrs.get("skipped", []), columns=["path", "reason"])
+    skipped = manifest.attrs.get("skipped")
+    if skipped is None:
+        return pd.DataFrame(columns=["path", "reason"])
+    return pd.DataFrame(skipped, columns=["path", "reason"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +368,7 @@ def split_patients(
     keys = sorted(groups)
     rng = np.random.default_rng(seed)
 
-    total = int(round(val_fraction * len(per_patient)))
+    total = round(val_fraction * len(per_patient))
     exact = np.array([val_fraction * len(groups[k]) for k in keys])
     counts = np.floor(exact).astype(int)
     # Largest remainders get the leftover places; random jitter breaks ties without bias.
@@ -430,8 +440,8 @@ def summary_table(manifest: pd.DataFrame, *, title: str = "MURA manifest") -> Ta
             end_section=total,
         )  # fmt: skip
     notes = []
-    if manifest.attrs.get("skipped"):
-        notes.append(f"left out {len(manifest.attrs['skipped'])} bad entries")
+    if len(skipped := skipped_frame(manifest)):
+        notes.append(f"left out {len(skipped)} bad entr{'ies' if len(skipped) != 1 else 'y'}")
     if manifest.attrs.get("unlisted"):
         notes.append(f"{manifest.attrs['unlisted']} PNG files on disk are in no CSV")
     if notes:

@@ -49,7 +49,9 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     if is_url(s):
         return "/".join([s.rstrip("/"), *[p.strip("/") for p in parts]])
     # Like the URL branch: a part with a leading "/" nests instead of restarting at the root.
-    return str(Path(os.path.abspath(os.path.expanduser(s))).joinpath(*[p.strip("/") for p in parts]))
+    return str(
+        Path(os.path.abspath(os.path.expanduser(s))).joinpath(*[p.strip("/") for p in parts])
+    )
 
 
 def exists(path: str | os.PathLike) -> bool:
@@ -129,13 +131,3 @@ def ray_storage_args(uri: str | os.PathLike) -> dict[str, Any]:
         "storage_path": path,
         "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)),
     }
-
-
-def to_uri(path: str, like: str | os.PathLike) -> str:
-    """Give a path that Ray handed back without its scheme (``bucket/prefix/...``) the scheme of
-    ``like`` again; local paths are returned unchanged."""
-    s, ref = str(path), str(like)
-    if is_url(s) or not is_url(ref):
-        return s
-    scheme = ref.split("://", 1)[0]
-    return f"{scheme}://{s.lstrip('/')}"

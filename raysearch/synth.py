@@ -1,9 +1,10 @@
 """Data stage, demo input: synthetic radiographs in exactly the MURA-v1.1 layout.
 
-``make_demo_data`` writes ``MURA-v1.1/{train,valid}/XR_<PART>/patientNNNNN/studyK_{positive,negative}/
-imageJ.png`` plus the four header-less CSVs, so every later stage runs unchanged on the demo and on
-the real dataset. Pictures are drawn procedurally: a soft-tissue glow, bones with a bright cortex and
-a darker medulla in a geometry typical of each body part, noise, and for abnormal studies a finding
+``make_demo_data`` writes
+``MURA-v1.1/{train,valid}/XR_<PART>/patientNNNNN/studyK_{positive,negative}/imageJ.png`` plus the
+four header-less CSVs, so every later stage runs unchanged on the demo and on the real dataset.
+Pictures are drawn procedurally: a soft-tissue glow; bones with a bright cortex and a darker
+medulla, in a geometry typical of each body part; noise; and for abnormal studies a finding
 (fracture line, metal hardware or a lesion) on some or all views. Most findings are visible at
 64-96 px; a minority are hairline-thin and show only at higher resolution, so image size matters.
 
@@ -41,10 +42,11 @@ class DemoSize:
 
 
 DEMO_SIZES: dict[str, DemoSize] = {
-    "tiny": DemoSize(train_patients=35, valid_patients=12, min_side=96, max_side=160),  # ~150 images
-    "small": DemoSize(train_patients=500, valid_patients=135, min_side=256, max_side=384),  # ~1.9k
-    "medium": DemoSize(train_patients=2500, valid_patients=540, min_side=256, max_side=512),  # ~9k
-    "large": DemoSize(train_patients=12000, valid_patients=800, min_side=320, max_side=512),  # ~38k
+    # Approximate image counts: tiny ~150, small ~1.9k, medium ~9k, large ~38k (MURA scale).
+    "tiny": DemoSize(train_patients=35, valid_patients=12, min_side=96, max_side=160),
+    "small": DemoSize(train_patients=500, valid_patients=135, min_side=256, max_side=384),
+    "medium": DemoSize(train_patients=2500, valid_patients=540, min_side=256, max_side=512),
+    "large": DemoSize(train_patients=12000, valid_patients=800, min_side=320, max_side=512),
 }
 
 # Share of studies and abnormal fraction per body part, roughly as in MURA's training set.
@@ -57,8 +59,9 @@ ABNORMAL_FRACTION = {
     "HUMERUS": 0.48, "SHOULDER": 0.50, "WRIST": 0.41,
 }  # fmt: skip
 FINDINGS = ("hardware", "fracture", "lesion", "hairline", "small_lesion")
-FINDING_WEIGHTS = (0.25, 0.35, 0.15, 0.15, 0.10)  # the last two are the subtle ones
-VIEW_HAS_FINDING = 0.75  # each view of an abnormal study shows the finding with this chance (>= 1 does)
+FINDING_WEIGHTS = (0.3, 0.35, 0.15, 0.12, 0.08)  # the last two are the subtle ones
+# Each view of an abnormal study shows its finding with this chance (and at least one view does).
+VIEW_HAS_FINDING = 0.85
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,7 @@ def _digit(x: float, y: float, angle: float, lengths: list[float], width: float,
 
 
 def _bones(part: str, rng: np.random.Generator) -> list:
-    j = lambda s=0.03: rng.normal(0, s)  # noqa: E731  small anatomical jitter
+    j = lambda s=0.03: rng.normal(0, s)  # small anatomical jitter
     if part == "FINGER":
         rods = [("rod", j(), 1.35, j(), 0.95, 0.25)]  # metacarpal head at the bottom
         return rods + _digit(j(), 0.85, j(0.08), [0.75, 0.5, 0.35], 0.22, rng)
@@ -151,7 +154,9 @@ def _bones(part: str, rng: np.random.Generator) -> list:
         shapes += [("rod", 0.3 + j(), 1.25, 0.26 + j(), 0.38, 0.17)]
         for r, y in enumerate((0.08, -0.16)):
             shapes += [("blob", -0.3 + 0.2 * i + j(), y + j(), 0.1, 0.085) for i in range(4 - r)]
-        return shapes + [("rod", -0.3 + 0.2 * i, -0.35, -0.38 + 0.26 * i, -1.1, 0.1) for i in range(4)]
+        return shapes + [
+            ("rod", -0.3 + 0.2 * i, -0.35, -0.38 + 0.26 * i, -1.1, 0.1) for i in range(4)
+        ]
     if part == "FOREARM":
         bow = j(0.05)
         return [
@@ -214,7 +219,7 @@ def _render(job: _ImageJob, min_side: int, max_side: int) -> bytes:
     # Drawn and blurred at quarter resolution: the glow is smooth, and this halves render time.
     glow = Image.new("L", (w // 4, h // 4), 0)
     draw = ImageDraw.Draw(glow)
-    quarter = lambda x, y: tuple(v / 4 for v in pt(x, y))  # noqa: E731
+    quarter = lambda x, y: tuple(v / 4 for v in pt(x, y))
     for s in shapes:
         _draw_shape(draw, s, quarter, scale / 4, grow=2.6, fill=255)
     glow = glow.filter(ImageFilter.GaussianBlur(0.0125 * min(w, h))).resize((w, h), Image.BILINEAR)
@@ -261,7 +266,7 @@ def _draw_shape(draw, shape, pt, scale, *, grow: float, fill: int, inset: bool =
         ux, uy = (c - a) / length, (d - b) / length
         cut = min(0.4 * length, wpx)
         a, b, c, d = a + ux * cut, b + uy * cut, c - ux * cut, d - uy * cut
-    draw.line([(a, b), (c, d)], fill=fill, width=int(round(wpx)))
+    draw.line([(a, b), (c, d)], fill=fill, width=round(wpx))
     r = 0.62 * wpx if not inset else 0.5 * wpx  # bulbous ends (epiphyses)
     for px, py in ((a, b), (c, d)):
         draw.ellipse([px - r, py - r, px + r, py + r], fill=fill)
@@ -282,14 +287,14 @@ def _draw_finding(draw, kind: str, rod, pt, scale, rng, *, side: int, tissue: in
         dx, dy = nx + tilt * ux, ny + tilt * uy
         half = max(0.75 * width, 0.06 * unit) if kind == "fracture" else 0.75 * width
         line = [pt(mx - half * dx, my - half * dy), pt(mx + half * dx, my + half * dy)]
-        gap = max(0.3 * width, 0.025 * unit) * scale
+        gap = max(0.3 * width, 0.035 * unit) * scale
         draw.line(line, fill=tissue, width=max(2, int(gap)) if kind == "fracture" else 1)
         if kind == "fracture":  # a displaced fragment: a bright step beside the gap
             sx, sy = 0.6 * half * nx, 0.6 * half * ny
             draw.line([pt(mx + sx, my + sy), pt(mx + sx + 0.25 * ux, my + sy + 0.25 * uy)],
                       fill=cortex, width=max(2, int(0.5 * gap)))  # fmt: skip
     elif kind == "hardware":
-        thick = max(0.3 * width, 0.03 * unit)
+        thick = max(0.3 * width, 0.035 * unit)
         off = (0.5 * width + 0.5 * thick) * (1 if rng.random() < 0.5 else -1)
         span = max(rng.uniform(0.2, 0.3) * length, 0.12 * unit)
         a = pt(mx + off * nx - span * ux, my + off * ny - span * uy)
@@ -302,7 +307,7 @@ def _draw_finding(draw, kind: str, rod, pt, scale, rng, *, side: int, tissue: in
                       fill=255, width=max(2, int(0.5 * thick * scale)))  # fmt: skip
     else:  # lesion: a lytic (dark) blob with a sclerotic rim, large or small
         if kind == "lesion":
-            r = max(rng.uniform(0.35, 0.5) * width, rng.uniform(0.04, 0.06) * unit) * scale
+            r = max(rng.uniform(0.35, 0.5) * width, rng.uniform(0.05, 0.07) * unit) * scale
         else:
             r = rng.uniform(0.1, 0.15) * width * scale
         px, py = pt(mx, my)
@@ -361,7 +366,9 @@ def make_demo_data(
     jobs, csv_rows = _plan(spec, seed=seed, label_noise=label_noise)
     workers = num_workers or min(os.cpu_count() or 1, 4)
     chunk = 64
-    chunks = [(jobs[i : i + chunk], spec.min_side, spec.max_side) for i in range(0, len(jobs), chunk)]
+    chunks = [
+        (jobs[i : i + chunk], spec.min_side, spec.max_side) for i in range(0, len(jobs), chunk)
+    ]
     local = not storage.is_url(root)
     made_dirs: set[str] = set()
 
@@ -390,7 +397,9 @@ def make_demo_data(
 
     # CSVs last: an interrupted run leaves no CSV, so the reader refuses it instead of half-reading.
     for split, (image_lines, study_lines) in csv_rows.items():
-        storage.atomic_write_text(storage.join(root, f"{split}_image_paths.csv"), "".join(image_lines))
+        storage.atomic_write_text(
+            storage.join(root, f"{split}_image_paths.csv"), "".join(image_lines)
+        )
         storage.atomic_write_text(
             storage.join(root, f"{split}_labeled_studies.csv"), "".join(study_lines)
         )

@@ -249,6 +249,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state["epoch"], state["best_val_loss"], state["bad_epochs"]
         )
 
+    if history and (start_epoch >= cfg.max_epochs or history[-1].get("early_stopped")):
+        # Restored after it had already finished (the driver died before Tune saved that):
+        # report the final epoch again so Tune sees the result, and train nothing.
+        ray.train.report(history[-1])
+        return
+
     for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
         # --- train one epoch
         model.train()

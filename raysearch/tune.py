@@ -29,7 +29,6 @@ from raysearch.storage import (
     join,
     ray_storage_args,
     read_bytes,
-    to_uri,
 )
 
 DRIVER_CPU = 0.01  # the per-trial Tune function only waits on its TorchTrainer
@@ -314,24 +313,49 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, r
 EPOCH_COLUMNS = [
     "trial_id", "epoch", "train_loss", "val_loss", "best_val_loss", "val_auc",
     "val_study_accuracy", "val_study_kappa", "lr", "epoch_time_s", "val_time_s",
-    "train_images_per_s", "checkpoint_write_s", "reported_at", "checkpoint_path",
+    "train_images_per_s", "checkpoint_write_s", "reported_at",
 ]
 
 
+def run_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
+    """(checkpoint URI, its metrics.json) for every checkpoint a Train run still holds."""
+    fs, path = get_fs(run_dir)
+    if not fs.exists(path):
+        return []
+    out = []
+    for entry in sorted(fs.ls(path, detail=False)):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith("checkpoint_") or name.endswith(".json"):
+            continue  # Ray keeps checkpoint_manager_snapshot.json beside the checkpoint folders
+        uri = join(run_dir, name)
+        try:
+            metrics = json.loads(read_bytes(join(uri, "metrics.json")))
+        except (OSError, ValueError):
+            continue  # a checkpoint being written when the driver died
+        out.append((uri, metrics))
+    return out
+
+
 def collect_results(grid, spec: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One row per trial and one per reported epoch, from a Tune ResultGrid."""
+    """One row per trial and one per epoch.
+
+    Epochs come from the ``history.json`` each trial carries in its latest checkpoint, not from
+    Tune's result files: a trial that finished just before the driver was killed is restored,
+    re-reports its last epoch and rewrites Tune's files, but its checkpoints keep every epoch.
+    """
     trial_rows, epoch_frames = [], []
     names = [p.name for p in spec.space]
     # ResultGrid keeps its results in the order of the analysis' Trial objects, which carry ids.
     for trial, result in zip(grid._experiment_analysis.trials, grid):
         config = result.config or {}
         trial_id = str(trial.trial_id)
-        df = result.metrics_dataframe
-        if df is None or df.empty or "epoch" not in df:
-            df = pd.DataFrame(columns=EPOCH_COLUMNS)
-        df = df.copy()
+        ckpts = run_checkpoints(join(spec.experiment_dir, f"train-{trial_id}"))
+        history: list[dict[str, Any]] = []
+        if ckpts:
+            latest_uri, _ = max(ckpts, key=lambda c: c[1]["epoch"])
+            history = json.loads(read_bytes(join(latest_uri, "history.json")))
+        df = pd.DataFrame(history)
         df["trial_id"] = trial_id
-        df = df.drop_duplicates("epoch", keep="last").sort_values("epoch")
         keep = ["trial_id"] + [
             c for c in df.columns
             if c != "trial_id" and (c in EPOCH_COLUMNS or c.startswith("val_kappa_"))
@@ -340,17 +364,19 @@ def collect_results(grid, spec: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame
         full = spec.trial_config({k: config[k] for k in names if k in config}).to_dict()
         row: dict[str, Any] = {"trial_id": trial_id}
         row["error"] = str(result.error).strip().splitlines()[-1][:500] if result.error else None
-        if len(df):
-            best = df.loc[df["val_loss"].astype(float).idxmin()]
-            last = df.iloc[-1]
+        if ckpts:
+            best_uri, best = min(ckpts, key=lambda c: c[1]["val_loss"])
+            last = history[-1]
+            wall = (result.metrics or {}).get("time_total_s")
+            if wall is None:
+                wall = sum(h["epoch_time_s"] + h["val_time_s"] for h in history)
             row.update(
                 epochs=int(last["epoch"]),
                 best_val_loss=float(best["val_loss"]),
                 best_epoch=int(best["epoch"]),
                 val_study_kappa=float(best["val_study_kappa"]),
-                best_checkpoint=to_uri(str(best["checkpoint_path"]), spec.storage)
-                if isinstance(best.get("checkpoint_path"), str) else None,
-                wall_time_s=float(result.metrics.get("time_total_s", float("nan"))),
+                best_checkpoint=best_uri,
+                wall_time_s=float(wall),
             )
             stopped_early = bool(last.get("early_stopped", False))
         else:
@@ -376,10 +402,6 @@ def collect_results(grid, spec: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame
     cols = TRIAL_COLUMNS + [c for c in trials.columns if c not in TRIAL_COLUMNS]
     trials = trials[cols].sort_values("best_val_loss", na_position="last").reset_index(drop=True)
     epochs = pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame()
-    if "checkpoint_path" in epochs:
-        epochs["checkpoint_path"] = [
-            to_uri(p, spec.storage) if isinstance(p, str) else None for p in epochs["checkpoint_path"]
-        ]
     return trials, epochs
 
 

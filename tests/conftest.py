@@ -34,3 +34,48 @@ def ray_session(tmp_path_factory):
              runtime_env={"env_vars": {"RAYSEARCH_LOCAL_CACHE": str(tmp / "local_cache")}})
     yield ray
     ray.shutdown()
+
+
+SMALL_SPACE = """
+name: small
+data: {{root: {root}, val_fraction: 0.2, seed: 0}}
+resources: {{workers_per_trial: 1, max_concurrent: 2, max_failures: 0}}
+search:
+  algorithm: tpe
+  seed: 0
+  num_samples: 5
+  points_to_evaluate:
+    - {{lr: 0.003}}
+    - {{lr: 0.03}}
+    - {{lr: 0.001}}
+scheduler: {{kind: asha, max_epochs: 3, grace_period: 1, reduction_factor: 2}}
+storage: {storage}
+trial: {{weights: none, batch_size: 16, augment: light, image_size: 32, arch: mobilenet_v3_small}}
+space:
+  lr: {{choice: [0.001, 0.003, 0.01, 0.03]}}
+  dropout: {{uniform: [0.0, 0.3]}}
+  # Fault injection: every trial with lr 0.03 raises at epoch 2; the search must go on.
+  fail_at_epoch: {{constant: 2, when: {{lr: [0.03]}}}}
+"""
+
+
+@pytest.fixture(scope="session")
+def small_space(tmp_path_factory, tiny_root) -> str:
+    """A search-space file for a small real search on the tiny demo data."""
+    d = tmp_path_factory.mktemp("small_space")
+    path = d / "small.yaml"
+    path.write_text(SMALL_SPACE.format(root=tiny_root, storage=d / "reports"))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_experiment(small_space, ray_session) -> str:
+    """A finished real search (5 trials x <= 3 epochs, 32 px, one injected failure)."""
+    from rich.console import Console
+    import io
+
+    from raysearch.config import load_search_space
+    from raysearch.tune import run_search
+
+    spec = load_search_space(small_space)
+    return run_search(spec, console=Console(file=io.StringIO(), width=120))

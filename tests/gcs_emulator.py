@@ -123,7 +123,9 @@ def run_emulator(*, bucket: str = BUCKET) -> Iterator[GcsEmulator]:
 
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    with tempfile.NamedTemporaryFile("w", prefix="gcs-emulator-", suffix=".log", delete=False) as log:
+    with tempfile.NamedTemporaryFile(
+        "w", prefix="gcs-emulator-", suffix=".log", delete=False
+    ) as log:
         log_path = log.name
     args = [
         sys.executable,
@@ -135,7 +137,9 @@ def run_emulator(*, bucket: str = BUCKET) -> Iterator[GcsEmulator]:
         f"--default-bucket={bucket}",
     ]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
     try:
         _wait_until_up(proc, endpoint, log_path)
         fs = gcsfs.GCSFileSystem(endpoint_url=endpoint, token="anon", skip_instance_cache=True)
@@ -160,7 +164,9 @@ def gcs_emulator() -> Iterator[GcsEmulator]:
         mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
         mp.setenv("STORAGE_EMULATOR_HOST", emulator.endpoint)
         mp.setenv("FSSPEC_GCS_TOKEN", "anon")  # for subprocesses; fsspec reads it on import
-        mp.setitem(fsspec.config.conf, "gcs", {**fsspec.config.conf.get("gcs", {}), "token": "anon"})
+        mp.setitem(
+            fsspec.config.conf, "gcs", {**fsspec.config.conf.get("gcs", {}), "token": "anon"}
+        )
         # fsspec caches filesystem instances: drop any made before the emulator existed.
         gcsfs.GCSFileSystem.clear_instance_cache()
         yield emulator
@@ -204,11 +210,11 @@ def _add_move_route() -> None:
         delete(storage, p["bucket_name"], p["object_id"])
         response.json(dest)
 
-    route = (
+    pattern = (
         r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)"
-        r"/moveTo/o/(?P<dest_object_id>.*[^/]+)$",
-        {"POST": move},
+        r"/moveTo/o/(?P<dest_object_id>.*[^/]+)$"
     )
+    route = (pattern, {"POST": move})
     # The router walks this tuple on every request; the generic object route would otherwise
     # swallow ".../moveTo/..." and answer 501.
     server.HANDLERS = (route, *server.HANDLERS)

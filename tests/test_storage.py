@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -195,7 +197,7 @@ def test_failed_dataframe_conversion_writes_nothing(root):
     df = pd.DataFrame({"study_id": ["s1", "s2"], "prob": [object(), object()]})
     target = storage.join(root, "bad.parquet")
 
-    with pytest.raises(Exception):
+    with pytest.raises((TypeError, ValueError)):  # pyarrow: ArrowInvalid / ArrowTypeError
         storage.atomic_write_parquet(df, target)
 
     assert all_files(root) == []
@@ -243,3 +245,12 @@ def test_gs_urls_go_to_the_emulator(gcs_emulator):  # noqa: F811
     storage.atomic_write_text(url, "here")
 
     assert gcs_emulator.fs.cat(f"{gcs_emulator.bucket}/routing/x.txt") == b"here"
+
+
+def test_subprocesses_reach_the_emulator_too(gcs_emulator):  # noqa: F811
+    """Processes started during the session (e.g. Ray workers) inherit the routing via env."""
+    url = gcs_emulator.url("routing", "from-child.txt")
+    code = f"from raysearch import storage; storage.atomic_write_text({url!r}, 'child')"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+    assert storage.read_bytes(url) == b"child"

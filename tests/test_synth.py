@@ -82,7 +82,8 @@ def test_tiny_counts_and_disjoint_patients(tiny):
     images = list(tiny.rglob("*.png"))
     assert 100 <= len(images) <= 220
     patients = {
-        split: {p.name for p in (tiny / split).glob("XR_*/patient*")} for split in ("train", "valid")
+        split: {p.name for p in (tiny / split).glob("XR_*/patient*")}
+        for split in ("train", "valid")
     }
     spec = DEMO_SIZES["tiny"]
     assert len(patients["train"]) == spec.train_patients

@@ -1,0 +1,162 @@
+"""Tune: a real small search, resume after SIGKILL, fault injection, resource planning."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from raysearch.config import ResourcesConfig, load_search_space
+from raysearch.errors import ConfigError
+from raysearch.tune import DefineByRun, image_sizes, plan_resources
+
+
+def test_plan_resources_never_oversubscribes():
+    plan = plan_resources(ResourcesConfig(), {"CPU": 2.0})
+    assert plan.max_concurrent == 2 and plan.gpus_per_worker == 0
+    # Two drivers at 0.01 CPU plus two workers must fit in 2 CPUs.
+    assert plan.max_concurrent * (0.01 + plan.cpus_per_worker) <= 2.0
+    plan = plan_resources(ResourcesConfig(workers_per_trial=2), {"CPU": 2.0})
+    assert plan.max_concurrent == 1 and 0.01 + 2 * plan.cpus_per_worker <= 2.0
+    plan = plan_resources(ResourcesConfig(), {"CPU": 32.0, "GPU": 4.0})
+    assert (plan.max_concurrent, plan.gpus_per_worker) == (4, 1.0)
+    plan = plan_resources(ResourcesConfig(workers_per_trial=2), {"CPU": 32.0, "GPU": 4.0})
+    assert plan.max_concurrent == 2
+    with pytest.raises(ConfigError, match="need .* CPUs but the cluster has 2"):
+        plan_resources(ResourcesConfig(max_concurrent=3, cpus_per_worker=1), {"CPU": 2.0})
+
+
+class FakeTrial:
+    """Stands in for optuna.Trial's suggest API with fixed answers."""
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.asked = []
+
+    def suggest_categorical(self, name, choices):
+        self.asked.append(name)
+        assert self.answers[name] in choices
+        return self.answers[name]
+
+    def suggest_float(self, name, low, high, log=False, step=None):
+        self.asked.append(name)
+        return self.answers.get(name, low)
+
+    def suggest_int(self, name, low, high, step=1):
+        self.asked.append(name)
+        return self.answers.get(name, low)
+
+
+def test_define_by_run_honours_conditions(small_space):
+    spec = load_search_space(small_space)
+    sample = DefineByRun(spec.space)
+    t = FakeTrial({"lr": 0.03})
+    assert sample(t) == {"fail_at_epoch": 2}
+    t = FakeTrial({"lr": 0.001})
+    assert sample(t) == {} and t.asked == ["lr", "dropout"]
+
+
+def test_image_sizes_for_the_driver_to_cache():
+    spec = load_search_space("search_spaces/demo.yaml")
+    assert image_sizes(spec) == [48, 64, 96]
+
+
+@pytest.mark.slow
+def test_small_search_writes_results(small_experiment):
+    trials = pd.read_parquet(os.path.join(small_experiment, "trials.parquet"))
+    epochs = pd.read_parquet(os.path.join(small_experiment, "epochs.parquet"))
+    assert len(trials) == 5 and trials["trial_id"].is_unique
+    for col in ("trial_id", "status", "epochs", "best_val_loss", "best_epoch", "val_study_kappa",
+                "best_checkpoint", "wall_time_s", "arch", "lr", "dropout", "image_size"):
+        assert col in trials.columns, col
+    for col in ("trial_id", "epoch", "train_loss", "val_loss", "val_study_kappa", "val_auc"):
+        assert col in epochs.columns, col
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    # The injected failure is a failed trial; the others ran.
+    failed = trials[trials["status"] == "failed"]
+    assert set(failed["lr"]) == {0.03} and len(failed) >= 1
+    assert failed["error"].str.contains("injected failure").all()
+    ok = trials[trials["status"] != "failed"]
+    assert len(ok) >= 3
+    assert ok["best_checkpoint"].map(lambda p: os.path.isdir(p)).all()
+    # ASHA stopped at least one trial before max_epochs.
+    assert (trials["status"] == "pruned").any(), trials[["trial_id", "status", "epochs"]]
+    counts = epochs.groupby("trial_id").size()
+    assert (counts.reindex(trials["trial_id"]).fillna(0).to_numpy() == trials["epochs"]).all()
+    for name in ("search_space.yaml", "experiment.json", "manifest.parquet"):
+        assert os.path.exists(os.path.join(small_experiment, name))
+
+
+def test_refuses_to_overwrite_a_different_experiment(small_experiment, small_space, tmp_path):
+    from raysearch.tune import run_search
+
+    spec = load_search_space(small_space, num_samples=7)
+    with pytest.raises(ConfigError, match="already exists .* with a different search space"):
+        run_search(spec)
+
+
+RESUME_SPACE = """
+name: resume
+data: {{root: {root}, val_fraction: 0.2, seed: 0}}
+resources: {{workers_per_trial: 1, max_concurrent: 1, max_failures: 0}}
+search: {{algorithm: tpe, seed: 0, num_samples: 3}}
+scheduler: {{kind: fifo, max_epochs: 2, grace_period: 1}}
+storage: {storage}
+trial: {{weights: none, batch_size: 16, image_size: 32, arch: mobilenet_v3_small, augment: none}}
+space:
+  lr: {{loguniform: [0.001, 0.01]}}
+"""
+
+
+def _finished_runs(exp: str) -> list[str]:
+    """Train runs whose latest checkpoint holds the final epoch."""
+    import json
+
+    done = []
+    for run in sorted(os.listdir(exp)) if os.path.isdir(exp) else []:
+        if not run.startswith("train-"):
+            continue
+        for ckpt in os.listdir(os.path.join(exp, run)):
+            m = os.path.join(exp, run, ckpt, "metrics.json")
+            if os.path.exists(m) and json.load(open(m))["epoch"] == 2:
+                done.append(run)
+                break
+    return done
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tmp_path, tiny_root):
+    space = tmp_path / "resume.yaml"
+    space.write_text(RESUME_SPACE.format(root=tiny_root, storage=tmp_path / "reports"))
+    exp = str(tmp_path / "reports" / "resume")
+    cmd = [sys.executable, "-m", "raysearch.cli", "tune", str(space)]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and len(_finished_runs(exp)) < 1:
+            time.sleep(1)
+        assert _finished_runs(exp), "the first trial never finished"
+        time.sleep(2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = time.time()
+    first = _finished_runs(exp)[0].removeprefix("train-")
+    assert not os.path.exists(os.path.join(exp, "trials.parquet"))
+
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    trials = pd.read_parquet(os.path.join(exp, "trials.parquet"))
+    epochs = pd.read_parquet(os.path.join(exp, "epochs.parquet"))
+    assert len(trials) == 3 and (trials["status"] == "completed").all(), trials
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    # The trial that had finished before the kill was kept, not re-run.
+    assert (epochs.loc[epochs.trial_id == first, "reported_at"] < killed_at).all()
