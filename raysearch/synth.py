@@ -285,29 +285,29 @@ def _draw_finding(draw, kind: str, rod, pt, scale, rng, *, side: int, tissue: in
     if kind in ("fracture", "hairline"):
         tilt = rng.uniform(-0.5, 0.5)
         dx, dy = nx + tilt * ux, ny + tilt * uy
-        half = max(0.75 * width, 0.06 * unit) if kind == "fracture" else 0.75 * width
+        half = max(0.75 * width, 0.1 * unit) if kind == "fracture" else 0.75 * width
         line = [pt(mx - half * dx, my - half * dy), pt(mx + half * dx, my + half * dy)]
-        gap = max(0.3 * width, 0.035 * unit) * scale
+        gap = max(0.3 * width, 0.06 * unit) * scale
         draw.line(line, fill=tissue, width=max(2, int(gap)) if kind == "fracture" else 1)
         if kind == "fracture":  # a displaced fragment: a bright step beside the gap
             sx, sy = 0.6 * half * nx, 0.6 * half * ny
             draw.line([pt(mx + sx, my + sy), pt(mx + sx + 0.25 * ux, my + sy + 0.25 * uy)],
                       fill=cortex, width=max(2, int(0.5 * gap)))  # fmt: skip
     elif kind == "hardware":
-        thick = max(0.3 * width, 0.035 * unit)
+        thick = max(0.3 * width, 0.06 * unit)
         off = (0.5 * width + 0.5 * thick) * (1 if rng.random() < 0.5 else -1)
-        span = max(rng.uniform(0.2, 0.3) * length, 0.12 * unit)
+        span = max(rng.uniform(0.2, 0.3) * length, 0.2 * unit)
         a = pt(mx + off * nx - span * ux, my + off * ny - span * uy)
         b = pt(mx + off * nx + span * ux, my + off * ny + span * uy)
         draw.line([a, b], fill=255, width=max(2, int(thick * scale)))  # plate
-        reach = max(0.7 * width, 0.05 * unit)
+        reach = max(0.7 * width, 0.08 * unit)
         for k in np.linspace(-0.8, 0.8, int(rng.integers(3, 6))):
             sx, sy = mx + k * span * ux, my + k * span * uy
             draw.line([pt(sx - reach * nx, sy - reach * ny), pt(sx + reach * nx, sy + reach * ny)],
                       fill=255, width=max(2, int(0.5 * thick * scale)))  # fmt: skip
     else:  # lesion: a lytic (dark) blob with a sclerotic rim, large or small
         if kind == "lesion":
-            r = max(rng.uniform(0.35, 0.5) * width, rng.uniform(0.05, 0.07) * unit) * scale
+            r = max(rng.uniform(0.35, 0.5) * width, rng.uniform(0.08, 0.11) * unit) * scale
         else:
             r = rng.uniform(0.1, 0.15) * width * scale
         px, py = pt(mx, my)

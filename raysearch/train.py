@@ -172,6 +172,7 @@ def _gather(probs: np.ndarray, world_size: int) -> list[np.ndarray]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The loop each Ray Train worker runs. ``config``: trial, manifest, cache_dir."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -314,6 +315,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_images_per_s=n_seen * world / max(train_time, 1e-9),
             early_stopped=stop,
             reported_at=time.time(),
+            node_id=ray.get_runtime_context().get_node_id(),
         )
 
         # --- checkpoint (rank 0 writes, every rank reports)

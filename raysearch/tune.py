@@ -313,7 +313,7 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, r
 EPOCH_COLUMNS = [
     "trial_id", "epoch", "train_loss", "val_loss", "best_val_loss", "val_auc",
     "val_study_accuracy", "val_study_kappa", "lr", "epoch_time_s", "val_time_s",
-    "train_images_per_s", "checkpoint_write_s", "reported_at",
+    "train_images_per_s", "checkpoint_write_s", "reported_at", "node_id",
 ]
 
 
