@@ -50,7 +50,6 @@ def cmd_data(args) -> int:
     if unlisted:
         _console().print(f"[yellow]{unlisted} PNG file(s) on disk are not listed in the CSVs[/]")
     if args.out:
-        manifest.attrs = {}
         atomic_write_parquet(manifest, args.out)
         out.print(f"manifest: {len(manifest)} images -> {args.out}")
     return 0

@@ -102,8 +102,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
 
 
 def atomic_write_parquet(df: Any, path: str | os.PathLike) -> str:
-    """Write a pandas DataFrame as Parquet, atomically."""
+    """Write a pandas DataFrame as Parquet, atomically.
+
+    ``DataFrame.attrs`` (e.g. the reader's list of skipped images) is run-time information, not
+    part of any file schema, and pandas cannot always serialise it: it is left out.
+    """
     buf = io.BytesIO()
+    if df.attrs:
+        df = df.copy(deep=False)
+        df.attrs = {}
     df.to_parquet(buf, index=False)
     return atomic_write_bytes(path, buf.getvalue())
 

@@ -66,7 +66,6 @@ def prepare_data(
     skipped = manifest.attrs.get("skipped")
     if console is not None and skipped is not None and len(skipped):
         console.print(f"[yellow]left out {len(skipped)} bad images (--skip-bad)[/]")
-    manifest.attrs = {}
     uri = join(experiment_dir, "manifest.parquet")
     atomic_write_parquet(manifest, uri)
     for size in sorted(set(image_sizes)):

@@ -101,11 +101,16 @@ class ResourcePlan:
     torch_threads: int
 
 
-def plan_resources(res: ResourcesConfig, cluster: dict[str, float]) -> ResourcePlan:
+def plan_resources(
+    res: ResourcesConfig, cluster: dict[str, float], *, node_cpus: list[float] | None = None
+) -> ResourcePlan:
     """Per-trial resources and concurrency that cannot deadlock.
 
     Every running trial needs its driver (DRIVER_CPU) *and* its whole worker placement group; if
     ``max_concurrent`` drivers start but their workers do not fit, every trial waits forever.
+    ``node_cpus`` (the CPUs of each alive node) lets a derived per-worker share also fit node by
+    node: Ray packs the tiny drivers onto one node, and a worker sized to the cluster-wide share
+    may then fit on no node at all, so trials that could run side by side run one after another.
     """
     total_cpu = float(cluster.get("CPU", 0))
     total_gpu = float(cluster.get("GPU", 0))
@@ -126,6 +131,8 @@ def plan_resources(res: ResourcesConfig, cluster: dict[str, float]) -> ResourceP
     if per_worker is None:
         # Share the machine evenly, leaving room for the k drivers.
         per_worker = math.floor((total_cpu - DRIVER_CPU * k) / (k * w) * 100) / 100
+        if node_cpus:
+            per_worker = _fit_nodes(per_worker, node_cpus, drivers=k, workers=k * w)
     need = k * (DRIVER_CPU + w * per_worker)
     if per_worker <= 0 or need > total_cpu + 1e-9:
         raise ConfigError(
@@ -134,6 +141,17 @@ def plan_resources(res: ResourcesConfig, cluster: dict[str, float]) -> ResourceP
             "workers_per_trial or cpus_per_worker"
         )
     return ResourcePlan(w, 0.0, per_worker, k, max(1, round(per_worker)))
+
+
+def _fit_nodes(per_worker: float, node_cpus: list[float], *, drivers: int, workers: int) -> float:
+    """The largest share <= ``per_worker`` (in 0.01 steps) that fits ``workers`` workers on the
+    nodes even when all ``drivers`` land on the same node (room for them is kept on every node)."""
+    def slots(p: float) -> int:
+        return sum(int((c - DRIVER_CPU * drivers) / p + 1e-9) for c in node_cpus if c > 0)
+
+    while per_worker > 0.01 and slots(per_worker) < workers:
+        per_worker = round(per_worker - 0.01, 2)
+    return per_worker
 
 
 # ----------------------------------------------------------------------------- the search
@@ -161,7 +179,8 @@ def run_search(
     init_ray(address=address, verbose=verbose)
     import ray
 
-    plan = plan_resources(spec.resources, ray.cluster_resources())
+    node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    plan = plan_resources(spec.resources, ray.cluster_resources(), node_cpus=node_cpus)
     console.print(
         f"[bold]{spec.name}[/]: {spec.search.num_samples} trials, {plan.max_concurrent} at a time, "
         f"{plan.workers} worker(s) x {plan.cpus_per_worker:g} CPU"
@@ -486,8 +505,24 @@ class SearchProgress(_progress_base()):
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)
         row["status"] = "done" if (row.get("epoch") or 0) >= self.spec.scheduler.max_epochs else "stopped"
+        self._log(row)
         self._refresh()
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._row(trial)["status"] = "failed"
+        row = self._row(trial)
+        row["status"] = "failed"
+        self._log(row)
         self._refresh()
+
+    def _log(self, row: dict[str, Any]) -> None:
+        """Without a terminal (CI, `ray job submit` logs) the live view is not drawn: one line
+        per finished trial instead."""
+        if self.console is None or self.console.is_terminal:
+            return
+        from raysearch.report import fmt
+
+        self.console.print(
+            f"trial {row['trial_id']} {row['status']} after {row.get('epoch') or 0} epochs: "
+            f"best val_loss {fmt(row.get('best_val_loss'))}, val study kappa "
+            f"{fmt(row.get('val_study_kappa'))} ({row.get('arch', '')}, {row.get('image_size', '')} px)"
+        )

@@ -8,12 +8,15 @@ workers inherit that environment too) and never attach to another Ray instance o
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 
 import pandas as pd
 import pytest
@@ -52,10 +55,20 @@ def _cli_env(ray_tmp: str, local_cache: str) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def _ray_tmpdir() -> Iterator[str]:
+    """A fresh, short RAY_TMPDIR (Ray's socket paths must fit in 107 bytes), removed afterwards."""
+    path = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     out = subprocess.run(
         [sys.executable, "-m", "raysearch.cli", *args], env=env, capture_output=True, text=True,
-        timeout=timeout,
+        timeout=timeout, check=False,
     )
     assert out.returncode == 0, f"raysearch {args[0]} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
@@ -79,7 +92,7 @@ def _names(fs, path: str) -> set[str]:
     return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
 
 
-def test_search_and_ensemble_entirely_in_a_bucket(gcs_emulator: GcsEmulator, tmp_path):
+def test_search_and_ensemble_entirely_in_a_bucket(gcs_emulator: GcsEmulator, tmp_path):  # noqa: F811
     from raysearch.synth import make_demo_data
 
     fs = gcs_emulator.fs
@@ -93,12 +106,12 @@ def test_search_and_ensemble_entirely_in_a_bucket(gcs_emulator: GcsEmulator, tmp
     # data.root points at a folder that does not exist: --data-root must override it.
     space.write_text(GCS_SPACE.format(root=tmp_path / "nowhere", cache=cache, weights=weights,
                                       arch=ARCH))
-    ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's socket paths must fit
     local_cache = str(tmp_path / "local_cache")
-    env = _cli_env(ray_tmp, local_cache)
 
     # --- the search, with the dataset, cache, weights and storage in the bucket
-    _run(["tune", str(space), "--data-root", data, "--storage", runs], env, timeout=600)
+    with _ray_tmpdir() as ray_tmp:
+        env = _cli_env(ray_tmp, local_cache)
+        _run(["tune", str(space), "--data-root", data, "--storage", runs], env, timeout=600)
     exp = storage.join(runs, "gcs")
     _, exp_path = storage.get_fs(exp)
     top = _names(fs, exp_path)
@@ -146,7 +159,9 @@ def test_search_and_ensemble_entirely_in_a_bucket(gcs_emulator: GcsEmulator, tmp
         assert ckpt_state.keys() == staged.keys()
 
     # --- the ensemble: reads the experiment from the bucket, writes its reports beside it
-    out = _run(["ensemble", "--experiment", exp, "--top", "2", "--n-boot", "50"], env, timeout=300)
+    with _ray_tmpdir() as ray_tmp:
+        out = _run(["ensemble", "--experiment", exp, "--top", "2", "--n-boot", "50"],
+                   _cli_env(ray_tmp, local_cache), timeout=300)
     assert "ensemble" in out.stdout.lower()
     reports = storage.join(exp, "ensemble")
     written = _names(fs, storage.get_fs(reports)[1])

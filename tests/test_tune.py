@@ -92,6 +92,7 @@ def test_small_search_writes_results(small_experiment):
         assert os.path.exists(os.path.join(small_experiment, name))
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_different_experiment(small_experiment, small_space, tmp_path):
     from raysearch.tune import run_search
 
