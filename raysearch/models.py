@@ -89,11 +89,28 @@ def create_model(
         raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
     # weights=None: torchvision must never download on its own (no timeout, no clear error).
     model = torchvision.models.get_model(arch, weights=None)
+    _standard_batchnorm_momentum(model)
     head = _replace_head(model, arch, dropout=dropout)
     if weights != "none":
         path = _local_weights_path(weights, arch=arch, cache_dir=cache_dir)
         _apply_state_dict(model, _read_state_dict(path, arch=arch), head=head, source=path)
     return model
+
+
+BN_MOMENTUM = 0.1
+
+
+def _standard_batchnorm_momentum(model: nn.Module) -> None:
+    """Give every BatchNorm PyTorch's default momentum (0.1).
+
+    torchvision's MobileNetV3 (and EfficientNet's `norm_layer`s in some versions) use 0.01, tuned
+    for long ImageNet runs. Fine-tuned on a new domain for a few hundred steps, their running
+    statistics would still be ImageNet's (or random) at the first validations, and eval-mode
+    predictions collapse to one class; ASHA would then prune them for the wrong reason.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = BN_MOMENTUM
 
 
 def _check_arch(arch: str) -> None:
