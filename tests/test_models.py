@@ -278,3 +278,10 @@ def test_an_unwritable_cache_or_unknown_protocol_fails_in_one_line(tmp_path):
         create_model("resnet18", weights="memory://x/w.pth", cache_dir=str(blocker))
     with pytest.raises(WeightsError, match="could not download weights nosuchproto://b/w.pth"):
         create_model("resnet18", weights="nosuchproto://b/w.pth", cache_dir=str(tmp_path))
+
+
+def test_batchnorm_momentum_is_standardised():
+    # torchvision's MobileNetV3 ships momentum 0.01; fine-tuning needs stats that follow the data.
+    model = create_model("mobilenet_v3_small", weights="none")
+    momenta = {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert momenta == {0.1}
