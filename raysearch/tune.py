@@ -294,7 +294,7 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, r
         tuner._local_tuner._run_config.callbacks = [progress]
         return tuner
     sampler = (
-        TPESampler(seed=spec.search.seed)
+        TPESampler(seed=spec.search.seed, n_startup_trials=tpe_startup_trials(spec))
         if spec.search.algorithm == "tpe"
         else RandomSampler(seed=spec.search.seed)
     )
@@ -324,6 +324,15 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, r
             verbose=0,
         ),
     )
+
+
+def tpe_startup_trials(spec: SearchSpace) -> int:
+    """Random trials before TPE starts to model the space.
+
+    Optuna's default is 10, which makes any search of 10 trials or fewer (every CPU demo) plain
+    random search. A third of the budget (between 2 and 10) lets TPE act in small searches too.
+    """
+    return max(2, min(10, spec.search.num_samples // 3))
 
 
 # ----------------------------------------------------------------------------- results

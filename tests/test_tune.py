@@ -161,3 +161,11 @@ def test_resume_after_sigkill(tmp_path, tiny_root):
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
     # The trial that had finished before the kill was kept, not re-run.
     assert (epochs.loc[epochs.trial_id == first, "reported_at"] < killed_at).all()
+
+
+def test_tpe_starts_modelling_within_small_budgets():
+    from raysearch.tune import tpe_startup_trials
+
+    spec = load_search_space("search_spaces/demo.yaml")
+    assert tpe_startup_trials(spec) == 2  # 8 trials: TPE, not random search, from the third
+    assert tpe_startup_trials(load_search_space("search_spaces/mura.yaml")) == 10
