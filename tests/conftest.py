@@ -43,12 +43,14 @@ resources: {{workers_per_trial: 1, max_concurrent: 2, max_failures: 0}}
 search:
   algorithm: tpe
   seed: 0
-  num_samples: 5
+  num_samples: 6
   points_to_evaluate:
     - {{lr: 0.003}}
     - {{lr: 0.03}}
     - {{lr: 0.001}}
-scheduler: {{kind: asha, max_epochs: 3, grace_period: 1, reduction_factor: 2}}
+# reduction_factor 4: a trial goes on past epoch 1 only when it is in the best quarter so far,
+# so ASHA is all but certain to stop one of the six.
+scheduler: {{kind: asha, max_epochs: 3, grace_period: 1, reduction_factor: 4}}
 storage: {storage}
 trial: {{weights: none, batch_size: 16, augment: light, image_size: 32, arch: mobilenet_v3_small}}
 space:
@@ -70,7 +72,7 @@ def small_space(tmp_path_factory, tiny_root) -> str:
 
 @pytest.fixture(scope="session")
 def small_experiment(small_space, ray_session) -> str:
-    """A finished real search (5 trials x <= 3 epochs, 32 px, one injected failure)."""
+    """A finished real search (6 trials x <= 3 epochs, 32 px, one injected failure)."""
     from rich.console import Console
     import io
 

@@ -70,7 +70,7 @@ def test_image_sizes_for_the_driver_to_cache():
 def test_small_search_writes_results(small_experiment):
     trials = pd.read_parquet(os.path.join(small_experiment, "trials.parquet"))
     epochs = pd.read_parquet(os.path.join(small_experiment, "epochs.parquet"))
-    assert len(trials) == 5 and trials["trial_id"].is_unique
+    assert len(trials) == 6 and trials["trial_id"].is_unique
     for col in ("trial_id", "status", "epochs", "best_val_loss", "best_epoch", "val_study_kappa",
                 "best_checkpoint", "wall_time_s", "arch", "lr", "dropout", "image_size"):
         assert col in trials.columns, col
