@@ -56,8 +56,8 @@ trial: {{weights: none, batch_size: 16, augment: light, image_size: 32, arch: mo
 space:
   lr: {{choice: [0.001, 0.003, 0.01, 0.03]}}
   dropout: {{uniform: [0.0, 0.3]}}
-  # Fault injection: every trial with lr 0.03 raises at epoch 2; the search must go on.
-  fail_at_epoch: {{constant: 2, when: {{lr: [0.03]}}}}
+  # Fault injection: every trial with lr 0.03 raises in its first epoch; the search must go on.
+  fail_at_epoch: {{constant: 1, when: {{lr: [0.03]}}}}
 """
 
 

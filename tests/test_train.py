@@ -38,7 +38,8 @@ def write_config(path, root, storage, **trial) -> str:
 
 def checkpoints(run_dir: str) -> list[str]:
     return sorted(
-        os.path.join(run_dir, d) for d in os.listdir(run_dir) if d.startswith("checkpoint_")
+        os.path.join(run_dir, d) for d in os.listdir(run_dir)
+        if d.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, d))
     )
 
 
