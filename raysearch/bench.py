@@ -266,7 +266,7 @@ def bench_train(
         for _ in range(n_steps):
             step()
         pure = n_steps * batch_size / (time.perf_counter() - t0)
-        del model, opt
+
 
         # 2. The trial itself, under Ray Train, with the same thread count.
         from raysearch.train import init_ray
@@ -361,7 +361,7 @@ def bench_search(
             in_loop = epochs.groupby("trial_id")[["epoch_time_s", "val_time_s"]].sum().sum(axis=1)
             overhead = (trials.set_index("trial_id")["wall_time_s"] - in_loop).dropna()
             runs[label] = {
-                "epochs": int(len(epochs)),
+                "epochs": len(epochs),
                 "best_val_loss": float(epochs["val_loss"].min()),
                 "wall_s": wall,
                 "overhead_per_trial_s": float(overhead.mean()) if len(overhead) else float("nan"),

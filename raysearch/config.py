@@ -533,14 +533,14 @@ def _norm_path(value: str) -> str:
 
 
 __all__ = [
-    "TrialConfig",
     "DataConfig",
-    "ResourcesConfig",
-    "SearchConfig",
-    "SchedulerConfig",
-    "SearchSpace",
     "Param",
-    "load_trial_config",
+    "ResourcesConfig",
+    "SchedulerConfig",
+    "SearchConfig",
+    "SearchSpace",
+    "TrialConfig",
     "load_search_space",
+    "load_trial_config",
     "parse_search_space",
 ]

@@ -17,13 +17,13 @@ import fsspec
 from fsspec.core import url_to_fs
 
 __all__ = [
-    "is_url",
-    "get_fs",
-    "join",
-    "exists",
     "atomic_write_bytes",
-    "atomic_write_text",
     "atomic_write_parquet",
+    "atomic_write_text",
+    "exists",
+    "get_fs",
+    "is_url",
+    "join",
     "read_bytes",
     "read_parquet",
 ]

@@ -9,9 +9,7 @@ plus their worker placement groups always fit the cluster, and writes ``trials.p
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -447,7 +445,13 @@ class SearchProgress(_progress_base()):
     budget and a table of trials (id, status, epoch, val_loss, best, kappa, key config values)."""
 
     def __init__(self, spec: SearchSpace, *, console) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.spec = spec
         self.console = console

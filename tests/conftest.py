@@ -73,8 +73,9 @@ def small_space(tmp_path_factory, tiny_root) -> str:
 @pytest.fixture(scope="session")
 def small_experiment(small_space, ray_session) -> str:
     """A finished real search (6 trials x <= 3 epochs, 32 px, one injected failure)."""
-    from rich.console import Console
     import io
+
+    from rich.console import Console
 
     from raysearch.config import load_search_space
     from raysearch.tune import run_search

@@ -91,7 +91,8 @@ def test_two_epochs_lower_the_loss_and_checkpoint_predictions(tmp_path, tiny_roo
     val = manifest[manifest.split == "val"]
     assert sorted(preds["image_path"]) == sorted(val["image_path"])
     assert preds["prob"].between(0, 1).all()
-    trial = TrialConfig.from_dict(json.load(open(os.path.join(latest, "trial.json"))))
+    with open(os.path.join(latest, "trial.json")) as f:
+        trial = TrialConfig.from_dict(json.load(f))
     assert trial.arch == "resnet18" and trial.image_size == 32
     state = torch.load(os.path.join(latest, "model.pt"), weights_only=True)
     assert any(k.endswith("fc.1.weight") for k in state)
