@@ -83,7 +83,8 @@ def bench_data(
     them with one torch thread and the median is reported. Building the cache is a one-off and is
     timed separately. Returns the figures as a dict.
     """
-    from raysearch.cache import BatchLoader, build_cache
+    from raysearch.cache import build_cache
+    from raysearch.loader import BatchLoader
 
     if n_images < 1 or batch_size < 1 or image_size < 1:
         raise ConfigError(

@@ -1,4 +1,6 @@
-"""Cache (data stage): decode every image once into a compact uint8 store, then serve batches.
+"""Cache (data stage): decode every image once into a compact uint8 store.
+
+Training batches are served from the store by :class:`raysearch.loader.BatchLoader`.
 
 Decoding and resizing PNGs on the fly starves accelerators, and under Ray Tune every trial would
 redo it for its own copy (ray-project/ray#28171). Instead each image is decoded once per
@@ -29,9 +31,7 @@ import json
 import math
 import multiprocessing
 import os
-import queue
 import shutil
-import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -49,7 +49,6 @@ from raysearch.storage import atomic_write_bytes, exists, get_fs, is_url, join, 
 
 __all__ = [
     "PREPROCESS_VERSION",
-    "BatchLoader",
     "ImageCache",
     "build_cache",
     "cache_key",
@@ -481,137 +480,3 @@ def _download(remote: str, *, key: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-class _Failed:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-_END = object()
-
-
-class BatchLoader:
-    """Training batches from a store: ``(images uint8 [B,1,S,S], labels float32 [B], rows int64 [B])``.
-
-    The order is a function of ``(seed, epoch)`` only (call :meth:`set_epoch`). Each rank takes an
-    equal share, padded by wrapping around like ``DistributedSampler``, so DDP ranks run the same
-    number of steps. A background thread gathers the next ``prefetch`` batches from the memmap
-    (rows read in sorted order, then put back in sampled order).
-    """
-
-    def __init__(
-        self,
-        cache: ImageCache,
-        rows: np.ndarray,
-        labels: np.ndarray,
-        *,
-        batch_size: int,
-        shuffle: bool,
-        seed: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        prefetch: int = 2,
-        pin_memory: bool = False,
-    ) -> None:
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        labels = np.asarray(labels, dtype=np.float32).reshape(-1)
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(
-                f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}"
-            )
-        if len(rows) != len(labels):
-            raise DataError(f"rows and labels differ in length: {len(rows)} vs {len(labels)}")
-        if len(rows) and (rows.min() < 0 or rows.max() >= len(cache)):
-            raise DataError(
-                f"rows must lie in [0, {len(cache)}) for {cache!r}, got {rows.min()}..{rows.max()}"
-            )
-        self.cache, self.rows, self.labels = cache, rows, labels
-        self.batch_size, self.shuffle, self.seed, self.drop_last = (
-            batch_size,
-            shuffle,
-            seed,
-            drop_last,
-        )
-        self.rank, self.world_size = rank, world_size
-        self.prefetch, self.pin_memory = max(0, prefetch), pin_memory
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _per_rank(self) -> int:
-        return math.ceil(len(self.rows) / self.world_size)
-
-    def __len__(self) -> int:
-        per = self._per_rank()
-        return per // self.batch_size if self.drop_last else math.ceil(per / self.batch_size)
-
-    def positions(self) -> np.ndarray:
-        """Positions into ``rows`` that this rank visits this epoch, in order."""
-        n = len(self.rows)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
-        else:
-            order = np.arange(n)
-        total = self._per_rank() * self.world_size
-        order = np.resize(order, total)  # wraps around, as DistributedSampler pads
-        return order[self.rank : total : self.world_size]
-
-    def _batch(self, pos: np.ndarray):
-        import torch  # imported here so decode workers never pay for it
-
-        rows = self.rows[pos]
-        order = np.argsort(rows, kind="stable")
-        images = np.empty((len(rows), 1, self.cache.image_size, self.cache.image_size), np.uint8)
-        images[order, 0] = self.cache.images[rows[order]]
-        out = torch.from_numpy(images), torch.from_numpy(self.labels[pos]), torch.from_numpy(rows)
-        if self.pin_memory and torch.cuda.is_available():
-            out = tuple(t.pin_memory() for t in out)
-        return out
-
-    def __iter__(self):
-        pos = self.positions()
-        bounds = range(0, len(self) * self.batch_size, self.batch_size)
-        batches = [pos[i : i + self.batch_size] for i in bounds]
-        if self.prefetch == 0:
-            for b in batches:
-                yield self._batch(b)
-            return
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            try:
-                for b in batches:
-                    if not put(self._batch(b)):
-                        return
-                put(_END)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-                put(_Failed(e))
-
-        thread = threading.Thread(target=produce, name="raysearch-prefetch", daemon=True)
-        thread.start()
-        try:
-            while (item := q.get()) is not _END:
-                if isinstance(item, _Failed):
-                    raise item.error
-                yield item
-        finally:
-            stop.set()
-            thread.join()

@@ -112,7 +112,7 @@ def _lr_lambda(cfg: TrialConfig, steps_per_epoch: int):
 @torch.no_grad()
 def predict_rows(model, augment, cache, rows: np.ndarray, *, batch_size: int, device, hflip=False):
     """Image probabilities for ``rows`` of the cache, in order (eval mode, no augmentation)."""
-    from raysearch.cache import BatchLoader
+    from raysearch.loader import BatchLoader
 
     out = np.empty(len(rows), dtype=np.float32)
     if len(rows) == 0:
@@ -176,7 +176,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from raysearch.augment import DeviceAugment
-    from raysearch.cache import BatchLoader, build_cache
+    from raysearch.cache import build_cache
+    from raysearch.loader import BatchLoader
     from raysearch.models import create_model
     from raysearch.weighting import example_weights
 

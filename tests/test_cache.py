@@ -15,7 +15,6 @@ from PIL import Image
 
 from raysearch import cache as cache_mod
 from raysearch.cache import (
-    BatchLoader,
     ImageCache,
     build_cache,
     cache_key,
@@ -23,6 +22,7 @@ from raysearch.cache import (
     preprocess_image,
 )
 from raysearch.errors import DataError
+from raysearch.loader import BatchLoader
 from raysearch.storage import exists, get_fs, join
 
 S = 16
