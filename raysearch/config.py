@@ -84,6 +84,9 @@ class TrialConfig:
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         self.augment_params()  # validates the preset and overrides
+        if self.weights not in ("none", "imagenet") and not is_url(self.weights):
+            # Trials run in another working directory: a relative weights path must be absolute.
+            object.__setattr__(self, "weights", os.path.abspath(os.path.expanduser(self.weights)))
 
     def augment_params(self):
         from raysearch.augment import resolve_augment

@@ -97,6 +97,18 @@ def create_model(
     return model
 
 
+def check_weights(pairs: set[tuple[str, str]]) -> None:
+    """Build every (arch, weights) pair once on the driver, before Ray starts.
+
+    A missing file, a file that is not a state dict, a shape mismatch or ImageNet weights that
+    cannot be fetched offline then fail at the edge with one clear line, instead of inside every
+    trial's workers; a download also lands in this node's cache for the workers here.
+    """
+    for arch, weights in sorted(pairs):
+        if weights != "none":
+            create_model(arch, weights=weights)
+
+
 BN_MOMENTUM = 0.1
 
 

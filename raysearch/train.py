@@ -500,6 +500,9 @@ def run_single(
         fs, path = get_fs(exp_dir)
         if fs.exists(path):
             fs.rm(path, recursive=True)
+    from raysearch.models import check_weights
+
+    check_weights({(cfg.arch, cfg.weights)})
     manifest = prepare_data(
         root=data.root, val_fraction=data.val_fraction, seed=data.seed, skip_bad=data.skip_bad,
         experiment_dir=exp_dir, cache_dir=cache_dir, image_sizes=[cfg.image_size], console=console,

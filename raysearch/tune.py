@@ -87,6 +87,18 @@ def image_sizes(spec: SearchSpace) -> list[int]:
     return sorted(sizes)
 
 
+def weight_sources(spec: SearchSpace) -> set[tuple[str, str]]:
+    """Every (arch, weights) pair a trial of ``spec`` may ask for."""
+
+    def values(name: str, default: str) -> set[str]:
+        for p in spec.space:
+            if p.name == name and p.kind in ("choice", "constant"):
+                return {str(v) for v in p.values}
+        return {str(spec.trial.get(name, default))}
+
+    return {(a, w) for a in values("arch", "densenet169") for w in values("weights", "imagenet")}
+
+
 # ----------------------------------------------------------------------------- resources
 
 
@@ -171,6 +183,9 @@ def run_search(
     exp_dir = spec.experiment_dir
     spec_yaml = yaml.safe_dump(spec.to_dict(), sort_keys=False)
     restoring = _check_existing(spec, exp_dir, spec_yaml, resume=resume, overwrite=overwrite)
+    from raysearch.models import check_weights
+
+    check_weights(weight_sources(spec))
 
     from raysearch.train import init_ray
 

@@ -172,3 +172,30 @@ def test_tpe_starts_modelling_within_small_budgets():
     spec = load_search_space("search_spaces/demo.yaml")
     assert tpe_startup_trials(spec) == 2  # 8 trials: TPE, not random search, from the third
     assert tpe_startup_trials(load_search_space("search_spaces/mura.yaml")) == 10
+
+
+def test_missing_weights_fail_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """`raysearch tune` with ImageNet weights offline: one clear line, exit 2, no Ray."""
+    from urllib.error import URLError
+
+    import torch
+
+    from raysearch import models
+    from raysearch.cli import main
+    from raysearch.tune import weight_sources
+
+    assert ("densenet169", "imagenet") in weight_sources(load_search_space("search_spaces/mura.yaml"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def no_network(url, path):
+        raise URLError("network is unreachable (test)")
+
+    monkeypatch.setattr(models, "_download_url", no_network)
+    space = tmp_path / "s.yaml"
+    space.write_text(
+        f"name: w\ndata: {{root: {tmp_path}}}\nstorage: {tmp_path / 'r'}\n"
+        "trial: {weights: imagenet}\nspace: {arch: {choice: [resnet18]}}\n"
+    )
+    assert main(["tune", str(space)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "resnet18" in err and "weights fetch" in err
