@@ -373,7 +373,6 @@ def init_ray(*, address: str | None = None, verbose: bool = False) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
     kwargs: dict[str, Any] = {
         "logging_level": logging.INFO if verbose else logging.ERROR,
         "log_to_driver": verbose,
