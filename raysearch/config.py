@@ -50,6 +50,9 @@ class TrialConfig:
     warmup_epochs: int = 1
     max_epochs: int = 30
     early_stop_patience: int = 5
+    # Training images (un-augmented) that re-estimate BatchNorm statistics before each
+    # validation ("precise BN", see models.recompute_bn_stats); 0 keeps the running averages.
+    precise_bn_images: int = 512
     class_weighting: str = "mura"
     fp_bias: float = 0.0
     augment: str = "mura"
@@ -83,6 +86,8 @@ class TrialConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.precise_bn_images < 0:
+            raise ConfigError(f"precise_bn_images must be >= 0, got {self.precise_bn_images!r}")
         self.augment_params()  # validates the preset and overrides
         if self.weights not in ("none", "imagenet") and not is_url(self.weights):
             # Trials run in another working directory: a relative weights path must be absolute.

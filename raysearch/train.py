@@ -178,7 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raysearch.augment import DeviceAugment
     from raysearch.cache import build_cache
     from raysearch.loader import BatchLoader
-    from raysearch.models import create_model
+    from raysearch.models import create_model, recompute_bn_stats
     from raysearch.weighting import example_weights
 
     cfg = TrialConfig.from_dict(config["trial"])
@@ -292,6 +292,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         # --- validate on this rank's shard, then gather every rank's probabilities
         t1 = time.perf_counter()
+        if cfg.precise_bn_images:
+            with autocast:
+                recompute_bn_stats(raw_model, _bn_batches(
+                    cache, train.rows, augment, n_images=cfg.precise_bn_images,
+                    batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch, rank=rank, world=world,
+                    device=device,
+                ))
         shard_probs = predict_rows(
             model, augment, cache, val.rows[val_shard], batch_size=max(cfg.batch_size, 64),
             device=device,
@@ -332,6 +339,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=ckpt)
         if stop:
             break
+
+
+def _bn_batches(cache, rows, augment, *, n_images, batch_size, seed, epoch, rank, world, device):
+    """A fresh seeded sample of ``n_images`` training images each epoch, un-augmented (as the
+    model sees images at validation), this rank's share of it, batch by batch."""
+    from raysearch.loader import BatchLoader
+
+    rng = np.random.default_rng([seed, epoch, 1])
+    pick = rng.choice(len(rows), size=min(n_images, len(rows)), replace=False)  # mixed batches
+    loader = BatchLoader(
+        cache, rows[pick], np.zeros(len(pick), np.float32), batch_size=batch_size, shuffle=False,
+        drop_last=len(pick) // world >= batch_size, rank=rank, world_size=world,
+        pin_memory=device.type == "cuda",
+    )
+    for images, _, _ in loader:
+        if len(images) > 1:  # BatchNorm in train mode needs two values per channel
+            yield augment.eval_batch(images.to(device, non_blocking=True))
 
 
 def _write_checkpoint(d, model, optimizer, scheduler, augment, cfg, val_frame, probs, *, epoch,

@@ -30,6 +30,10 @@ from raysearch.storage import (
 )
 
 DRIVER_CPU = 0.01  # the per-trial Tune function only waits on its TorchTrainer
+# What the search minimises, for Optuna and ASHA alike: the lowest val_loss a trial has reached
+# so far. A trial is worth its best checkpoint (that is what `ensemble` loads), so Optuna should
+# learn from its best epoch, not its last, and ASHA should not cut a trial for one noisy epoch.
+OBJECTIVE = "best_val_loss"
 TRIAL_COLUMNS = [
     "trial_id", "status", "epochs", "best_val_loss", "best_epoch", "val_study_kappa",
     "best_checkpoint", "wall_time_s", "error",
@@ -190,7 +194,11 @@ def run_search(
     from raysearch.train import init_ray
 
     init_ray(address=address, verbose=verbose)
+    import optuna
     import ray
+
+    if not verbose:  # Optuna logs every study it creates at INFO
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
     plan = plan_resources(spec.resources, ray.cluster_resources(), node_cpus=node_cpus)
@@ -312,7 +320,7 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, r
         else RandomSampler(seed=spec.search.seed)
     )
     searcher = OptunaSearch(
-        space=DefineByRun(spec.space), metric="val_loss", mode="min", sampler=sampler,
+        space=DefineByRun(spec.space), metric=OBJECTIVE, mode="min", sampler=sampler,
         points_to_evaluate=[dict(p) for p in spec.search.points_to_evaluate] or None,
     )
     if spec.scheduler.kind == "asha":
@@ -326,7 +334,7 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, r
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric="val_loss", mode="min", search_alg=searcher, scheduler=scheduler,
+            metric=OBJECTIVE, mode="min", search_alg=searcher, scheduler=scheduler,
             num_samples=spec.search.num_samples, max_concurrent_trials=plan.max_concurrent,
         ),
         run_config=tune.RunConfig(

@@ -285,3 +285,73 @@ def test_batchnorm_momentum_is_standardised():
     model = create_model("mobilenet_v3_small", weights="none")
     momenta = {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert momenta == {0.1}
+
+
+# ----------------------------------------------------------------------------- precise BN
+
+
+def _bn_net() -> nn.Sequential:
+    # Dropout *before* a BatchNorm: if dropout ran during re-estimation, the statistics would
+    # be those of randomly zeroed inputs.
+    return nn.Sequential(nn.Dropout(0.5), nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(),
+                         nn.Linear(4, 1))
+
+
+def test_precise_bn_statistics_are_the_average_over_the_batches():
+    from raysearch.models import recompute_bn_stats
+
+    torch.manual_seed(0)
+    net = _bn_net()
+    bn = net[2]
+    bn.running_mean.fill_(50.0)  # stale statistics, far from the data's
+    bn.running_var.fill_(9.0)
+    net.train()
+    batches = [torch.randn(16, 3) * 3 + 1 for _ in range(5)]
+    assert recompute_bn_stats(net, batches) == 5
+    with torch.no_grad():
+        feats = [net[1](b) for b in batches]  # what the BatchNorm sees, no dropout
+    expected_mean = torch.stack([f.mean(0) for f in feats]).mean(0)
+    expected_var = torch.stack([f.var(0, unbiased=True) for f in feats]).mean(0)
+    torch.testing.assert_close(bn.running_mean, expected_mean)
+    torch.testing.assert_close(bn.running_var, expected_var)
+    # Modes and momentum are as they were.
+    assert net.training and all(m.training for m in net.modules())
+    assert bn.momentum == models.BN_MOMENTUM
+    net.eval()
+    recompute_bn_stats(net, batches)
+    assert not any(m.training for m in net.modules())
+
+
+def test_precise_bn_fixes_eval_predictions_after_a_big_step():
+    """Stale running statistics make eval-mode outputs far from train-mode ones; after
+    re-estimation on the same data they agree."""
+    from raysearch.models import recompute_bn_stats
+
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    with torch.no_grad():
+        net[0].weight.mul_(20).add_(5)  # the "weights moved fast" case: stats now lag far behind
+    x = torch.randn(256, 3)
+    net.train()
+    with torch.no_grad():
+        train_mode = net(x)
+    net.eval()
+    with torch.no_grad():
+        stale = net(x)
+    recompute_bn_stats(net, [x[:128], x[128:]])
+    with torch.no_grad():
+        precise = net(x)
+    assert (stale - train_mode).abs().mean() > 10 * (precise - train_mode).abs().mean()
+
+
+def test_precise_bn_leaves_models_without_batchnorm_or_batches_alone():
+    from raysearch.models import recompute_bn_stats
+
+    no_bn = nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2))
+    bn = _bn_net()
+    bn[2].running_mean.fill_(3.0)
+    for net, batches in ((no_bn, [torch.randn(4, 3)]), (bn, [])):
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        assert recompute_bn_stats(net, batches) == 0
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(v, before[k])
