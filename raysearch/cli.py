@@ -122,7 +122,12 @@ def cmd_bench(args) -> int:
         bench.bench_train(root=args.root, arch=args.arch, image_size=args.image_size or 64,
                           batch_size=args.batch_size, console=console)
     else:
-        bench.bench_search(root=args.root, num_samples=args.num_samples, console=console)
+        sched = {k: v for k, v in (("max_epochs", args.max_epochs),
+                                   ("grace_period", args.grace_period),
+                                   ("reduction_factor", args.reduction_factor)) if v is not None}
+        bench.bench_search(root=args.root, space=args.space,
+                           num_samples=args.num_samples or bench.BENCH_TRIALS,
+                           seeds=tuple(args.seeds), console=console, **sched)
     return 0
 
 
@@ -201,7 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-images", type=int, default=512)
     s.add_argument("--arch", default="resnet18")
     s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--num-samples", type=int, default=8)
+    s.add_argument("--num-samples", type=int, help="search: trials per search (default 24)")
+    s.add_argument("--max-epochs", type=int, help="search: epochs per trial (default 27)")
+    s.add_argument("--grace-period", type=int, help="search: ASHA's first rung (default 3)")
+    s.add_argument("--reduction-factor", type=float, help="search: ASHA's rate (default 3)")
+    s.add_argument("--space", help="search: the search-space file (default: the demo's)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="search: one pair of searches per seed (default: 0)")
     s.set_defaults(func=cmd_bench)
     return p
 
