@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from raysearch.errors import ConfigError, DataError
+from raysearch.storage import join
 
 __all__ = ["bench_data"]
 
@@ -342,6 +343,7 @@ def bench_search(
     grace_period: int = BENCH_SCHEDULER["grace_period"],
     reduction_factor: float = BENCH_SCHEDULER["reduction_factor"],
     seeds: tuple[int, ...] = (0,),
+    storage: str | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """ASHA + TPE against FIFO + random search on the demo data: same space, trial count, epoch
@@ -351,7 +353,9 @@ def bench_search(
     figure of merit is the number of epochs ASHA + TPE consumed (all trials, in the order they
     were reported) until some trial's val_loss was at least as low as the best val_loss FIFO +
     random reached with all of its epochs, as a fraction of FIFO's epochs. ``points_to_evaluate``
-    is dropped: random search does not get the hand-picked start either.
+    is dropped: random search does not get the hand-picked start either. ``storage`` keeps the
+    experiments (``<storage>/fifo-random-seed<S>``, ``asha-tpe-seed<S>``); by default they go to a
+    temporary folder.
     """
     import dataclasses
 
@@ -361,13 +365,13 @@ def bench_search(
     space = space or DEMO_SPACE
     data_root, tmp = _demo_root(root, console)
     work = tempfile.TemporaryDirectory(prefix="raysearch-bench-search-")
+    out = storage or work.name
     rows: list[dict[str, Any]] = []
     try:
-        base = load_search_space(space, data_root=data_root, storage=work.name,
-                                 num_samples=num_samples)
+        base = load_search_space(space, data_root=data_root, storage=out, num_samples=num_samples)
         base = dataclasses.replace(
             base,
-            data=dataclasses.replace(base.data, cache_dir=os.path.join(work.name, "cache")),
+            data=dataclasses.replace(base.data, cache_dir=join(out, "cache")),
             search=dataclasses.replace(base.search, points_to_evaluate=()),
             scheduler=dataclasses.replace(  # validates the bounds, as the file would
                 base.scheduler, max_epochs=max_epochs, grace_period=grace_period,
@@ -384,7 +388,8 @@ def bench_search(
                     search=dataclasses.replace(base.search, algorithm=algorithm, seed=seed),
                     scheduler=dataclasses.replace(base.scheduler, kind=kind),
                 )
-                runs[label] = _measure_search(spec, console=console)
+                runs[label] = _measure_search(spec, overwrite=storage is not None,
+                                              console=console)
             fifo, asha = runs["fifo+random"], runs["asha+tpe"]
             needed = _epochs_to_reach(asha.pop("epoch_frame"), fifo["best_val_loss"])
             fifo.pop("epoch_frame")
@@ -408,16 +413,16 @@ def bench_search(
     return result
 
 
-def _measure_search(spec, *, console) -> dict[str, Any]:
+def _measure_search(spec, *, overwrite: bool, console) -> dict[str, Any]:
     """Run one search; its epochs, best val_loss, wall time and Tune/Train overhead per trial."""
     from raysearch.storage import read_parquet
     from raysearch.tune import run_search
 
     t0 = time.perf_counter()
-    exp = run_search(spec, console=console)
+    exp = run_search(spec, overwrite=overwrite, console=console)
     wall = time.perf_counter() - t0
-    trials = read_parquet(os.path.join(exp, "trials.parquet"))
-    epochs = read_parquet(os.path.join(exp, "epochs.parquet"))
+    trials = read_parquet(join(exp, "trials.parquet"))
+    epochs = read_parquet(join(exp, "epochs.parquet"))
     # Overhead: what a trial's wall time holds beyond its training and validation loops
     # (worker-group start, model build, checkpoint upload, Tune bookkeeping).
     in_loop = epochs.groupby("trial_id")[["epoch_time_s", "val_time_s"]].sum().sum(axis=1)

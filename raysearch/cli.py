@@ -127,7 +127,8 @@ def cmd_bench(args) -> int:
                                    ("reduction_factor", args.reduction_factor)) if v is not None}
         bench.bench_search(root=args.root, space=args.space,
                            num_samples=args.num_samples or bench.BENCH_TRIALS,
-                           seeds=tuple(args.seeds), console=console, **sched)
+                           seeds=tuple(args.seeds), storage=args.storage, console=console,
+                           **sched)
     return 0
 
 
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--space", help="search: the search-space file (default: the demo's)")
     s.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="search: one pair of searches per seed (default: 0)")
+    s.add_argument("--storage", help="search: keep the experiments here (default: a temp folder)")
     s.set_defaults(func=cmd_bench)
     return p
 

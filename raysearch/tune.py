@@ -296,11 +296,11 @@ def _restore_path_args(exp_dir: str) -> dict[str, Any]:
 
 
 def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, restoring: bool):
-    from optuna.samplers import RandomSampler, TPESampler
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from raysearch.sampler import make_sampler
     from raysearch.train import tune_trial_driver
 
     trainable = tune.with_resources(
@@ -314,11 +314,7 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, r
         # Callbacks are not saved with the experiment; put the live view back.
         tuner._local_tuner._run_config.callbacks = [progress]
         return tuner
-    sampler = (
-        TPESampler(seed=spec.search.seed, n_startup_trials=tpe_startup_trials(spec))
-        if spec.search.algorithm == "tpe"
-        else RandomSampler(seed=spec.search.seed)
-    )
+    sampler = make_sampler(spec)
     searcher = OptunaSearch(
         space=DefineByRun(spec.space), metric=OBJECTIVE, mode="min", sampler=sampler,
         points_to_evaluate=[dict(p) for p in spec.search.points_to_evaluate] or None,
@@ -345,15 +341,6 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, r
             verbose=0,
         ),
     )
-
-
-def tpe_startup_trials(spec: SearchSpace) -> int:
-    """Random trials before TPE starts to model the space.
-
-    Optuna's default is 10, which makes any search of 10 trials or fewer (every CPU demo) plain
-    random search. A third of the budget (between 2 and 10) lets TPE act in small searches too.
-    """
-    return max(2, min(10, spec.search.num_samples // 3))
 
 
 # ----------------------------------------------------------------------------- results

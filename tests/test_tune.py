@@ -166,14 +166,6 @@ def test_resume_after_sigkill(tmp_path, tiny_root):
     assert (epochs.loc[epochs.trial_id == first, "reported_at"] < killed_at).all()
 
 
-def test_tpe_starts_modelling_within_small_budgets():
-    from raysearch.tune import tpe_startup_trials
-
-    spec = load_search_space("search_spaces/demo.yaml")
-    assert tpe_startup_trials(spec) == 2  # 8 trials: TPE, not random search, from the third
-    assert tpe_startup_trials(load_search_space("search_spaces/mura.yaml")) == 10
-
-
 def test_missing_weights_fail_before_ray_starts(tmp_path, monkeypatch, capsys):
     """`raysearch tune` with ImageNet weights offline: one clear line, exit 2, no Ray."""
     from urllib.error import URLError
@@ -199,3 +191,4 @@ def test_missing_weights_fail_before_ray_starts(tmp_path, monkeypatch, capsys):
     assert main(["tune", str(space)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "resnet18" in err and "weights fetch" in err
+
