@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from raysearch.errors import ConfigError, DataError
-from raysearch.storage import join
+from raysearch.storage import join, read_parquet
 
 __all__ = ["bench_data"]
 
@@ -415,7 +415,6 @@ def bench_search(
 
 def _measure_search(spec, *, overwrite: bool, console) -> dict[str, Any]:
     """Run one search; its epochs, best val_loss, wall time and Tune/Train overhead per trial."""
-    from raysearch.storage import read_parquet
     from raysearch.tune import run_search
 
     t0 = time.perf_counter()

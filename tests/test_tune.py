@@ -191,4 +191,3 @@ def test_missing_weights_fail_before_ray_starts(tmp_path, monkeypatch, capsys):
     assert main(["tune", str(space)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "resnet18" in err and "weights fetch" in err
-
