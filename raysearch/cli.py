@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--space", help="search: the search-space file (default: the demo's)")
     s.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="search: one pair of searches per seed (default: 0)")
-    s.add_argument("--storage", help="search: keep the experiments here (default: a temp folder)")
+    s.add_argument("--storage", help="search: keep the experiments here and continue them when "
+                   "run again (default: a temp folder)")
     s.set_defaults(func=cmd_bench)
     return p
 

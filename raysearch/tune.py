@@ -247,6 +247,14 @@ def run_search(
     }
     progress = SearchProgress(spec, console=console)
     tuner = _make_tuner(spec, plan, run, progress, restoring=restoring)
+    if restoring and spec.scheduler.kind == "asha":
+        from raysearch.asha import restore_rungs, trial_histories
+
+        # Ray restores the searcher but not ASHA's rungs (ray#30838); rebuild them.
+        histories = trial_histories(exp_dir)
+        n = restore_rungs(tuner._local_tuner._tune_config.scheduler, histories,
+                          metric=OBJECTIVE, mode="min")
+        console.print(f"ASHA rungs rebuilt from the checkpoints of {len(histories)} trial(s): {n} records")
     t0 = time.time()
     with progress:
         grid = tuner.fit()
@@ -297,9 +305,9 @@ def _restore_path_args(exp_dir: str) -> dict[str, Any]:
 
 def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, restoring: bool):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from raysearch.asha import make_scheduler
     from raysearch.sampler import make_sampler
     from raysearch.train import tune_trial_driver
 
@@ -319,18 +327,10 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, r
         space=DefineByRun(spec.space), metric=OBJECTIVE, mode="min", sampler=sampler,
         points_to_evaluate=[dict(p) for p in spec.search.points_to_evaluate] or None,
     )
-    if spec.scheduler.kind == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="epoch", max_t=spec.scheduler.max_epochs,
-            grace_period=spec.scheduler.grace_period,
-            reduction_factor=spec.scheduler.reduction_factor,
-        )
-    else:
-        scheduler = FIFOScheduler()
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=OBJECTIVE, mode="min", search_alg=searcher, scheduler=scheduler,
+            metric=OBJECTIVE, mode="min", search_alg=searcher, scheduler=make_scheduler(spec),
             num_samples=spec.search.num_samples, max_concurrent_trials=plan.max_concurrent,
         ),
         run_config=tune.RunConfig(
@@ -372,6 +372,14 @@ def run_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def latest_history(ckpts: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every epoch a Train run reported: the ``history.json`` of its latest checkpoint."""
+    if not ckpts:
+        return []
+    latest_uri, _ = max(ckpts, key=lambda c: c[1]["epoch"])
+    return json.loads(read_bytes(join(latest_uri, "history.json")))
+
+
 def collect_results(grid, spec: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per trial and one per epoch.
 
@@ -386,10 +394,7 @@ def collect_results(grid, spec: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame
         config = result.config or {}
         trial_id = str(trial.trial_id)
         ckpts = run_checkpoints(join(spec.experiment_dir, f"train-{trial_id}"))
-        history: list[dict[str, Any]] = []
-        if ckpts:
-            latest_uri, _ = max(ckpts, key=lambda c: c[1]["epoch"])
-            history = json.loads(read_bytes(join(latest_uri, "history.json")))
+        history = latest_history(ckpts)
         df = pd.DataFrame(history)
         df["trial_id"] = trial_id
         keep = ["trial_id"] + [

@@ -29,7 +29,8 @@ resources: {{workers_per_trial: 1, max_concurrent: 2, max_failures: 0}}
 search: {{algorithm: tpe, seed: 0, num_samples: 3}}
 scheduler: {{kind: asha, max_epochs: 3, grace_period: 1, reduction_factor: 3}}
 storage: unused
-trial: {{weights: none, batch_size: 16, image_size: 32, arch: mobilenet_v3_small, augment: none}}
+trial: {{weights: none, batch_size: 16, image_size: 32, arch: mobilenet_v3_small, augment: none,
+        early_stop_patience: 1}}
 space:
   lr: {{loguniform: [0.0005, 0.01]}}
 """
@@ -42,11 +43,12 @@ def test_bench_search_runs_both_searches_side_by_side(tmp_path, tiny_root, ray_s
     space = tmp_path / "bench.yaml"
     space.write_text(TINY_SPACE.format(root=tiny_root))
     out = io.StringIO()
-    r = bench_search(root=tiny_root, space=str(space), num_samples=3, max_epochs=3,
-                     grace_period=1, reduction_factor=3, console=Console(file=out, width=200))
+    kwargs = {"root": tiny_root, "space": str(space), "num_samples": 3, "max_epochs": 3,
+              "grace_period": 1, "reduction_factor": 3, "storage": str(tmp_path / "kept")}
+    r = bench_search(**kwargs, console=Console(file=out, width=200))
     (row,) = r["seeds"]
     fifo, asha = row["fifo"], row["asha"]
-    # FIFO trains every trial to the end unless a trial stops itself (patience is 5 > 3 epochs).
+    # FIFO trains every trial to the end: the bench turns the space's patience of 1 off.
     assert fifo["epochs"] == 3 * 3 and fifo["trials_at_max_epochs"] == 3
     assert 3 <= asha["epochs"] <= 9
     if row["epochs_needed"] is None:
@@ -56,3 +58,40 @@ def test_bench_search_runs_both_searches_side_by_side(tmp_path, tiny_root, ray_s
         assert row["fraction"] == pytest.approx(row["epochs_needed"] / fifo["epochs"])
     text = out.getvalue()
     assert "fifo+random" in text and "asha+tpe" in text and "target" in text
+
+    # Run again on the kept experiments: both searches are read back, not trained again.
+    files = [tmp_path / "kept" / name / "epochs.parquet"
+             for name in ("fifo-random-seed0", "asha-tpe-seed0")]
+    before = [pd.read_parquet(f) for f in files]
+    again = bench_search(**kwargs, console=Console(file=io.StringIO(), width=200))
+    (row2,) = again["seeds"]
+    assert row2["epochs_needed"] == row["epochs_needed"]
+    for key in ("fifo", "asha"):
+        assert row2[key]["epochs"] == row[key]["epochs"]
+        assert row2[key]["best_val_loss"] == row[key]["best_val_loss"]
+    for f, old in zip(files, before):
+        pd.testing.assert_series_equal(pd.read_parquet(f)["reported_at"], old["reported_at"])
+
+
+def test_bench_arms_differ_only_in_searcher_and_scheduler(tmp_path, tiny_root):
+    from raysearch.bench import _bench_base, _search_arms
+
+    space = tmp_path / "bench.yaml"
+    space.write_text(TINY_SPACE.format(root=tiny_root).replace(
+        "num_samples: 3}", "num_samples: 3, points_to_evaluate: [{lr: 0.001}]}"))
+    base = _bench_base(str(space), data_root=tiny_root, out=str(tmp_path / "out"),
+                       num_samples=5, max_epochs=9, grace_period=1, reduction_factor=3)
+    arms = _search_arms(base, seed=7)
+    assert list(arms) == ["fifo+random", "asha+tpe"]
+    fifo, asha = arms["fifo+random"], arms["asha+tpe"]
+    assert (fifo.search.algorithm, fifo.scheduler.kind) == ("random", "fifo")
+    assert (asha.search.algorithm, asha.scheduler.kind) == ("tpe", "asha")
+    for spec in (fifo, asha):
+        assert spec.search.seed == 7 and spec.search.num_samples == 5
+        assert spec.search.points_to_evaluate == ()  # random search gets no hand-picked start
+        assert spec.scheduler.max_epochs == 9 and spec.scheduler.grace_period == 1
+        # The file's patience of 1 is off: no trial stops itself before max_epochs.
+        assert spec.trial_config({"lr": 1e-3}).early_stop_patience > 9
+        assert spec.data.cache_dir == str(tmp_path / "out" / "cache")
+    assert fifo.trial == asha.trial and fifo.space == asha.space
+    assert fifo.name == "fifo-random-seed7" and asha.name == "asha-tpe-seed7"

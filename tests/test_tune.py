@@ -160,7 +160,8 @@ def test_resume_after_sigkill(tmp_path, tiny_root):
     assert out.returncode == 0, out.stderr[-2000:]
     trials = pd.read_parquet(os.path.join(exp, "trials.parquet"))
     epochs = pd.read_parquet(os.path.join(exp, "epochs.parquet"))
-    assert len(trials) == 3 and (trials["status"] == "completed").all(), trials
+    assert len(trials) == 3 and (trials["status"] == "completed").all(), (
+        trials[["trial_id", "status", "epochs", "error"]].to_string())
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
     # The trial that had finished before the kill was kept, not re-run.
     assert (epochs.loc[epochs.trial_id == first, "reported_at"] < killed_at).all()
