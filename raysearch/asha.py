@@ -77,10 +77,9 @@ def restore_rungs(scheduler, histories: dict[str, list[dict[str, Any]]], *, metr
     for trial_id, history in histories.items():
         by_time = {int(h[time_attr]): h for h in history if h.get(metric) is not None}
         for milestone, recorded in bracket._rungs:
-            # ASHA records a trial at the first result at or past the milestone; epochs are
-            # reported one by one, so that is the milestone's own epoch.
-            reached = sorted(t for t in by_time if t >= milestone)
-            if reached and trial_id not in recorded:
-                recorded[trial_id] = sign * float(by_time[reached[0]][metric])
+            # ASHA records a trial at its first result at or past the milestone.
+            first = min((t for t in by_time if t >= milestone), default=None)
+            if first is not None and trial_id not in recorded:
+                recorded[trial_id] = sign * float(by_time[first][metric])
                 made += 1
     return made

@@ -355,7 +355,7 @@ def bench_search(
     were reported) until some trial's val_loss was at least as low as the best val_loss FIFO +
     random reached with all of its epochs, as a fraction of FIFO's epochs. ``points_to_evaluate``
     is dropped: random search does not get the hand-picked start either, and trial-level early
-    stopping is off in both searches (see :func:`_search_arms`). ``storage`` keeps the
+    stopping is off in both searches (see :func:`_bench_base`). ``storage`` keeps the
     experiments (``<storage>/fifo-random-seed<S>``, ``asha-tpe-seed<S>``; by default they go to a
     temporary folder), and running the bench again with the same ``storage`` continues them the
     way ``raysearch tune`` resumes: finished searches are read back, not re-run, so a multi-hour
@@ -401,8 +401,14 @@ def bench_search(
 def _bench_base(space: str, *, data_root: str, out: str, num_samples: int, max_epochs: int,
                 grace_period: int, reduction_factor: float):
     """The search space both searches share: the file's, with the bench's rungs, no
-    ``points_to_evaluate``, the decode-once cache under ``out`` and no trial-level early
-    stopping (see :func:`_search_arms`)."""
+    ``points_to_evaluate``, the decode-once cache under ``out`` and no trial-level early stopping.
+
+    Patience is off so that FIFO means "every trial to the end" and the scheduler is the only
+    thing that stops trials. With it (demo space, patience 4 of 27 epochs) every FIFO trial ended
+    before 27 epochs and every trial ASHA promoted past 9 epochs ended at 13, on the noise of
+    single epochs and before its cosine schedule annealed: the comparison measured patience as
+    much as the scheduler.
+    """
     from raysearch.config import load_search_space
 
     base = load_search_space(space, data_root=data_root, storage=out, num_samples=num_samples)
@@ -420,14 +426,8 @@ def _bench_base(space: str, *, data_root: str, out: str, num_samples: int, max_e
 
 
 def _search_arms(base, seed: int) -> dict[str, Any]:
-    """The two searches of one seed; they differ only in searcher and scheduler.
-
-    ``base`` has trial-level early stopping (``early_stop_patience``) turned off: with it, FIFO
-    is no longer "every trial to the end", and each trial's patience cut trials on the noise
-    of single epochs (demo space, patience 4 of 27 epochs: every FIFO trial ended before 27
-    epochs, and every trial ASHA promoted past 9 epochs ended at 13, before its cosine schedule
-    annealed), so the comparison measured patience as much as the scheduler.
-    """
+    """The two searches of one seed (from :func:`_bench_base`); they differ only in searcher and
+    scheduler."""
     return {
         label: dataclasses.replace(
             base,
