@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from raysearch.errors import ConfigError, DataError
+from raysearch.errors import ConfigError, DataError, ExperimentExistsError
 from raysearch.storage import join, read_parquet
 
 __all__ = ["bench_data"]
@@ -445,7 +445,13 @@ def _measure_search(spec, *, console) -> dict[str, Any]:
     from raysearch.tune import run_search
 
     t0 = time.perf_counter()
-    exp = run_search(spec, console=console)  # an existing experiment of this spec resumes
+    try:
+        exp = run_search(spec, console=console)  # an existing experiment of this spec resumes
+    except ExperimentExistsError as e:  # tune's hint names tune's flags, which bench lacks
+        raise ConfigError(
+            f"bench search: {e.experiment_dir} holds a {spec.name!r} search with other settings "
+            "(space, trials, rungs); delete it or pass another --storage"
+        ) from None
     wall = time.perf_counter() - t0
     trials = read_parquet(join(exp, "trials.parquet"))
     epochs = read_parquet(join(exp, "epochs.parquet"))

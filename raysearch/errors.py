@@ -17,6 +17,14 @@ class ConfigError(RaysearchError):
     """A YAML file or option is invalid (unknown key, wrong type, bound out of order)."""
 
 
+class ExperimentExistsError(ConfigError):
+    """An experiment of another search space already lives where this one would be written."""
+
+    def __init__(self, message: str, *, experiment_dir: str):
+        super().__init__(message)
+        self.experiment_dir = experiment_dir
+
+
 class DataError(RaysearchError):
     """The dataset is missing, malformed or inconsistent."""
 

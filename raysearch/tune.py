@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ import pandas as pd
 import yaml
 
 from raysearch.config import Param, ResourcesConfig, SearchSpace
-from raysearch.errors import ConfigError
+from raysearch.errors import ConfigError, ExperimentExistsError
 from raysearch.storage import (
     atomic_write_parquet,
     atomic_write_text,
@@ -199,6 +200,11 @@ def run_search(
 
     if not verbose:  # Optuna logs every study it creates at INFO
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if restoring:
+        # A restored trial counts Tune's training_iteration from 1 again, so OptunaSearch reports
+        # steps Optuna already holds. Only a pruner reads those intermediate values, and the
+        # searcher uses none (ASHA is the scheduler); the final values it learns from are intact.
+        warnings.filterwarnings("ignore", message=r"The reported value is ignored because this `step=")
 
     node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
     plan = plan_resources(spec.resources, ray.cluster_resources(), node_cpus=node_cpus)
@@ -288,9 +294,10 @@ def _check_existing(spec, exp_dir, spec_yaml, *, resume, overwrite) -> bool:
         return False
     saved = join(exp_dir, "search_space.yaml")
     if exists(saved) and read_bytes(saved).decode() != spec_yaml:
-        raise ConfigError(
+        raise ExperimentExistsError(
             f"experiment {spec.name!r} already exists at {exp_dir} with a different search space; "
-            "use --name to start a new one or --overwrite to replace it"
+            "use --name to start a new one or --overwrite to replace it",
+            experiment_dir=exp_dir,
         )
     return True
 

@@ -9,6 +9,7 @@ import pytest
 from rich.console import Console
 
 from raysearch.bench import _epochs_to_reach
+from raysearch.errors import ConfigError
 
 
 def test_epochs_to_reach_counts_every_trial_in_reporting_order():
@@ -95,3 +96,20 @@ def test_bench_arms_differ_only_in_searcher_and_scheduler(tmp_path, tiny_root):
         assert spec.data.cache_dir == str(tmp_path / "out" / "cache")
     assert fifo.trial == asha.trial and fifo.space == asha.space
     assert fifo.name == "fifo-random-seed7" and asha.name == "asha-tpe-seed7"
+
+
+def test_bench_on_a_kept_experiment_of_other_settings_names_storage(tmp_path, tiny_root):
+    from raysearch.bench import _bench_base, _measure_search, _search_arms
+
+    space = tmp_path / "bench.yaml"
+    space.write_text(TINY_SPACE.format(root=tiny_root))
+    out = tmp_path / "out"
+    base = _bench_base(str(space), data_root=tiny_root, out=str(out), num_samples=5,
+                       max_epochs=9, grace_period=1, reduction_factor=3)
+    fifo = _search_arms(base, seed=7)["fifo+random"]
+    kept = out / fifo.name  # a kept experiment of the same name, from a run with other settings
+    kept.mkdir(parents=True)
+    (kept / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    (kept / "search_space.yaml").write_text("name: fifo-random-seed7\n")
+    with pytest.raises(ConfigError, match=r"bench search: .*fifo-random-seed7 holds .* another --storage"):
+        _measure_search(fifo, console=Console(file=io.StringIO()))
