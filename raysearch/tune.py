@@ -200,11 +200,6 @@ def run_search(
 
     if not verbose:  # Optuna logs every study it creates at INFO
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if restoring:
-        # A restored trial counts Tune's training_iteration from 1 again, so OptunaSearch reports
-        # steps Optuna already holds. Only a pruner reads those intermediate values, and the
-        # searcher uses none (ASHA is the scheduler); the final values it learns from are intact.
-        warnings.filterwarnings("ignore", message=r"The reported value is ignored because this `step=")
 
     node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
     plan = plan_resources(spec.resources, ray.cluster_resources(), node_cpus=node_cpus)
@@ -262,7 +257,14 @@ def run_search(
                           metric=OBJECTIVE, mode="min")
         console.print(f"ASHA rungs rebuilt from the checkpoints of {len(histories)} trial(s): {n} records")
     t0 = time.time()
-    with progress:
+    with progress, warnings.catch_warnings():
+        if restoring:
+            # A restored trial counts Tune's training_iteration from 1 again, so OptunaSearch
+            # reports steps Optuna already holds. Only a pruner reads those intermediate values,
+            # and the searcher uses none (ASHA is the scheduler); the final values are intact.
+            warnings.filterwarnings(
+                "ignore", message=r"The reported value is ignored because this `step="
+            )
         grid = tuner.fit()
     trials, epochs = collect_results(grid, spec)
     atomic_write_parquet(epochs, join(exp_dir, "epochs.parquet"))

@@ -74,15 +74,23 @@ def test_bench_search_runs_both_searches_side_by_side(tmp_path, tiny_root, ray_s
         pd.testing.assert_series_equal(pd.read_parquet(f)["reported_at"], old["reported_at"])
 
 
-def test_bench_arms_differ_only_in_searcher_and_scheduler(tmp_path, tiny_root):
-    from raysearch.bench import _bench_base, _search_arms
+def _tiny_base(tmp_path, tiny_root, *, points: str | None = None):
+    """The bench's shared spec from TINY_SPACE (5 trials, rungs 1/3/9, out = tmp_path/out)."""
+    from raysearch.bench import _bench_base
 
+    text = TINY_SPACE.format(root=tiny_root)
+    if points:
+        text = text.replace("num_samples: 3}", f"num_samples: 3, points_to_evaluate: {points}}}")
     space = tmp_path / "bench.yaml"
-    space.write_text(TINY_SPACE.format(root=tiny_root).replace(
-        "num_samples: 3}", "num_samples: 3, points_to_evaluate: [{lr: 0.001}]}"))
-    base = _bench_base(str(space), data_root=tiny_root, out=str(tmp_path / "out"),
+    space.write_text(text)
+    return _bench_base(str(space), data_root=tiny_root, out=str(tmp_path / "out"),
                        num_samples=5, max_epochs=9, grace_period=1, reduction_factor=3)
-    arms = _search_arms(base, seed=7)
+
+
+def test_bench_arms_differ_only_in_searcher_and_scheduler(tmp_path, tiny_root):
+    from raysearch.bench import _search_arms
+
+    arms = _search_arms(_tiny_base(tmp_path, tiny_root, points="[{lr: 0.001}]"), seed=7)
     assert list(arms) == ["fifo+random", "asha+tpe"]
     fifo, asha = arms["fifo+random"], arms["asha+tpe"]
     assert (fifo.search.algorithm, fifo.scheduler.kind) == ("random", "fifo")
@@ -99,14 +107,10 @@ def test_bench_arms_differ_only_in_searcher_and_scheduler(tmp_path, tiny_root):
 
 
 def test_bench_on_a_kept_experiment_of_other_settings_names_storage(tmp_path, tiny_root):
-    from raysearch.bench import _bench_base, _measure_search, _search_arms
+    from raysearch.bench import _measure_search, _search_arms
 
-    space = tmp_path / "bench.yaml"
-    space.write_text(TINY_SPACE.format(root=tiny_root))
     out = tmp_path / "out"
-    base = _bench_base(str(space), data_root=tiny_root, out=str(out), num_samples=5,
-                       max_epochs=9, grace_period=1, reduction_factor=3)
-    fifo = _search_arms(base, seed=7)["fifo+random"]
+    fifo = _search_arms(_tiny_base(tmp_path, tiny_root), seed=7)["fifo+random"]
     kept = out / fifo.name  # a kept experiment of the same name, from a run with other settings
     kept.mkdir(parents=True)
     (kept / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
