@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,14 +256,7 @@ def run_search(
                           metric=OBJECTIVE, mode="min")
         console.print(f"ASHA rungs rebuilt from the checkpoints of {len(histories)} trial(s): {n} records")
     t0 = time.time()
-    with progress, warnings.catch_warnings():
-        if restoring:
-            # A restored trial counts Tune's training_iteration from 1 again, so OptunaSearch
-            # reports steps Optuna already holds. Only a pruner reads those intermediate values,
-            # and the searcher uses none (ASHA is the scheduler); the final values are intact.
-            warnings.filterwarnings(
-                "ignore", message=r"The reported value is ignored because this `step="
-            )
+    with progress:
         grid = tuner.fit()
     trials, epochs = collect_results(grid, spec)
     atomic_write_parquet(epochs, join(exp_dir, "epochs.parquet"))
@@ -314,10 +306,9 @@ def _restore_path_args(exp_dir: str) -> dict[str, Any]:
 
 def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, restoring: bool):
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     from raysearch.asha import make_scheduler
-    from raysearch.sampler import make_sampler
+    from raysearch.sampler import MultiFidelitySearch, make_sampler
     from raysearch.train import tune_trial_driver
 
     trainable = tune.with_resources(
@@ -332,8 +323,9 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, r
         tuner._local_tuner._run_config.callbacks = [progress]
         return tuner
     sampler = make_sampler(spec)
-    searcher = OptunaSearch(
+    searcher = MultiFidelitySearch(
         space=DefineByRun(spec.space), metric=OBJECTIVE, mode="min", sampler=sampler,
+        max_epochs=spec.scheduler.max_epochs,
         points_to_evaluate=[dict(p) for p in spec.search.points_to_evaluate] or None,
     )
     return tune.Tuner(

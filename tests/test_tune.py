@@ -93,6 +93,39 @@ def test_small_search_writes_results(small_experiment):
 
 
 @pytest.mark.slow
+def test_optuna_is_told_what_asha_did(small_experiment):
+    """The searcher state Ray saved: every trial ASHA stopped is PRUNED at the epoch it was
+    stopped on, every finished one COMPLETE, each with one intermediate value per epoch."""
+    import glob
+
+    from optuna.trial import TrialState
+
+    from raysearch.sampler import MultiFidelitySearch
+
+    trials = pd.read_parquet(os.path.join(small_experiment, "trials.parquet"))
+    epochs = pd.read_parquet(os.path.join(small_experiment, "epochs.parquet"))
+    search = MultiFidelitySearch(metric="best_val_loss", mode="min", max_epochs=1)
+    search.restore(max(glob.glob(os.path.join(small_experiment, "searcher-state-*.pkl"))))
+    expected = {"completed": {TrialState.COMPLETE}, "early_stopped": {TrialState.COMPLETE},
+                "pruned": {TrialState.PRUNED}, "failed": {TrialState.FAIL, TrialState.PRUNED}}
+    for row in trials.itertuples():
+        frozen = search._ot_study.trials[search._ot_trials[row.trial_id].number]
+        assert frozen.state in expected[row.status], (row.trial_id, row.status, frozen.state)
+        if frozen.state == TrialState.FAIL:
+            continue
+        reported = epochs.loc[epochs["trial_id"] == row.trial_id].set_index("epoch")
+        reported = {int(e): v for e, v in reported["best_val_loss"].items()}
+        # A stopped trial's worker may finish one more epoch (and checkpoint it) before the stop
+        # reaches it; Tune never processes that result. Otherwise: every epoch, in order.
+        steps = sorted(frozen.intermediate_values)
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 1
+        assert row.epochs - len(steps) in ((0,) if row.status == "completed" else (0, 1))
+        assert frozen.intermediate_values == pytest.approx({e: reported[e] for e in steps})
+        assert frozen.value == pytest.approx(frozen.intermediate_values[steps[-1]])
+    assert (trials["status"] == "pruned").any()
+
+
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_different_experiment(small_experiment, small_space, tmp_path):
     from raysearch.tune import run_search
 
