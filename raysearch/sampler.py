@@ -80,7 +80,7 @@ class MultiFidelitySearch(OptunaSearch):
             # Tune does not pass a result the scheduler stopped the trial on to on_trial_result.
             self._report(trial_id, result)
         value = (result or {}).get(self.metric)
-        finished = value is not None and not error and (
+        finished = value is not None and math.isfinite(float(value)) and not error and (
             int(result.get("epoch", 0)) >= self._max_epochs or bool(result.get("early_stopped"))
         )
         if finished:

@@ -146,7 +146,8 @@ def test_searcher_tells_optuna_what_the_scheduler_did():
     _run(search, "patience", [0.9, 0.9, 0.9, 0.9], stopped_on={"early_stopped": True})
     _run(search, "crashed", [0.8, 0.75], error=True)
     _run(search, "crashed-at-once", [], error=True)
-    full, rung3, patience, crashed, at_once = search._ot_study.trials
+    _run(search, "nan-at-the-end", [0.8] * 8 + [float("nan")])
+    full, rung3, patience, crashed, at_once, nan = search._ot_study.trials
 
     assert full.state == TrialState.COMPLETE and full.value == 0.43
     assert full.intermediate_values[9] == 0.43 and len(full.intermediate_values) == 9
@@ -157,6 +158,7 @@ def test_searcher_tells_optuna_what_the_scheduler_did():
     assert patience.state == TrialState.COMPLETE and patience.value == 0.9
     assert crashed.state == TrialState.PRUNED and crashed.last_step == 2
     assert at_once.state == TrialState.FAIL
+    assert nan.state == TrialState.PRUNED and nan.last_step == 8 and nan.value == 0.8
 
 
 def test_a_resumed_trial_repeating_epochs_is_reported_once(tmp_path):
