@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 from raysearch.config import SearchSpace
+from raysearch.results import latest_history, run_checkpoints
 from raysearch.storage import get_fs, join
 
 __all__ = ["make_scheduler", "restore_rungs", "trial_histories"]
@@ -39,8 +40,6 @@ def make_scheduler(spec: SearchSpace):
 
 def trial_histories(experiment_dir: str) -> dict[str, list[dict[str, Any]]]:
     """Trial id -> the epochs its latest checkpoint records (``train-<id>/checkpoint_*``)."""
-    from raysearch.tune import latest_history, run_checkpoints
-
     fs, path = get_fs(experiment_dir)
     if not fs.exists(path):
         return {}
