@@ -383,6 +383,7 @@ def bench_search(
                 # Not reached counts as worse than any fraction, so the median stays honest.
                 "fraction": needed / fifo["epochs"] if needed is not None else float("inf"),
             })
+            console.print(_seed_line(rows[-1]))  # a seed takes hours on a CPU: say it now
     finally:
         work.cleanup()
         if tmp is not None:
@@ -468,6 +469,18 @@ def _measure_search(spec, *, console) -> dict[str, Any]:
         "overhead_per_trial_s": float(overhead.mean()) if len(overhead) else float("nan"),
         "epoch_frame": epochs,
     }
+
+
+def _seed_line(row: dict[str, Any]) -> str:
+    fifo, asha = row["fifo"], row["asha"]
+    if row["epochs_needed"] is None:
+        reach = (f"did not reach it (best {asha['best_val_loss']:.4f} with all of its "
+                 f"{asha['epochs']} epochs)")
+    else:
+        reach = (f"reached it after {row['epochs_needed']} epochs = {row['fraction']:.2f} of "
+                 f"FIFO's ({asha['epochs']} in all)")
+    return (f"bench search, seed {row['seed']}: FIFO+random best val_loss "
+            f"{fifo['best_val_loss']:.4f} with {fifo['epochs']} epochs; ASHA+TPE {reach}")
 
 
 def _print_search(console: Console, r: dict[str, Any]) -> None:

@@ -59,6 +59,9 @@ def test_bench_search_runs_both_searches_side_by_side(tmp_path, tiny_root, ray_s
         assert row["fraction"] == pytest.approx(row["epochs_needed"] / fifo["epochs"])
     text = out.getvalue()
     assert "fifo+random" in text and "asha+tpe" in text and "target" in text
+    seed_line = next(ln for ln in text.splitlines() if ln.startswith("bench search, seed 0:"))
+    assert f"{fifo['best_val_loss']:.4f} with 9 epochs" in seed_line
+    assert ("did not reach" if row["epochs_needed"] is None else "reached it after") in seed_line
 
     # Run again on the kept experiments: both searches are read back, not trained again.
     files = [tmp_path / "kept" / name / "epochs.parquet"
