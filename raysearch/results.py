@@ -18,15 +18,14 @@ from raysearch.storage import get_fs, join, read_bytes
 __all__ = ["EPOCH_COLUMNS", "TRIAL_COLUMNS", "SearchProgress", "collect_results",
            "latest_history", "run_checkpoints"]
 
-TRIAL_COLUMNS = [
-    "trial_id", "status", "epochs", "best_val_loss", "best_epoch", "val_study_kappa",
-    "best_checkpoint", "wall_time_s", "error",
-]
-
 
 # ----------------------------------------------------------------------------- results
 
 
+TRIAL_COLUMNS = [
+    "trial_id", "status", "epochs", "best_val_loss", "best_epoch", "val_study_kappa",
+    "best_checkpoint", "wall_time_s", "error",
+]
 EPOCH_COLUMNS = [
     "trial_id", "epoch", "train_loss", "val_loss", "best_val_loss", "val_auc",
     "val_study_accuracy", "val_study_kappa", "lr", "epoch_time_s", "val_time_s",

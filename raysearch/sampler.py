@@ -74,7 +74,7 @@ class MultiFidelitySearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in self._completed_trials:
             return super().on_trial_complete(trial_id, result, error)
         if result:
             # Tune does not pass a result the scheduler stopped the trial on to on_trial_result.
