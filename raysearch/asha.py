@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from raysearch.config import SearchSpace
 from raysearch.results import latest_history, run_checkpoints
+from raysearch.space import SearchSpace
 from raysearch.storage import get_fs, join
 
 __all__ = ["make_scheduler", "restore_rungs", "trial_histories"]

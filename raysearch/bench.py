@@ -410,7 +410,7 @@ def _bench_base(space: str, *, data_root: str, out: str, num_samples: int, max_e
     single epochs and before its cosine schedule annealed: the comparison measured patience as
     much as the scheduler.
     """
-    from raysearch.config import load_search_space
+    from raysearch.space import load_search_space
 
     base = load_search_space(space, data_root=data_root, storage=out, num_samples=num_samples)
     return dataclasses.replace(

@@ -78,7 +78,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from raysearch.config import load_search_space
+    from raysearch.space import load_search_space
     from raysearch.tune import run_search
 
     spec = load_search_space(

@@ -1,10 +1,11 @@
-"""Config: YAML -> validated, frozen dataclasses. The one place that knows the file formats.
+"""Config: YAML -> validated, frozen dataclasses, and the checks both file formats share.
 
-Two files are read here:
+Two files are read by raysearch:
 
-* a **trial config** (``raysearch train CONFIG.yaml``): one fixed set of hyperparameters;
-* a **search space** (``raysearch tune SPACE.yaml``): data, resources, search, scheduler, storage,
-  fixed trial settings and the distributions to explore.
+* a **trial config** (``raysearch train CONFIG.yaml``): one fixed set of hyperparameters, read
+  here;
+* a **search space** (``raysearch tune SPACE.yaml``), read in :mod:`raysearch.space` with the
+  same checks and the same :class:`DataConfig` and :class:`ResourcesConfig`.
 
 Validation happens once, at the edge, before Ray starts. Every error names the key path and what
 is allowed. Inside Ray, a trial turns its plain dict back into the same :class:`TrialConfig`.
@@ -70,11 +71,11 @@ class TrialConfig:
     fail_mode: str = "raise"
 
     def __post_init__(self) -> None:
-        _check_choice("arch", self.arch, _architectures())
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_choice("class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
-        _check_choice("fail_mode", self.fail_mode, ("raise", "nan"))
+        check_choice("arch", self.arch, _architectures())
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
+        check_choice("fail_mode", self.fail_mode, ("raise", "nan"))
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.image_size < 16:
@@ -109,7 +110,7 @@ class TrialConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, path: str = "") -> TrialConfig:
-        return _build(cls, data, path=path)
+        return build(cls, data, path=path)
 
 
 @dataclass(frozen=True)
@@ -146,101 +147,6 @@ class ResourcesConfig:
             raise ConfigError(f"resources.max_failures must be >= 0, got {self.max_failures!r}")
 
 
-@dataclass(frozen=True)
-class SearchConfig:
-    algorithm: str = "tpe"
-    seed: int = 0
-    num_samples: int = 8
-    points_to_evaluate: tuple[dict, ...] = ()
-
-    def __post_init__(self) -> None:
-        _check_choice("search.algorithm", self.algorithm, ("tpe", "random"))
-        if self.num_samples < 1:
-            raise ConfigError(f"search.num_samples must be >= 1, got {self.num_samples!r}")
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    kind: str = "asha"
-    max_epochs: int = 30
-    grace_period: int = 3
-    reduction_factor: float = 3.0
-
-    def __post_init__(self) -> None:
-        _check_choice("scheduler.kind", self.kind, ("asha", "fifo"))
-        if self.max_epochs < 1:
-            raise ConfigError(f"scheduler.max_epochs must be >= 1, got {self.max_epochs!r}")
-        if not 1 <= self.grace_period <= self.max_epochs:
-            raise ConfigError(
-                "scheduler: `1 <= grace_period <= max_epochs` must hold, but got "
-                f"grace_period={self.grace_period!r}, max_epochs={self.max_epochs!r}"
-            )
-        if self.reduction_factor <= 1:
-            raise ConfigError(
-                f"scheduler.reduction_factor must be > 1, got {self.reduction_factor!r}"
-            )
-
-
-DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "constant")
-
-
-@dataclass(frozen=True)
-class Param:
-    """One searchable parameter: a distribution, optionally only when other parameters match."""
-
-    name: str
-    kind: str
-    values: tuple = ()  # choice values, or the constant as a 1-tuple
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    when: tuple[tuple[str, tuple], ...] = ()  # (param, allowed values) pairs, all must hold
-
-    def applies(self, sampled: dict[str, Any]) -> bool:
-        return all(sampled.get(k) in allowed for k, allowed in self.when)
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    name: str
-    data: DataConfig
-    resources: ResourcesConfig
-    search: SearchConfig
-    scheduler: SchedulerConfig
-    storage: str
-    trial: dict[str, Any]  # fixed TrialConfig values shared by every trial
-    space: tuple[Param, ...]
-
-    def trial_config(self, sampled: dict[str, Any]) -> TrialConfig:
-        """The full TrialConfig of one trial: fixed values, then sampled ones, then max_epochs."""
-        merged = {**self.trial, **sampled, "max_epochs": self.scheduler.max_epochs}
-        return TrialConfig.from_dict(merged, path="trial")
-
-    @property
-    def experiment_dir(self) -> str:
-        from raysearch.storage import join
-
-        return join(self.storage, self.name)
-
-    @property
-    def cache_dir(self) -> str:
-        from raysearch.storage import join
-
-        return self.data.cache_dir or join(self.storage, "cache")
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "storage": self.storage}
-        out["data"] = dataclasses.asdict(self.data)
-        out["resources"] = dataclasses.asdict(self.resources)
-        search = dataclasses.asdict(self.search)
-        search["points_to_evaluate"] = [dict(p) for p in self.search.points_to_evaluate]
-        out["search"] = search
-        out["scheduler"] = dataclasses.asdict(self.scheduler)
-        out["trial"] = dict(self.trial)
-        out["space"] = {p.name: _param_to_yaml(p) for p in self.space}
-        return out
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -265,191 +171,13 @@ def load_trial_config(path: str) -> tuple[TrialConfig, dict[str, Any]]:
     trial = {k: v for k, v in raw.items() if k not in extra_keys}
     cfg = TrialConfig.from_dict(trial)
     rest = {
-        "name": _typed("name", raw.get("name", "train"), str),
-        "storage": _norm_path(_typed("storage", raw.get("storage", "reports"), str)),
-        "data": _build(DataConfig, raw.get("data") or {}, path="data"),
-        "resources": _build(ResourcesConfig, raw.get("resources") or {}, path="resources"),
+        "name": typed("name", raw.get("name", "train"), str),
+        "storage": norm_path(typed("storage", raw.get("storage", "reports"), str)),
+        "data": build(DataConfig, raw.get("data") or {}, path="data"),
+        "resources": build(ResourcesConfig, raw.get("resources") or {}, path="resources"),
     }
-    rest["data"] = dataclasses.replace(rest["data"], root=_norm_path(rest["data"].root))
+    rest["data"] = dataclasses.replace(rest["data"], root=norm_path(rest["data"].root))
     return cfg, rest
-
-
-def load_search_space(path: str, **overrides: Any) -> SearchSpace:
-    """Read and validate a search-space YAML. ``overrides`` are CLI flags (None = not given)."""
-    raw = load_yaml(path)
-    return parse_search_space(raw, source=path, **overrides)
-
-
-TOP_KEYS = ("name", "data", "resources", "search", "scheduler", "storage", "trial", "space")
-
-
-def parse_search_space(
-    raw: dict[str, Any],
-    *,
-    source: str = "<spec>",
-    data_root: str | None = None,
-    name: str | None = None,
-    storage: str | None = None,
-    num_samples: int | None = None,
-    max_concurrent: int | None = None,
-) -> SearchSpace:
-    _no_unknown(raw, TOP_KEYS, "")
-    if "space" not in raw:
-        raise ConfigError(f"{source}: missing key `space` (the parameters to search)")
-    data = dict(_mapping(raw.get("data"), "data"))
-    if data_root is not None:
-        data["root"] = data_root
-    data_cfg = _build(DataConfig, data, path="data")
-    data_cfg = dataclasses.replace(
-        data_cfg,
-        root=_norm_path(data_cfg.root),
-        cache_dir=_norm_path(data_cfg.cache_dir) if data_cfg.cache_dir else None,
-    )
-    resources = dict(_mapping(raw.get("resources"), "resources"))
-    if max_concurrent is not None:
-        resources["max_concurrent"] = max_concurrent
-    search = dict(_mapping(raw.get("search"), "search"))
-    if num_samples is not None:
-        search["num_samples"] = num_samples
-    points = search.get("points_to_evaluate", [])
-    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
-        raise ConfigError("search.points_to_evaluate must be a list of mappings")
-    search["points_to_evaluate"] = tuple(points)
-    trial = dict(_mapping(raw.get("trial"), "trial"))
-    trial_keys = {f.name for f in fields(TrialConfig)}
-    _no_unknown(trial, trial_keys, "trial")
-    if "max_epochs" in trial:
-        raise ConfigError("trial.max_epochs is set by scheduler.max_epochs; remove it from `trial`")
-    space = _parse_space(_mapping(raw["space"], "space"), trial_keys)
-    spec = SearchSpace(
-        name=_typed("name", name if name is not None else raw.get("name", "search"), str),
-        data=data_cfg,
-        resources=_build(ResourcesConfig, resources, path="resources"),
-        search=_build(SearchConfig, search, path="search"),
-        scheduler=_build(SchedulerConfig, _mapping(raw.get("scheduler"), "scheduler"), path="scheduler"),
-        storage=_norm_path(_typed("storage", storage or raw.get("storage", "reports"), str)),
-        trial=trial,
-        space=space,
-    )
-    if not spec.name or "/" in spec.name:
-        raise ConfigError(f"name must be a non-empty folder name without '/', got {spec.name!r}")
-    _check_space_consistency(spec)
-    return spec
-
-
-def _parse_space(raw: dict[str, Any], trial_keys: set[str]) -> tuple[Param, ...]:
-    params: list[Param] = []
-    for name, spec in raw.items():
-        path = f"space.{name}"
-        if name not in trial_keys or name == "max_epochs":
-            allowed = ", ".join(sorted(trial_keys - {"max_epochs"}))
-            raise ConfigError(f"unknown key `{path}`; allowed parameters: {allowed}")
-        if not isinstance(spec, dict):
-            params.append(Param(name=name, kind="constant", values=(spec,)))
-            continue
-        when_raw = spec.get("when", {})
-        kinds = [k for k in spec if k != "when"]
-        unknown = [k for k in kinds if k not in DISTRIBUTIONS + ("step",)]
-        if unknown:
-            raise ConfigError(
-                f"unknown key `{path}.{unknown[0]}`; allowed: {', '.join(DISTRIBUTIONS)}, step, when"
-            )
-        dist = [k for k in kinds if k in DISTRIBUTIONS]
-        if len(dist) != 1:
-            raise ConfigError(
-                f"`{path}` needs exactly one distribution ({', '.join(DISTRIBUTIONS)}), got {dist or 'none'}"
-            )
-        kind = dist[0]
-        arg = spec[kind]
-        when = _parse_when(when_raw, f"{path}.when", {p.name for p in params})
-        step = spec.get("step")
-        if step is not None and kind not in ("int", "uniform"):
-            raise ConfigError(f"`{path}.step` is only allowed with int or uniform")
-        if kind == "constant":
-            params.append(Param(name=name, kind=kind, values=(arg,), when=when))
-        elif kind == "choice":
-            if not isinstance(arg, list) or not arg:
-                raise ConfigError(f"`{path}.choice` must be a non-empty list, got {arg!r}")
-            for v in arg:
-                if not isinstance(v, (str, int, float, bool)) and v is not None:
-                    raise ConfigError(f"`{path}.choice` values must be scalars, got {v!r}")
-            params.append(Param(name=name, kind=kind, values=tuple(arg), when=when))
-        else:
-            if not (isinstance(arg, list) and len(arg) == 2):
-                raise ConfigError(f"`{path}.{kind}` must be a list [low, high], got {arg!r}")
-            low, high = arg
-            for bound, v in (("low", low), ("high", high)):
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise ConfigError(f"`{path}.{kind}` {bound} must be a number, got {v!r}")
-            if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
-                raise ConfigError(f"`{path}.int` bounds must be integers, got {arg!r}")
-            if not low < high:
-                raise ConfigError(f"`{path}.{kind}`: `low < high` must hold, but got ({low=}, {high=})")
-            if kind == "loguniform" and low <= 0:
-                raise ConfigError(f"`{path}.loguniform`: low must be > 0, got {low!r}")
-            params.append(
-                Param(name=name, kind=kind, low=low, high=high, step=step, when=when)
-            )
-    if not params:
-        raise ConfigError("`space` is empty: give at least one parameter")
-    return tuple(params)
-
-
-def _parse_when(raw: Any, path: str, known: set[str]) -> tuple[tuple[str, tuple], ...]:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"`{path}` must be a mapping of parameter -> allowed values, got {raw!r}")
-    out = []
-    for k, v in raw.items():
-        if k not in known:
-            raise ConfigError(
-                f"`{path}.{k}` refers to a parameter that is not defined earlier in `space`"
-            )
-        allowed = tuple(v) if isinstance(v, list) else (v,)
-        out.append((k, allowed))
-    return tuple(out)
-
-
-def _check_space_consistency(spec: SearchSpace) -> None:
-    """Every value a trial could get must make a valid TrialConfig; check choices and corners."""
-    base = dict(spec.trial)
-    for p in spec.space:
-        candidates = list(p.values) if p.kind in ("choice", "constant") else [p.low, p.high]
-        if p.kind == "int":
-            candidates = [int(c) for c in candidates]
-        for value in candidates:
-            try:
-                TrialConfig.from_dict(
-                    {**base, p.name: value, "max_epochs": spec.scheduler.max_epochs},
-                    path="trial",
-                )
-            except ConfigError as e:
-                raise ConfigError(f"space.{p.name}: value {value!r} is invalid: {e}") from None
-    for i, point in enumerate(spec.search.points_to_evaluate):
-        names = {p.name for p in spec.space}
-        unknown = sorted(set(point) - names)
-        if unknown:
-            raise ConfigError(
-                f"search.points_to_evaluate[{i}]: unknown parameter `{unknown[0]}`; "
-                f"the space defines: {', '.join(sorted(names))}"
-            )
-        try:
-            spec.trial_config(point)
-        except ConfigError as e:
-            raise ConfigError(f"search.points_to_evaluate[{i}]: {e}") from None
-
-
-def _param_to_yaml(p: Param) -> Any:
-    if p.kind == "constant":
-        out: dict[str, Any] = {"constant": p.values[0]}
-    elif p.kind == "choice":
-        out = {"choice": list(p.values)}
-    else:
-        out = {p.kind: [p.low, p.high]}
-        if p.step is not None:
-            out["step"] = p.step
-    if p.when:
-        out["when"] = {k: list(v) for k, v in p.when}
-    return out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -461,12 +189,12 @@ def _architectures() -> tuple[str, ...]:
     return tuple(ARCHITECTURES)
 
 
-def _check_choice(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
+def check_choice(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: unknown value {value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
-def _mapping(value: Any, path: str) -> dict[str, Any]:
+def mapping(value: Any, path: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -474,14 +202,14 @@ def _mapping(value: Any, path: str) -> dict[str, Any]:
     return value
 
 
-def _no_unknown(raw: dict[str, Any], allowed: Any, path: str) -> None:
+def no_unknown(raw: dict[str, Any], allowed: Any, path: str) -> None:
     for key in raw:
         if key not in allowed:
             where = f"{path}.{key}" if path else key
             raise ConfigError(f"unknown key `{where}`; allowed: {', '.join(sorted(allowed))}")
 
 
-def _typed(path: str, value: Any, typ: type) -> Any:
+def typed(path: str, value: Any, typ: type) -> Any:
     if not isinstance(value, typ):
         raise ConfigError(f"`{path}` must be a {typ.__name__}, got {value!r}")
     return value
@@ -517,11 +245,11 @@ def _coerce(path: str, value: Any, annotation: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict[str, Any], *, path: str):
+def build(cls: type, data: dict[str, Any], *, path: str):
     if not isinstance(data, dict):
         raise ConfigError(f"`{path}` must be a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
-    _no_unknown(data, known, path)
+    no_unknown(data, known, path)
     kwargs = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
@@ -533,22 +261,33 @@ def _build(cls: type, data: dict[str, Any], *, path: str):
         raise ConfigError(msg if not path or msg.startswith(path) else f"{path}.{msg}") from None
 
 
-def _norm_path(value: str) -> str:
+def norm_path(value: str) -> str:
     """Absolute local paths (Ray changes the working directory of trials); URLs stay as given."""
     if is_url(value):
         return value
     return os.path.abspath(os.path.expanduser(value))
 
 
+def __getattr__(name: str):
+    # Search spaces lived here before 2026-11-23; a searcher saved with an experiment then
+    # unpickles its parameters by this module's name.
+    if name == "Param":
+        from raysearch.space import Param
+
+        return Param
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DataConfig",
-    "Param",
     "ResourcesConfig",
-    "SchedulerConfig",
-    "SearchConfig",
-    "SearchSpace",
     "TrialConfig",
-    "load_search_space",
+    "build",
+    "check_choice",
     "load_trial_config",
-    "parse_search_space",
+    "load_yaml",
+    "mapping",
+    "no_unknown",
+    "norm_path",
+    "typed",
 ]

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from raysearch.config import SearchSpace
+from raysearch.space import SearchSpace
 from raysearch.storage import get_fs, join, read_bytes
 
 __all__ = ["EPOCH_COLUMNS", "TRIAL_COLUMNS", "SearchProgress", "collect_results",

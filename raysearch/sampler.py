@@ -33,7 +33,7 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from raysearch.config import SearchSpace
+from raysearch.space import SearchSpace
 
 __all__ = ["MultiFidelitySearch", "MultiFidelityTPESampler", "make_sampler", "tpe_startup_trials"]
 

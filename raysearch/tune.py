@@ -16,9 +16,10 @@ from typing import Any
 
 import yaml
 
-from raysearch.config import Param, ResourcesConfig, SearchSpace
+from raysearch.config import ResourcesConfig
 from raysearch.errors import ConfigError, ExperimentExistsError
 from raysearch.results import SearchProgress, collect_results
+from raysearch.space import Param, SearchSpace
 from raysearch.storage import (
     atomic_write_parquet,
     atomic_write_text,

@@ -77,7 +77,7 @@ def small_experiment(small_space, ray_session) -> str:
 
     from rich.console import Console
 
-    from raysearch.config import load_search_space
+    from raysearch.space import load_search_space
     from raysearch.tune import run_search
 
     spec = load_search_space(small_space)

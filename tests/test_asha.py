@@ -12,7 +12,7 @@ import pytest
 from ray.tune.schedulers import TrialScheduler
 
 from raysearch.asha import make_scheduler, restore_rungs, trial_histories
-from raysearch.config import load_search_space
+from raysearch.space import load_search_space
 
 
 @pytest.fixture

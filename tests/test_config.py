@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import yaml
 
-from raysearch.config import TrialConfig, load_search_space, load_trial_config, parse_search_space
+from raysearch.config import TrialConfig, load_trial_config
 from raysearch.errors import ConfigError
+from raysearch.space import load_search_space, parse_search_space
 
 GOOD = {
     "name": "t",
@@ -147,3 +149,12 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     trial.write_text("arch: resnet18\nweights: none\ndata: {root: x}\nlearning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="unknown key `learning_rate`"):
         load_trial_config(str(trial))
+
+
+def test_search_spaces_saved_under_the_old_module_name_still_load():
+    # Ray pickles the searcher (and its parameters) with an experiment; those saved before the
+    # search space moved to raysearch.space name raysearch.config.Param.
+    space = load_search_space("search_spaces/mura.yaml").space
+    old = pickle.dumps(space, protocol=0).replace(b"raysearch.space\nParam", b"raysearch.config\nParam")
+    assert b"raysearch.config\nParam" in old
+    assert pickle.loads(old) == space

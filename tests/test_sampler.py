@@ -13,13 +13,13 @@ from optuna.distributions import FloatDistribution
 from optuna.samplers import RandomSampler
 from optuna.trial import TrialState, create_trial
 
-from raysearch.config import load_search_space
 from raysearch.sampler import (
     MultiFidelitySearch,
     MultiFidelityTPESampler,
     make_sampler,
     tpe_startup_trials,
 )
+from raysearch.space import load_search_space
 
 X = {"x": FloatDistribution(-1.0, 1.0)}
 

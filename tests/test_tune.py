@@ -11,8 +11,9 @@ import time
 import pandas as pd
 import pytest
 
-from raysearch.config import ResourcesConfig, load_search_space
+from raysearch.config import ResourcesConfig
 from raysearch.errors import ConfigError
+from raysearch.space import load_search_space
 from raysearch.tune import DefineByRun, image_sizes, plan_resources
 
 
