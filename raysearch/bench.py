@@ -227,8 +227,8 @@ def bench_train(
     import torch.nn.functional as F
 
     from raysearch.config import TrialConfig
+    from raysearch.launch import make_trainer, prepare_data
     from raysearch.models import create_model
-    from raysearch.train import make_trainer, prepare_data
 
     console = console or Console()
     threads = threads or (os.cpu_count() or 1)
@@ -272,7 +272,7 @@ def bench_train(
 
 
         # 2. The trial itself, under Ray Train, with the same thread count.
-        from raysearch.train import init_ray
+        from raysearch.launch import init_ray
 
         init_ray()
         trainer = make_trainer(

@@ -68,7 +68,7 @@ def cmd_demo_data(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from raysearch.train import run_single
+    from raysearch.launch import run_single
 
     run_single(
         args.config, data_root=args.data_root, storage=args.storage, name=args.name,

@@ -188,7 +188,7 @@ def run_search(
 
     check_weights(weight_sources(spec))
 
-    from raysearch.train import init_ray
+    from raysearch.launch import init_ray
 
     init_ray(address=address, verbose=verbose)
     import optuna
@@ -209,7 +209,7 @@ def run_search(
     # Data once, on the driver: manifest, split and decode-once caches for every image size.
     manifest_uri = join(exp_dir, "manifest.parquet")
     if not (restoring and exists(manifest_uri)):
-        from raysearch.train import prepare_data
+        from raysearch.launch import prepare_data
 
         prepare_data(
             root=spec.data.root, val_fraction=spec.data.val_fraction, seed=spec.data.seed,
@@ -305,8 +305,8 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, r
     from ray import tune
 
     from raysearch.asha import make_scheduler
+    from raysearch.launch import tune_trial_driver
     from raysearch.sampler import MultiFidelitySearch, make_sampler
-    from raysearch.train import tune_trial_driver
 
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial_driver, run=run), {"cpu": DRIVER_CPU}

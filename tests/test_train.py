@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from raysearch.config import TrialConfig
-from raysearch.train import _lr_lambda, run_single, val_metrics
+from raysearch.launch import run_single
+from raysearch.train import _lr_lambda, val_metrics
 
 
 def write_config(path, root, storage, **trial) -> str:

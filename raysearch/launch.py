@@ -1,0 +1,233 @@
+"""Train stage, the Ray side: the session, the ``TorchTrainer`` of one trial, the Tune driver that
+runs it, and ``raysearch train`` (one trial, no search).
+
+The data are read, split and cached once, on the driver (:func:`prepare_data`), before any trial
+starts; each worker then runs :func:`raysearch.train.train_loop_per_worker` on what is already
+there. A worker group that cannot start fails its trial after ``CONTROLLER_FAILURE_LIMIT``
+attempts instead of waiting for resources forever.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import pandas as pd
+
+from raysearch.config import TrialConfig
+from raysearch.errors import RaysearchError
+from raysearch.storage import atomic_write_parquet, join
+from raysearch.train import train_loop_per_worker
+
+__all__ = ["init_ray", "make_trainer", "prepare_data", "run_single", "tune_trial_driver"]
+
+CONTROLLER_FAILURE_LIMIT = 3  # a worker group that cannot start fails the trial instead of hanging
+
+
+# ----------------------------------------------------------------------------- data preparation
+
+
+def prepare_data(
+    *,
+    root: str,
+    val_fraction: float,
+    seed: int,
+    skip_bad: bool,
+    experiment_dir: str,
+    cache_dir: str,
+    image_sizes: list[int],
+    progress: bool = True,
+    console=None,
+) -> str:
+    """Read and split the dataset, save the manifest, and build the caches. Returns the manifest URI.
+
+    Runs once on the driver so that trials only open what is already there.
+    """
+    from raysearch.cache import build_cache
+    from raysearch.data import read_mura
+
+    manifest = read_mura(root, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad)
+    skipped = manifest.attrs.get("skipped")
+    if console is not None and skipped is not None and len(skipped):
+        console.print(f"[yellow]left out {len(skipped)} bad images (--skip-bad)[/]")
+    uri = join(experiment_dir, "manifest.parquet")
+    atomic_write_parquet(manifest, uri)
+    for size in sorted(set(image_sizes)):
+        build_cache(manifest, image_size=size, cache_dir=cache_dir, progress=progress)
+    return uri
+
+
+# ----------------------------------------------------------------------------- Ray session
+
+
+def init_ray(*, address: str | None = None, verbose: bool = False) -> None:
+    """Connect to a running cluster (``--address`` or RAY_ADDRESS) or start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    kwargs: dict[str, Any] = {
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+        "log_to_driver": verbose,
+        "configure_logging": True,
+    }
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        kwargs["address"] = address
+    # Workers import raysearch from the same interpreter/environment; the package must be
+    # installed on every node (cluster.yaml does this).
+    ray.init(**kwargs)
+    if not verbose:
+        for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# ----------------------------------------------------------------------------- Ray Train plumbing
+
+
+def make_trainer(
+    loop_config: dict[str, Any],
+    *,
+    run_name: str,
+    storage: str,
+    workers: int,
+    gpus_per_worker: float,
+    cpus_per_worker: float,
+    max_failures: int = 0,
+    callbacks: list | None = None,
+):
+    """A TorchTrainer for one trial. Best-by-val_loss and latest checkpoints are kept."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raysearch.storage import ray_storage_args
+
+    resources = {"CPU": cpus_per_worker}
+    if gpus_per_worker:
+        resources["GPU"] = gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=bool(gpus_per_worker), resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            **ray_storage_args(storage),
+            # num_to_keep=1 with a score keeps the best checkpoint; Ray always keeps the latest too.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
+            failure_config=ray.train.FailureConfig(
+                max_failures=max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
+            ),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def tune_trial_driver(config: dict[str, Any], *, run: dict[str, Any]) -> None:
+    """The Tune function trainable of one trial: builds and fits the trial's TorchTrainer.
+
+    ``config`` holds the sampled parameters; ``run`` the constants of the experiment.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    sampled = {k: v for k, v in config.items() if k in run["space_names"]}
+    trial = {**run["trial"], **sampled, "max_epochs": run["max_epochs"]}
+    loop_config = {
+        "trial": TrialConfig.from_dict(trial).to_dict(),
+        "manifest": run["manifest"],
+        "cache_dir": run["cache_dir"],
+        "torch_threads": run["torch_threads"],
+    }
+    trainer = make_trainer(
+        loop_config,
+        run_name=f"train-{trial_id}",
+        storage=run["experiment_dir"],
+        workers=run["workers"],
+        gpus_per_worker=run["gpus_per_worker"],
+        cpus_per_worker=run["cpus_per_worker"],
+        callbacks=[TuneReportCallback()],
+    )
+    trainer.fit()
+
+
+def run_single(
+    config_path: str,
+    *,
+    data_root: str | None = None,
+    storage: str | None = None,
+    name: str | None = None,
+    fresh: bool = False,
+    address: str | None = None,
+    verbose: bool = False,
+    console=None,
+) -> pd.DataFrame:
+    """``raysearch train CONFIG.yaml``: one trial, no search, through the same Ray Train path.
+
+    Running it again on the same name continues from the latest checkpoint (``fresh`` starts over).
+    Returns the reported epochs.
+    """
+    import dataclasses
+
+    from rich.console import Console
+
+    from raysearch.config import load_trial_config
+    from raysearch.report import epochs_table
+    from raysearch.storage import get_fs
+
+    console = console or Console(stderr=True)
+    cfg, rest = load_trial_config(config_path)
+    data = rest["data"]
+    if data_root:
+        data = dataclasses.replace(data, root=os.path.abspath(data_root) if "://" not in data_root else data_root)
+    storage = storage or rest["storage"]
+    name = name or rest["name"]
+    exp_dir = join(storage, name)
+    cache_dir = data.cache_dir or join(storage, "cache")
+    if fresh:
+        fs, path = get_fs(exp_dir)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    from raysearch.models import check_weights
+
+    check_weights({(cfg.arch, cfg.weights)})
+    manifest = prepare_data(
+        root=data.root, val_fraction=data.val_fraction, seed=data.seed, skip_bad=data.skip_bad,
+        experiment_dir=exp_dir, cache_dir=cache_dir, image_sizes=[cfg.image_size], console=console,
+    )
+    init_ray(address=address, verbose=verbose)
+    import ray
+
+    res = rest["resources"]
+    workers = res.workers_per_trial
+    total_cpu = float(ray.cluster_resources().get("CPU", 1))
+    gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (
+        1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+    cpus = res.cpus_per_worker or max(0.01, math.floor(total_cpu / workers * 100) / 100)
+    trainer = make_trainer(
+        {"trial": cfg.to_dict(), "manifest": manifest, "cache_dir": cache_dir,
+         "torch_threads": max(1, round(cpus))},
+        run_name="train", storage=exp_dir, workers=workers, gpus_per_worker=gpus,
+        cpus_per_worker=cpus, max_failures=res.max_failures,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RaysearchError(f"trial {name} reported no checkpoint")
+    with result.checkpoint.as_directory() as d, open(os.path.join(d, "history.json")) as f:
+        epochs = pd.DataFrame(json.load(f))
+    console.print(epochs_table(epochs, title=f"{name}: {cfg.arch} @ {cfg.image_size}px"))
+    best = result.get_best_checkpoint("val_loss", "min")
+    if best is not None:
+        console.print(f"best checkpoint: {best.path}")
+    return epochs
