@@ -15,14 +15,9 @@ from rich.console import Console
 from raysearch import metrics as M
 from raysearch.config import TrialConfig
 from raysearch.data import BODY_PARTS
-from raysearch.ensemble import (
-    METRIC_COLUMNS,
-    find_experiment,
-    greedy_select,
-    run_ensemble,
-    select_top,
-)
+from raysearch.ensemble import METRIC_COLUMNS, find_experiment, run_ensemble
 from raysearch.errors import CheckpointError, ConfigError
+from raysearch.selection import greedy_select, select_top
 from raysearch.storage import atomic_write_bytes, atomic_write_parquet, atomic_write_text, join
 from raysearch.storage import read_parquet as read_pq
 
