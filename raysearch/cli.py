@@ -125,10 +125,10 @@ def cmd_bench(args) -> int:
         sched = {k: v for k, v in (("max_epochs", args.max_epochs),
                                    ("grace_period", args.grace_period),
                                    ("reduction_factor", args.reduction_factor)) if v is not None}
-        bench.bench_search(root=args.root, space=args.space,
-                           num_samples=args.num_samples or bench.BENCH_TRIALS,
-                           seeds=tuple(args.seeds), storage=args.storage, console=console,
-                           **sched)
+        from raysearch.bench_search import BENCH_TRIALS, bench_search
+
+        bench_search(root=args.root, space=args.space, num_samples=args.num_samples or BENCH_TRIALS,
+                     seeds=tuple(args.seeds), storage=args.storage, console=console, **sched)
     return 0
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from raysearch.bench import _epochs_to_reach
+from raysearch.bench_search import _epochs_to_reach
 from raysearch.errors import ConfigError
 
 
@@ -39,7 +39,7 @@ space:
 
 @pytest.mark.slow
 def test_bench_search_runs_both_searches_side_by_side(tmp_path, tiny_root, ray_session):
-    from raysearch.bench import bench_search
+    from raysearch.bench_search import bench_search
 
     space = tmp_path / "bench.yaml"
     space.write_text(TINY_SPACE.format(root=tiny_root))
@@ -79,7 +79,7 @@ def test_bench_search_runs_both_searches_side_by_side(tmp_path, tiny_root, ray_s
 
 def _tiny_base(tmp_path, tiny_root, *, points: str | None = None):
     """The bench's shared spec from TINY_SPACE (5 trials, rungs 1/3/9, out = tmp_path/out)."""
-    from raysearch.bench import _bench_base
+    from raysearch.bench_search import _bench_base
 
     text = TINY_SPACE.format(root=tiny_root)
     if points:
@@ -91,7 +91,7 @@ def _tiny_base(tmp_path, tiny_root, *, points: str | None = None):
 
 
 def test_bench_arms_differ_only_in_searcher_and_scheduler(tmp_path, tiny_root):
-    from raysearch.bench import _search_arms
+    from raysearch.bench_search import _search_arms
 
     arms = _search_arms(_tiny_base(tmp_path, tiny_root, points="[{lr: 0.001}]"), seed=7)
     assert list(arms) == ["fifo+random", "asha+tpe"]
@@ -110,7 +110,7 @@ def test_bench_arms_differ_only_in_searcher_and_scheduler(tmp_path, tiny_root):
 
 
 def test_bench_on_a_kept_experiment_of_other_settings_names_storage(tmp_path, tiny_root):
-    from raysearch.bench import _measure_search, _search_arms
+    from raysearch.bench_search import _measure_search, _search_arms
 
     out = tmp_path / "out"
     fifo = _search_arms(_tiny_base(tmp_path, tiny_root), seed=7)["fifo+random"]
