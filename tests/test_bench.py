@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from raysearch.bench_search import _epochs_to_reach
+from raysearch.bench_search import _epochs_to_reach, asha_replay
 from raysearch.errors import ConfigError
 
 
@@ -21,6 +21,40 @@ def test_epochs_to_reach_counts_every_trial_in_reporting_order():
     assert _epochs_to_reach(epochs, 0.65) == 2
     assert _epochs_to_reach(epochs, 0.50) == 4
     assert _epochs_to_reach(epochs, 0.49) is None
+
+
+def _curves(losses: dict[str, list[float]]) -> pd.DataFrame:
+    """FIFO's epochs frame for trials run one after the other, one second per epoch."""
+    rows, now = [], 0.0
+    for tid, curve in losses.items():
+        for epoch, loss in enumerate(curve, 1):
+            now += 1.0
+            rows.append({"trial_id": tid, "epoch": epoch, "val_loss": loss, "reported_at": now,
+                         "epoch_time_s": 0.75, "val_time_s": 0.25, "checkpoint_write_s": 0.0})
+    return pd.DataFrame(rows).sample(frac=1.0, random_state=0)
+
+
+def test_asha_replay_runs_rays_asha_on_fifos_own_trials():
+    ramp = [0.9, 0.8, 0.7, 0.65, 0.6, 0.6, 0.58, 0.56, 0.55]
+    epochs = _curves({
+        "a": ramp,  # first at both rungs: goes on to 9
+        "b": [0.95, 0.9, 0.85] + [0.5] * 6,  # worse than a at 3: stopped there
+        "c": [0.8, 0.7, 0.6, 0.55, 0.5, 0.48, 0.45, 0.42, 0.40],  # best at 3 and at 9
+        "d": [0.99, 0.95, 0.9] + [0.3] * 6,  # the best trial, but stopped at 3
+    })
+    kwargs = {"max_epochs": 9, "grace_period": 3, "reduction_factor": 3.0}
+    r = asha_replay(epochs, target=0.40, **kwargs)
+    assert r == {"epochs": 9 + 3 + 9 + 3, "epochs_needed": 9 + 3 + 9, "best_val_loss": 0.40,
+                 "trials_at_max_epochs": 2, "trials_stopped_early": 2, "concurrency": 1}
+    assert asha_replay(epochs, target=0.30, **kwargs)["epochs_needed"] is None  # d never got there
+
+
+def test_asha_replay_runs_as_many_trials_at_a_time_as_fifo_did():
+    two = _curves({"a": [0.9, 0.8, 0.7], "b": [0.9, 0.8, 0.6]})
+    two["reported_at"] = two["epoch"].astype(float)  # a and b ran side by side
+    r = asha_replay(two, target=0.6, max_epochs=3, grace_period=1, reduction_factor=3.0)
+    assert r["concurrency"] == 2
+    assert r["epochs_needed"] == 6  # b's last epoch comes after a's
 
 
 TINY_SPACE = """
@@ -57,8 +91,15 @@ def test_bench_search_runs_both_searches_side_by_side(tmp_path, tiny_root, ray_s
     else:
         assert 1 <= row["epochs_needed"] <= asha["epochs"]
         assert row["fraction"] == pytest.approx(row["epochs_needed"] / fifo["epochs"])
+    # ASHA replayed on FIFO's own three trials: the rung at epoch 1 keeps the first, so at
+    # least 3 + 1 + 1 epochs; FIFO's best is among them, but it may be stopped before it.
+    replay = row["replay"]
+    assert 5 <= replay["epochs"] <= 9 and replay["concurrency"] in (1, 2)
+    assert replay["best_val_loss"] >= fifo["best_val_loss"]
+    assert (replay["epochs_needed"] is None) == (replay["best_val_loss"] > fifo["best_val_loss"])
     text = out.getvalue()
     assert "fifo+random" in text and "asha+tpe" in text and "target" in text
+    assert "asha replay on fifo's trials" in text and "ASHA alone on FIFO's own trials" in text
     seed_line = next(ln for ln in text.splitlines() if ln.startswith("bench search, seed 0:"))
     assert f"{fifo['best_val_loss']:.4f} with 9 epochs" in seed_line
     assert ("did not reach" if row["epochs_needed"] is None else "reached it after") in seed_line
