@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import socket
 from typing import Any
 
 import pandas as pd
@@ -22,7 +23,14 @@ from raysearch.errors import RaysearchError
 from raysearch.storage import atomic_write_parquet, join
 from raysearch.train import train_loop_per_worker
 
-__all__ = ["init_ray", "make_trainer", "prepare_data", "run_single", "tune_trial_driver"]
+__all__ = [
+    "init_ray",
+    "local_ray_args",
+    "make_trainer",
+    "prepare_data",
+    "run_single",
+    "tune_trial_driver",
+]
 
 CONTROLLER_FAILURE_LIMIT = 3  # a worker group that cannot start fails the trial instead of hanging
 
@@ -81,12 +89,34 @@ def init_ray(*, address: str | None = None, verbose: bool = False) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         kwargs["address"] = address
+    else:
+        kwargs.update(local_ray_args())
     # Workers import raysearch from the same interpreter/environment; the package must be
     # installed on every node (cluster.yaml does this).
     ray.init(**kwargs)
     if not verbose:
         for name in ("ray", "ray.tune", "ray.train", "ray.data"):
             logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def local_ray_args(env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+    """``ray.init`` arguments for a local instance whose workers always find its State API.
+
+    Ray Train's PlacementGroupCleaner, a worker, asks the State API every second whether its
+    trial's controller is alive, and removes the trial's placement group once it is not (ASHA
+    stopped the trial). Without an address the State API client looks for *the* Ray instance on
+    the machine and raises "Found multiple active Ray instances" when there are two (two
+    searches at once, or a test's search next to the test session's). The cleaner's thread dies
+    of it, the next stopped trial's CPUs are never freed, and the search hangs: seen here in
+    ``raysearch bench search``. A fixed dashboard port, and its URL in every worker's
+    ``RAY_API_SERVER_ADDRESS`` (which the client reads first), leave nothing to guess.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**(env_vars or {}), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    return {"dashboard_host": "127.0.0.1", "dashboard_port": port,
+            "runtime_env": {"env_vars": env}}
 
 
 # ----------------------------------------------------------------------------- Ray Train plumbing

@@ -28,10 +28,13 @@ def ray_session(tmp_path_factory):
     """One local Ray instance for every test that needs Ray (ray.init costs seconds)."""
     import ray
 
+    from raysearch.launch import local_ray_args
+
     tmp = tmp_path_factory.mktemp("ray")
     os.environ.setdefault("RAYSEARCH_LOCAL_CACHE", str(tmp / "local_cache"))
-    ray.init(num_cpus=2, include_dashboard=None, log_to_driver=False,
-             runtime_env={"env_vars": {"RAYSEARCH_LOCAL_CACHE": str(tmp / "local_cache")}})
+    # local_ray_args: the searches some tests run in subprocesses start Ray instances of their own.
+    ray.init(num_cpus=2, log_to_driver=False,
+             **local_ray_args({"RAYSEARCH_LOCAL_CACHE": str(tmp / "local_cache")}))
     yield ray
     ray.shutdown()
 
