@@ -269,13 +269,16 @@ def norm_path(value: str) -> str:
 
 
 def __getattr__(name: str):
-    # Search spaces lived here before 2026-11-23; a searcher saved with an experiment then
-    # unpickles its parameters by this module's name.
-    if name == "Param":
-        from raysearch.space import Param
+    # The search-space classes lived here before 2026-11-23. Ray pickles them with an experiment
+    # (the searcher's parameters, the live view's spec in tuner.pkl), by this module's name.
+    if name in _MOVED_TO_SPACE:
+        from raysearch import space
 
-        return Param
+        return getattr(space, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_MOVED_TO_SPACE = ("Param", "SearchConfig", "SchedulerConfig", "SearchSpace")
 
 
 __all__ = [

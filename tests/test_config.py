@@ -152,9 +152,11 @@ def test_missing_and_invalid_yaml_files(tmp_path):
 
 
 def test_search_spaces_saved_under_the_old_module_name_still_load():
-    # Ray pickles the searcher (and its parameters) with an experiment; those saved before the
-    # search space moved to raysearch.space name raysearch.config.Param.
-    space = load_search_space("search_spaces/mura.yaml").space
-    old = pickle.dumps(space, protocol=0).replace(b"raysearch.space\nParam", b"raysearch.config\nParam")
-    assert b"raysearch.config\nParam" in old
-    assert pickle.loads(old) == space
+    # Ray pickles the searcher's parameters and the live view's spec with an experiment; those
+    # saved before the search space moved to raysearch.space name raysearch.config's classes.
+    spec = load_search_space("search_spaces/mura.yaml")
+    old = pickle.dumps(spec, protocol=0)
+    for name in (b"Param", b"SearchSpace", b"SearchConfig", b"SchedulerConfig"):
+        old = old.replace(b"raysearch.space\n" + name, b"raysearch.config\n" + name)
+        assert b"raysearch.config\n" + name in old
+    assert pickle.loads(old) == spec
