@@ -38,10 +38,11 @@ def asha_replay(epochs, *, max_epochs: int, grace_period: int, reduction_factor:
     """Ray's ``ASHAScheduler`` with the search's rungs, replayed on FIFO + random's own trials.
 
     The trials start in the order FIFO started them, as many at a time as FIFO ran, and each
-    epoch takes the time it took there (training, validation, checkpoint); ASHA sees each epoch's ``best_val_loss`` (the
-    search's objective) and stops trials at its rungs, as in ``raysearch tune``. It gets the
-    same draws, so it isolates the scheduler's share of the saving: how many epochs ASHA alone
-    needs to reach ``target`` (FIFO's best) when the searcher proposes nothing better.
+    epoch takes the time it took there (training, validation, checkpoint). ASHA sees each
+    epoch's ``best_val_loss`` (the search's objective) and stops trials at its rungs, as in
+    ``raysearch tune``. It gets the same draws, so it isolates the scheduler's share of the
+    saving: how many epochs ASHA alone needs to reach ``target`` (FIFO's best) when the searcher
+    proposes nothing better.
     """
     import heapq
     from types import SimpleNamespace
