@@ -21,21 +21,28 @@ from raysearch.results import latest_history, run_checkpoints
 from raysearch.space import SearchSpace
 from raysearch.storage import get_fs, join
 
-__all__ = ["make_scheduler", "restore_rungs", "trial_histories"]
+__all__ = ["asha_scheduler", "make_scheduler", "restore_rungs", "trial_histories"]
 
 
 def make_scheduler(spec: SearchSpace):
     """ASHA on ``epoch`` with the spec's rungs, or FIFO. Metric and mode come from the
     ``TuneConfig`` (Ray refuses them in both places)."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     if spec.scheduler.kind != "asha":
         return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="epoch", max_t=spec.scheduler.max_epochs,
-        grace_period=spec.scheduler.grace_period,
+    return asha_scheduler(
+        max_epochs=spec.scheduler.max_epochs, grace_period=spec.scheduler.grace_period,
         reduction_factor=spec.scheduler.reduction_factor,
     )
+
+
+def asha_scheduler(*, max_epochs: int, grace_period: int, reduction_factor: float, **kwargs):
+    """Ray's ``ASHAScheduler`` as raysearch runs it: rungs on ``epoch``, one bracket."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace_period,
+                         reduction_factor=reduction_factor, **kwargs)
 
 
 def trial_histories(experiment_dir: str) -> dict[str, list[dict[str, Any]]]:

@@ -47,8 +47,9 @@ def asha_replay(epochs, *, max_epochs: int, grace_period: int, reduction_factor:
     import heapq
     from types import SimpleNamespace
 
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+    from ray.tune.schedulers import TrialScheduler
 
+    from raysearch.asha import asha_scheduler
     from raysearch.tune import OBJECTIVE
 
     curves = []  # (start time, trial id, val_loss per epoch, seconds per epoch)
@@ -63,8 +64,8 @@ def asha_replay(epochs, *, max_epochs: int, grace_period: int, reduction_factor:
     curves.sort(key=lambda c: c[0])
     concurrency = max(1, int(max(np.cumsum([d for _, d in sorted(spans)]))))
 
-    asha = ASHAScheduler(time_attr="epoch", metric=OBJECTIVE, mode="min", max_t=max_epochs,
-                         grace_period=grace_period, reduction_factor=reduction_factor)
+    asha = asha_scheduler(max_epochs=max_epochs, grace_period=grace_period,
+                          reduction_factor=reduction_factor, metric=OBJECTIVE, mode="min")
     running: list[tuple[float, int, int]] = []  # (time of its next epoch, trial, epoch index)
     started = consumed = stopped = 0
     needed, best = None, float("inf")
