@@ -5,6 +5,10 @@ rungs and the same seeds (``raysearch tune`` underneath, so the figures are the 
 prints the epochs each consumed, the best val_loss each reached, the fraction of FIFO's epochs
 ASHA needed to reach FIFO's best, and the Tune/Train overhead per trial. Finished searches are
 read back, so an interrupted bench resumes where it stopped.
+
+Two replays of Ray's ASHA on FIFO's own trials put the figure in context: on the same draws
+(:func:`asha_replay`, the scheduler's share of the saving), and on other random draws of the same
+space (:func:`random_searcher_odds`, the odds a searcher no better than random would have).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from rich.table import Table
 
 from raysearch.bench import demo_root
 from raysearch.errors import ConfigError, ExperimentExistsError
+from raysearch.sampler import tpe_startup_trials
 from raysearch.storage import join, read_parquet
 
 __all__ = ["BENCH_SCHEDULER", "BENCH_TRIALS", "bench_search"]
@@ -44,15 +49,60 @@ def asha_replay(epochs, *, max_epochs: int, grace_period: int, reduction_factor:
     saving: how many epochs ASHA alone needs to reach ``target`` (FIFO's best) when the searcher
     proposes nothing better.
     """
-    import heapq
-    from types import SimpleNamespace
+    curves, concurrency = _trial_curves(epochs)
+    return _replay(curves, concurrency, target=target, max_epochs=max_epochs,
+                   grace_period=grace_period, reduction_factor=reduction_factor)
 
-    from ray.tune.schedulers import TrialScheduler
 
-    from raysearch.asha import asha_scheduler
-    from raysearch.tune import OBJECTIVE
+def random_searcher_odds(frames, *, num_samples: int, shared: int, max_epochs: int,
+                         grace_period: int, reduction_factor: float, rounds: int = 1000,
+                         seed: int = 0) -> dict[str, Any] | None:
+    """The bench's odds for a searcher no better than random: how hard the target is.
 
-    curves = []  # (start time, trial id, val_loss per epoch, seconds per epoch)
+    ``frames`` are FIFO + random's epochs, one per seed. ASHA + TPE shares its first ``shared``
+    proposals with FIFO (TPE's seeded start-up draws), so a searcher no better than random
+    proposes those and then ``num_samples - shared`` other random draws: here, FIFO's trials of
+    the other seeds (independent draws of the same space, each with its measured curve). Each
+    round replays Ray's ASHA (as :func:`asha_replay` does) on FIFO's first ``shared`` trials
+    followed by a random pick of those, and measures the fraction of FIFO's epochs it needs to
+    reach FIFO's best. Drawing one round per seed gives the chance that the bench's verdict
+    (every seed reaches FIFO's best, median fraction <= 1/3) would be "meets", and that the
+    median alone would be within 1/3. ``None`` with one seed, or too few trials in the others.
+    """
+    curves = [_trial_curves(frame) for frame in frames]
+    concurrency = max((c for _, c in curves), default=1)
+    fresh = num_samples - shared
+    rng = np.random.default_rng(seed)
+    fractions = np.empty((len(frames), rounds))
+    for s, (own, _) in enumerate(curves):
+        others = [(start, (n, tid), loss, secs) for n, (trials, _) in enumerate(curves) if n != s
+                  for start, tid, loss, secs in trials]
+        if not others or len(others) < fresh:
+            return None
+        target = min(float(c[2].min()) for c in own)
+        budget = sum(len(c[2]) for c in own)
+        for i in range(rounds):
+            drawn = own[:shared] + [others[j] for j in rng.permutation(len(others))[:fresh]]
+            r = _replay(drawn, concurrency, target=target, max_epochs=max_epochs,
+                        grace_period=grace_period, reduction_factor=reduction_factor)
+            fractions[s, i] = _fraction(r["epochs_needed"], budget)
+    picks = fractions[np.arange(len(frames)), rng.integers(0, rounds, (20_000, len(frames)))]
+    median_within = np.median(picks, axis=1) <= TARGET_FRACTION
+    return {
+        "rounds": rounds, "shared": shared, "fresh": fresh, "concurrency": concurrency,
+        "pool": sum(len(trials) for trials, _ in curves), "seeds": len(frames),
+        "p_within_target": [float(np.mean(f <= TARGET_FRACTION)) for f in fractions],
+        "p_reached": [float(np.mean(np.isfinite(f))) for f in fractions],
+        "median_fraction": [float(np.median(f)) for f in fractions],
+        "p_median_within_target": float(median_within.mean()),
+        "p_bench_meets": float((np.isfinite(picks).all(axis=1) & median_within).mean()),
+    }
+
+
+def _trial_curves(epochs) -> tuple[list, int]:
+    """FIFO's trials as (start time, trial id, val_loss per epoch, seconds per epoch) in the
+    order they started, and how many ran at a time."""
+    curves = []
     spans = []  # +1 when a trial started, -1 when it ended: how many FIFO ran at a time
     for tid, g in epochs.sort_values(["trial_id", "epoch"]).groupby("trial_id", sort=False):
         # The time inside each epoch (reported_at gaps would also hold a killed driver's downtime).
@@ -62,7 +112,20 @@ def asha_replay(epochs, *, max_epochs: int, grace_period: int, reduction_factor:
         curves.append((at[0] - seconds[0], tid, g["val_loss"].to_numpy(float), seconds))
         spans += [(at[0] - seconds[0], 1), (at[-1], -1)]
     curves.sort(key=lambda c: c[0])
-    concurrency = max(1, int(max(np.cumsum([d for _, d in sorted(spans)]))))
+    return curves, max(1, int(max(np.cumsum([d for _, d in sorted(spans)]))))
+
+
+def _replay(curves, concurrency: int, *, target: float, max_epochs: int, grace_period: int,
+            reduction_factor: float) -> dict[str, Any]:
+    """Ray's ASHA on ``curves`` (see :func:`_trial_curves`), started in list order,
+    ``concurrency`` at a time."""
+    import heapq
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from raysearch.asha import asha_scheduler
+    from raysearch.tune import OBJECTIVE
 
     asha = asha_scheduler(max_epochs=max_epochs, grace_period=grace_period,
                           reduction_factor=reduction_factor, metric=OBJECTIVE, mode="min")
@@ -110,6 +173,7 @@ DEMO_SPACE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 # and the comparison should show what a real search gets.
 BENCH_SCHEDULER = {"max_epochs": 27, "grace_period": 3, "reduction_factor": 3.0}
 BENCH_TRIALS = 24
+TARGET_FRACTION = 1 / 3  # the target: ASHA + TPE reaches FIFO's best with <= 1/3 of its epochs
 
 
 def bench_search(
@@ -145,6 +209,7 @@ def bench_search(
     work = tempfile.TemporaryDirectory(prefix="raysearch-bench-search-")
     out = storage or work.name
     rows: list[dict[str, Any]] = []
+    fifo_frames = []
     try:
         base = _bench_base(space, data_root=data_root, out=out, num_samples=num_samples,
                            max_epochs=max_epochs, grace_period=grace_period,
@@ -154,8 +219,9 @@ def bench_search(
                     for label, spec in _search_arms(base, seed).items()}
             fifo, asha = runs["fifo+random"], runs["asha+tpe"]
             needed = _epochs_to_reach(asha.pop("epoch_frame"), fifo["best_val_loss"])
+            fifo_frames.append(fifo.pop("epoch_frame"))
             replay = asha_replay(
-                fifo.pop("epoch_frame"), target=fifo["best_val_loss"],
+                fifo_frames[-1], target=fifo["best_val_loss"],
                 max_epochs=base.scheduler.max_epochs, grace_period=base.scheduler.grace_period,
                 reduction_factor=base.scheduler.reduction_factor,
             )
@@ -177,6 +243,12 @@ def bench_search(
         "median_fraction": float(np.median([r["fraction"] for r in rows])),
         "reached": sum(r["epochs_needed"] is not None for r in rows),
         "median_replay_fraction": float(np.median([r["replay"]["fraction"] for r in rows])),
+        "random_searcher": random_searcher_odds(
+            fifo_frames, num_samples=base.search.num_samples,
+            shared=tpe_startup_trials(base), max_epochs=base.scheduler.max_epochs,
+            grace_period=base.scheduler.grace_period,
+            reduction_factor=base.scheduler.reduction_factor,
+        ),
     }
     _print_search(console, result)
     return result
@@ -304,7 +376,8 @@ def _print_search(console: Console, r: dict[str, Any]) -> None:
         )
     console.print(table)
     n = len(r["seeds"])
-    verdict = "meets" if r["reached"] == n and r["median_fraction"] <= 1 / 3 else "misses"
+    verdict = ("meets" if r["reached"] == n and r["median_fraction"] <= TARGET_FRACTION
+               else "misses")
     console.print(
         f"ASHA+TPE reached FIFO+random's best val_loss in {r['reached']} of {n} seed(s); median "
         f"fraction of FIFO's epochs {r['median_fraction']:.2f} ({verdict} the <= 1/3 target)"
@@ -314,6 +387,24 @@ def _print_search(console: Console, r: dict[str, Any]) -> None:
         f"needs a median {r['median_replay_fraction']:.2f} of FIFO's epochs: the scheduler's "
         "share of the saving; the rest is up to the searcher"
     )
+    odds = r["random_searcher"]
+    if odds is None:
+        console.print("(with two seeds or more the bench also gives the odds of a searcher no "
+                      "better than random)")
+        return
+    def per_seed(key: str) -> str:
+        return " / ".join(f"{p:.0%}" for p in odds[key])
+
+    console.print(
+        f"A searcher no better than random (Ray's ASHA on FIFO's {odds['shared']} start-up draws "
+        f"that ASHA+TPE shares, then {odds['fresh']} of the other seeds' FIFO trials; "
+        f"{odds['rounds']} rounds per seed): within 1/3 of FIFO's epochs in "
+        f"{per_seed('p_within_target')} of runs, FIFO's best reached at all in "
+        f"{per_seed('p_reached')}; over {odds['seeds']} seeds the median fraction would be within "
+        f"1/3 with probability {odds['p_median_within_target']:.2f}, and the verdict (every seed "
+        f"reaching it, too) \"meets\" with probability {odds['p_bench_meets']:.2f}"
+    )
+
 
 
 def _reach(needed: int | None, fraction: float) -> str:

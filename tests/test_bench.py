@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from raysearch.bench_search import _epochs_to_reach, asha_replay
+from raysearch.bench_search import _epochs_to_reach, asha_replay, random_searcher_odds
 from raysearch.errors import ConfigError
 
 
@@ -57,6 +57,36 @@ def test_asha_replay_runs_as_many_trials_at_a_time_as_fifo_did():
     assert r["epochs_needed"] == 6  # b's last epoch comes after a's
 
 
+def test_random_searcher_odds_replay_the_shared_draws_then_other_seeds_trials():
+    # Two seeds, three trials each with flat curves, FIFO two at a time: a (0.7) and b (0.1)
+    # side by side, then c (0.4). A random searcher proposes a seed's own first trial (the shared
+    # start-up draw) and then two of the other seed's three. It reaches FIFO's best (0.1) only if
+    # it drew the other b (2 in 3), within 1/3 of FIFO's 9 epochs only if b came first (1 in 3):
+    # b's first epoch is the 2nd. Drawn second it starts when a trial ends at epoch 3 (ASHA's
+    # rung at 1 keeps both, each the best so far): the 7th epoch. Over two seeds the median is
+    # the mean of two, within 1/3 only if both were 2/9: 1 in 9.
+    def seed():
+        frame = _curves({"a": [0.7] * 3, "b": [0.1] * 3, "c": [0.4] * 3})
+        frame["reported_at"] = frame["epoch"] + 3.0 * (frame["trial_id"] == "c")
+        return frame
+
+    kwargs = {"num_samples": 3, "shared": 1, "max_epochs": 3, "grace_period": 1,
+              "reduction_factor": 3.0}
+    odds = random_searcher_odds([seed(), seed()], **kwargs, rounds=3000)
+    assert odds["pool"] == 6 and odds["concurrency"] == 2 and odds["fresh"] == 2
+    for p_reached, p_within in zip(odds["p_reached"], odds["p_within_target"]):
+        assert p_reached == pytest.approx(2 / 3, abs=0.04)
+        assert p_within == pytest.approx(1 / 3, abs=0.04)
+    assert odds["median_fraction"] == [pytest.approx(7 / 9)] * 2
+    assert odds["p_median_within_target"] == pytest.approx(1 / 9, abs=0.03)
+    assert odds["p_bench_meets"] == odds["p_median_within_target"]
+    # The shared draws are the seed's own first trials: sharing b (0.1) reaches at its 1st epoch.
+    first_b = [seed().replace({"trial_id": {"a": "b", "b": "a"}}) for _ in range(2)]
+    odds = random_searcher_odds(first_b, **kwargs, rounds=50)
+    assert odds["p_within_target"] == [1.0, 1.0] and odds["p_bench_meets"] == 1.0
+    assert random_searcher_odds([seed()], **kwargs) is None  # no other seed to draw from
+
+
 TINY_SPACE = """
 name: bench
 data: {{root: {root}, val_fraction: 0.2, seed: 0}}
@@ -100,6 +130,7 @@ def test_bench_search_runs_both_searches_side_by_side(tmp_path, tiny_root, ray_s
     text = out.getvalue()
     assert "fifo+random" in text and "asha+tpe" in text and "target" in text
     assert "asha replay on fifo's trials" in text and "ASHA alone on FIFO's own trials" in text
+    assert r["random_searcher"] is None and "with two seeds or more" in text
     seed_line = next(ln for ln in text.splitlines() if ln.startswith("bench search, seed 0:"))
     assert f"{fifo['best_val_loss']:.4f} with 9 epochs" in seed_line
     assert ("did not reach" if row["epochs_needed"] is None else "reached it after") in seed_line
