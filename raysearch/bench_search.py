@@ -25,7 +25,6 @@ from rich.table import Table
 
 from raysearch.bench import demo_root
 from raysearch.errors import ConfigError, ExperimentExistsError
-from raysearch.sampler import tpe_startup_trials
 from raysearch.storage import join, read_parquet
 
 __all__ = ["BENCH_SCHEDULER", "BENCH_TRIALS", "bench_search"]
@@ -55,8 +54,8 @@ def asha_replay(epochs, *, max_epochs: int, grace_period: int, reduction_factor:
 
 
 def random_searcher_odds(frames, *, num_samples: int, shared: int, max_epochs: int,
-                         grace_period: int, reduction_factor: float, rounds: int = 1000,
-                         seed: int = 0) -> dict[str, Any] | None:
+                         grace_period: int, reduction_factor: float, rounds: int = 1000
+                         ) -> dict[str, Any] | None:
     """The bench's odds for a searcher no better than random: how hard the target is.
 
     ``frames`` are FIFO + random's epochs, one per seed. ASHA + TPE shares its first ``shared``
@@ -72,7 +71,7 @@ def random_searcher_odds(frames, *, num_samples: int, shared: int, max_epochs: i
     curves = [_trial_curves(frame) for frame in frames]
     concurrency = max((c for _, c in curves), default=1)
     fresh = num_samples - shared
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     fractions = np.empty((len(frames), rounds))
     for s, (own, _) in enumerate(curves):
         others = [(start, (n, tid), loss, secs) for n, (trials, _) in enumerate(curves) if n != s
@@ -203,6 +202,8 @@ def bench_search(
     comparison survives a killed driver. The wall times cover only the invocation that printed
     them.
     """
+    from raysearch.sampler import tpe_startup_trials
+
     console = console or Console()
     space = space or DEMO_SPACE
     data_root, tmp = demo_root(root, console)
