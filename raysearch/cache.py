@@ -26,6 +26,7 @@ store with ``skip_bad=False`` raises too, so undecodable data never disappears s
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -51,6 +52,7 @@ __all__ = [
     "PREPROCESS_VERSION",
     "ImageCache",
     "build_cache",
+    "cache_bytes",
     "cache_key",
     "open_cache",
     "preprocess_image",
@@ -109,6 +111,12 @@ def _to_gray(img: Image.Image) -> Image.Image:
         scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
         return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
     return img.convert("L")  # RGB(A), LA, P, PA, 1, CMYK, YCbCr
+
+
+def cache_bytes(n_images: int, image_size: int) -> int:
+    """Bytes of a store of ``n_images`` at ``image_size`` px: ``images.u8`` is n * S * S bytes
+    (the index and meta.json add a few hundred bytes per thousand images, not counted)."""
+    return int(n_images) * int(image_size) * int(image_size)
 
 
 def cache_key(image_paths: Sequence[str], *, image_size: int) -> str:
@@ -301,8 +309,7 @@ def _build_local(
     os.makedirs(tmp)
     try:
         images_path = os.path.join(tmp, "images.u8")
-        with open(images_path, "wb") as f:
-            f.truncate(n * s * s)
+        _allocate(images_path, cache_bytes(n, s))
         failures = _decode_all(
             paths, images_path, image_size=s, num_workers=num_workers, progress=progress
         )
@@ -337,6 +344,27 @@ def _build_local(
         _commit_dir(tmp, os.path.join(parent, key))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _allocate(path: str, size: int) -> None:
+    """Create ``path`` with ``size`` bytes allocated on disk. Decoders write into it through a
+    memory map, and a write into a sparse file on a full disk kills the writer with SIGBUS;
+    allocating first turns a full disk into one clear error before any decoding."""
+    from raysearch.errors import StorageError
+
+    with open(path, "wb") as f:
+        if not hasattr(os, "posix_fallocate"):
+            f.truncate(size)
+            return
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise StorageError(
+                    f"no space left on {os.path.dirname(os.path.dirname(path))} for the image "
+                    f"cache: it needs {size / 1e6:.0f} MB"
+                ) from e
+            f.truncate(size)  # file systems without fallocate (EOPNOTSUPP): sparse, as before
 
 
 def _commit_dir(tmp: str, final: str) -> None:

@@ -87,7 +87,7 @@ def cmd_tune(args) -> int:
     )
     run_search(
         spec, resume=args.resume, overwrite=args.overwrite, address=args.address,
-        verbose=args.verbose, console=_stdout_console(),
+        verbose=args.verbose, trust=args.trust_experiment, console=_stdout_console(),
     )
     return 0
 
@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent", type=int)
     s.add_argument("--resume", action="store_true", help="continue an existing experiment")
     s.add_argument("--overwrite", action="store_true", help="replace an existing experiment")
+    s.add_argument("--trust-experiment", action="store_true",
+                   help="resume an experiment whose Ray state this machine did not sign (Ray "
+                   "unpickles it: only for a folder you trust)")
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     s.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs")
     s.set_defaults(func=cmd_tune)
@@ -222,23 +225,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from raysearch.logs import log_path, quiet_libraries
+
+    quiet_libraries(verbose=getattr(args, "verbose", False), command=args.command)
+    debug = args.debug or bool(os.environ.get("RAYSEARCH_DEBUG"))
     try:
         return args.func(args)
     except RaysearchError as e:
-        if args.debug:
+        if debug:
             raise
         print(f"raysearch: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
-        print("raysearch: interrupted", file=sys.stderr)
+        print("raysearch: interrupted; run the same command to resume", file=sys.stderr)
         return 130
     except Exception as e:  # a bug or an unexpected library error: one line unless --debug
-        if args.debug or os.environ.get("RAYSEARCH_DEBUG"):
+        if debug:
             raise
-        kind = type(e).__name__
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"raysearch: unexpected {kind}: {first} (run with --debug for the traceback)",
-              file=sys.stderr)
+        from raysearch.errors import find_os_error, first_line, os_error_message
+
+        os_error = find_os_error(e)
+        message = os_error_message(os_error) if os_error is not None else None
+        if message is not None:  # a full disk, a missing permission: the user can act on it
+            print(f"raysearch: error: {message}", file=sys.stderr)
+            return 2
+        import logging
+
+        logging.getLogger("raysearch").error("unexpected error", exc_info=e)
+        log = f"; details in {log_path()}" if log_path() else ""
+        print(f"raysearch: unexpected {type(e).__name__}: {first_line(e)} (run with --debug for "
+              f"the traceback{log})", file=sys.stderr)
         return 1
 
 

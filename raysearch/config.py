@@ -166,12 +166,14 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 def load_trial_config(path: str) -> tuple[TrialConfig, dict[str, Any]]:
     """Read ``raysearch train`` YAML: trial keys at the top, plus optional data/resources/storage/name."""
+    from raysearch.experiment import check_name
+
     raw = load_yaml(path)
     extra_keys = {"name", "data", "resources", "storage"}
     trial = {k: v for k, v in raw.items() if k not in extra_keys}
     cfg = TrialConfig.from_dict(trial)
     rest = {
-        "name": typed("name", raw.get("name", "train"), str),
+        "name": check_name(raw.get("name", "train"), what="name"),
         "storage": norm_path(typed("storage", raw.get("storage", "reports"), str)),
         "data": build(DataConfig, raw.get("data") or {}, path="data"),
         "resources": build(ResourcesConfig, raw.get("resources") or {}, path="resources"),

@@ -32,6 +32,7 @@ everything has been computed, so a failure leaves no partial file behind)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,6 +44,7 @@ import pandas as pd
 from raysearch import metrics as M
 from raysearch.data import BODY_PARTS
 from raysearch.errors import CheckpointError, ConfigError, DataError, name_some
+from raysearch.experiment import ExperimentLock, resolve
 from raysearch.members import IMAGE_KEYS, Member, align_val, load_member, predict_test
 from raysearch.selection import (
     column_log_losses,
@@ -141,6 +143,9 @@ def _read_experiment(exp_dir: str) -> tuple[dict[str, Any], pd.DataFrame, pd.Dat
     if missing:
         raise DataError(f"{trials_uri} lacks the columns {', '.join(missing)}")
     trials["trial_id"] = trials["trial_id"].astype(str)
+    # Checkpoints are stored relative to the experiment (older ones as absolute paths, which
+    # resolve re-roots when the experiment has moved).
+    trials["best_checkpoint"] = [resolve(exp_dir, c) for c in trials["best_checkpoint"]]
     # The folder may have moved since the search: prefer the manifest beside experiment.json.
     manifest_uri = join(exp_dir, "manifest.parquet")
     if not exists(manifest_uri):
@@ -148,6 +153,16 @@ def _read_experiment(exp_dir: str) -> tuple[dict[str, Any], pd.DataFrame, pd.Dat
     if not exists(manifest_uri):
         raise DataError(f"experiment {exp_dir}: its manifest {manifest_uri} is missing")
     return info, trials, read_parquet(manifest_uri)
+
+
+def _cache_dir(exp_dir: str, info: dict[str, Any]) -> str:
+    """Where to find (or build) the image caches: the experiment's own setting while it is
+    reachable; for a moved experiment, ``cache/`` beside it (the default place)."""
+    saved = info.get("cache_dir")
+    beside = f"{exp_dir.rstrip('/').rsplit('/', 1)[0]}/cache"
+    if saved and (is_url(str(saved)) or os.path.isdir(str(saved))):
+        return str(saved)
+    return beside if saved else join(exp_dir, "cache")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -313,12 +328,11 @@ def run_ensemble(
     """``raysearch ensemble``: select members, score them on test, write the reports.
 
     ``top`` is K for ``method="top"`` and the number of greedy rounds for ``method="greedy"``.
-    Returns the output folder URI.
+    Returns the output folder URI. Warns when the experiment is unfinished (an interrupted
+    search); raises :class:`ExperimentLockedError` when another run writes the experiment and the
+    output would go into it.
     """
-    import torch
     from rich.console import Console
-
-    from raysearch.report import ensemble_table, members_table
 
     console = console or Console(stderr=True)
     if method not in METHODS:
@@ -328,9 +342,33 @@ def run_ensemble(
     if n_boot < 1:
         raise ConfigError(f"--n-boot must be >= 1, got {n_boot}")
     exp_dir = find_experiment(experiment, storage=storage)
-    info, trials, manifest = _read_experiment(exp_dir)
     out_dir = out or join(exp_dir, "ensemble")
+    inside = join(out_dir).startswith(exp_dir.rstrip("/") + "/")
+    # One writer per experiment: an ensemble written into it while a search runs is refused.
+    lock = ExperimentLock(exp_dir, command="ensemble") if inside else contextlib.nullcontext()
+    with lock:
+        return _run_ensemble(
+            exp_dir, out_dir, top=top, method=method, tta=tta, n_boot=n_boot, seed=seed,
+            console=console,
+        )
+
+
+def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, console) -> str:
+    import torch
+
+    from raysearch.report import ensemble_table, members_table
+
+    info, trials, manifest = _read_experiment(exp_dir)
     name = info.get("name") or exp_dir.rstrip("/").rsplit("/", 1)[-1]
+    state = info.get("state", "finished")
+    unfinished = int((trials["status"] == "unfinished").sum()) if "status" in trials else 0
+    if state != "finished" or unfinished:
+        console.print(
+            f"[yellow]warning: experiment {name} is unfinished (state {state}"
+            + (f", {unfinished} unfinished trial(s)" if unfinished else "")
+            + "): this ensemble is built from a partial search; run the search's command again "
+            "to finish it[/]"
+        )
 
     # --- select members on the saved val predictions
     members, picks, val_images, val_probs = select_members(
@@ -348,7 +386,7 @@ def run_ensemble(
                 f"trial {m.trial_id}: model.pt is missing from its checkpoint {m.checkpoint}"
             )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cache_dir = str(info.get("cache_dir") or join(exp_dir, "cache"))
+    cache_dir = _cache_dir(exp_dir, info)
     test_images, test_probs = predict_test(
         members, manifest=manifest, cache_dir=cache_dir, tta=tta, device=device, console=console
     )

@@ -1,16 +1,24 @@
 """Errors: one root exception for everything raysearch reports to a user.
 
-The CLI prints ``str(error)`` as one line and exits non-zero; the traceback appears only with
-``--debug``. Messages name the offending thing (a path, a key, a trial).
+The CLI prints ``str(error)`` as one line and exits with the error's ``exit_code`` (2 for bad
+input, the default); the traceback appears only with ``--debug``. Messages name the offending
+thing (a path, a key, a trial).
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 
 
 class RaysearchError(Exception):
-    """Root of every error that raysearch reports to a user."""
+    """Root of every error that raysearch reports to a user.
+
+    ``exit_code`` is what the CLI exits with: 2 (bad input or a refused operation) unless a
+    subclass says otherwise.
+    """
+
+    exit_code: int = 2
 
 
 class ConfigError(RaysearchError):
@@ -37,9 +45,84 @@ class CheckpointError(RaysearchError):
     """A trial checkpoint is missing or corrupt."""
 
 
+class StorageError(RaysearchError, OSError):
+    """Storage refused a read or write: no space left, no permission, an unreachable bucket.
+
+    Also an ``OSError``, so code that handles failed I/O keeps handling it."""
+
+
+class ExperimentLockedError(RaysearchError):
+    """Another raysearch run holds the experiment's lock (one writer per experiment)."""
+
+
+class ExperimentStateError(RaysearchError):
+    """An experiment's saved state cannot be used as it is: damaged, or not written by raysearch.
+
+    A search never falls back from such a state to a new, smaller one; the message says how to
+    continue (``--overwrite``, or the repair to make).
+    """
+
+
+class SearchFailedError(RaysearchError):
+    """Every trial of a search failed: the search ran, but produced nothing to ensemble."""
+
+    exit_code = 1
+
+
+class SearchInterrupted(RaysearchError):
+    """The search was interrupted (Ctrl-C); what it wrote is marked unfinished."""
+
+    exit_code = 130
+
+
 def name_some(items: Sequence[object], *, limit: int = 3) -> str:
     """Return 'a, b, c (+N more)' for error messages that name the first few offenders."""
     items = [str(i) for i in items]
     shown = ", ".join(items[:limit])
     rest = len(items) - limit
     return f"{shown} (+{rest} more)" if rest > 0 else shown
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of ``error``'s message, or of the first exception in its cause
+    (``__cause__``, then ``__context__``) chain that has one; the type name when none has.
+
+    Ray's ``ControllerError`` and many wrappers carry an empty message and keep the real reason in
+    their cause.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        for line in str(e).splitlines():
+            if line.strip():
+                return line.strip()
+        e = e.__cause__ or e.__context__
+    return type(error).__name__
+
+
+def os_error_message(error: OSError, *, path: str | None = None) -> str | None:
+    """One line for the OSErrors a user can act on (no space, no permission, read-only), naming
+    the path; None for any other OSError."""
+    where = path or error.filename or "the storage"
+    if error.errno == errno.ENOSPC:
+        return f"no space left on {where}"
+    if error.errno == errno.EDQUOT:
+        return f"disk quota exceeded on {where}"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {where}"
+    if error.errno == errno.EROFS:
+        return f"read-only file system: {where}"
+    return None
+
+
+def find_os_error(error: BaseException) -> OSError | None:
+    """The first OSError with an errno in ``error``'s cause/context chain (itself included)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        e = e.__cause__ or e.__context__
+    return None

@@ -42,6 +42,7 @@ from raysearch.storage import atomic_write_bytes, get_fs, is_url, join
 
 __all__ = [
     "ARCHITECTURES",
+    "checkpoint_bytes",
     "create_model",
     "fetch_weights",
     "load_weights_file",
@@ -108,6 +109,18 @@ def check_weights(pairs: set[tuple[str, str]]) -> None:
     for arch, weights in sorted(pairs):
         if weights != "none":
             create_model(arch, weights=weights)
+
+
+def checkpoint_bytes(arch: str) -> int:
+    """Bytes one trial checkpoint of ``arch`` takes on disk, about: its weights (``model.pt``) and
+    Adam's two moment buffers per parameter (``train_state.pt``), float32, i.e.
+    ``12 * params + 4 * buffers``. Counted on the meta device: nothing is allocated."""
+    _check_arch(arch)
+    with torch.device("meta"):
+        model = torchvision.models.get_model(arch, weights=None)
+    params = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() for b in model.buffers())
+    return 12 * params + 4 * buffers
 
 
 BN_MOMENTUM = 0.1

@@ -12,11 +12,12 @@ from typing import Any
 
 import pandas as pd
 
+from raysearch.experiment import checkpoint_damage, relative, sign_ray_state
 from raysearch.space import SearchSpace
 from raysearch.storage import get_fs, join, read_bytes
 
-__all__ = ["EPOCH_COLUMNS", "TRIAL_COLUMNS", "SearchProgress", "collect_results",
-           "latest_history", "run_checkpoints"]
+__all__ = ["EPOCH_COLUMNS", "TRIAL_COLUMNS", "SearchProgress", "TrustCallback",
+           "collect_results", "latest_history", "run_checkpoints"]
 
 
 # ----------------------------------------------------------------------------- results
@@ -34,7 +35,11 @@ EPOCH_COLUMNS = [
 
 
 def run_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
-    """(checkpoint URI, its metrics.json) for every checkpoint a Train run still holds."""
+    """(checkpoint URI, its metrics.json) for every usable checkpoint a Train run still holds.
+
+    A checkpoint with a missing, empty or unreadable file (being written when the driver died, or
+    cut short by a full disk) is left out: it is neither a resume point nor an ensemble member.
+    """
     fs, path = get_fs(run_dir)
     if not fs.exists(path):
         return []
@@ -45,9 +50,15 @@ def run_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
             continue  # Ray keeps checkpoint_manager_snapshot.json beside the checkpoint folders
         uri = join(run_dir, name)
         try:
+            sizes = {
+                f["name"].rstrip("/").rsplit("/", 1)[-1]: int(f.get("size") or 0)
+                for f in fs.ls(entry, detail=True)
+            }
+            if checkpoint_damage(sizes):
+                continue
             metrics = json.loads(read_bytes(join(uri, "metrics.json")))
         except (OSError, ValueError):
-            continue  # a checkpoint being written when the driver died
+            continue
         out.append((uri, metrics))
     return out
 
@@ -60,13 +71,20 @@ def latest_history(ckpts: list[tuple[str, dict[str, Any]]]) -> list[dict[str, An
     return json.loads(read_bytes(join(latest_uri, "history.json")))
 
 
-def collect_results(grid, spec: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
+def collect_results(
+    grid, spec: SearchSpace, *, unfinished: set[str] = frozenset()
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per trial and one per epoch.
 
     Epochs come from the ``history.json`` each trial carries in its latest checkpoint, not from
     Tune's result files: a trial that finished just before the driver was killed is restored,
     re-reports its last epoch and rewrites Tune's files, but its checkpoints keep every epoch.
+    ``best_checkpoint`` is relative to the experiment folder (``train-<id>/checkpoint_<n>``), so
+    the experiment can be moved. A trial that Tune had not ended when the search stopped
+    (Ctrl-C) is ``unfinished``: ``unfinished`` holds their ids, as Ray's saved state records them
+    (Ray marks the trials it stopped on Ctrl-C TERMINATED in memory, RUNNING in the saved state).
     """
+
     trial_rows, epoch_frames = [], []
     names = [p.name for p in spec.space]
     # ResultGrid keeps its results in the order of the analysis' Trial objects, which carry ids.
@@ -84,7 +102,7 @@ def collect_results(grid, spec: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame
         epoch_frames.append(df[keep])
         full = spec.trial_config({k: config[k] for k in names if k in config}).to_dict()
         row: dict[str, Any] = {"trial_id": trial_id}
-        row["error"] = str(result.error).strip().splitlines()[-1][:500] if result.error else None
+        row["error"] = _error_line(result.error)
         if ckpts:
             best_uri, best = min(ckpts, key=lambda c: c[1]["val_loss"])
             last = history[-1]
@@ -96,7 +114,7 @@ def collect_results(grid, spec: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame
                 best_val_loss=float(best["val_loss"]),
                 best_epoch=int(best["epoch"]),
                 val_study_kappa=float(best["val_study_kappa"]),
-                best_checkpoint=best_uri,
+                best_checkpoint=relative(spec.experiment_dir, best_uri),
                 wall_time_s=float(wall),
             )
             stopped_early = bool(last.get("early_stopped", False))
@@ -107,6 +125,8 @@ def collect_results(grid, spec: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame
             stopped_early = False
         if result.error:
             row["status"] = "failed"
+        elif trial_id in unfinished or trial.status in ("PENDING", "RUNNING", "PAUSED"):
+            row["status"] = "unfinished"  # the search stopped before this trial ended
         elif row["epochs"] >= spec.scheduler.max_epochs:
             row["status"] = "completed"
         elif stopped_early:
@@ -124,6 +144,57 @@ def collect_results(grid, spec: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame
     trials = trials[cols].sort_values("best_val_loss", na_position="last").reset_index(drop=True)
     epochs = pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame()
     return trials, epochs
+
+
+def _error_line(error: BaseException | None) -> str | None:
+    """The last non-empty line of a trial's error (Ray puts the root cause last), at most 500
+    characters; None for no error."""
+    if not error:
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
+
+
+# ----------------------------------------------------------------------------- trust
+
+
+def _callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class TrustCallback(_callback_base()):
+    """Signs Ray's state files right after Ray saves them (see ``raysearch.experiment``).
+
+    Tune saves its experiment state into a local staging folder at the end of a controller step
+    and then copies it to storage; ``on_step_end`` runs right after that save, so each new state
+    is signed before the driver could be killed with it in storage. Only the experiment URI
+    travels when Ray pickles this callback.
+    """
+
+    def __init__(self, experiment_dir: str) -> None:
+        self.experiment_dir = experiment_dir
+        self._seen: tuple = ()
+
+    def __getstate__(self):
+        return {"experiment_dir": self.experiment_dir, "_seen": ()}
+
+    def on_step_end(self, iteration, trials, **info):
+        if not trials:
+            return
+        import os
+
+        staging = trials[0].storage.experiment_driver_staging_path
+        try:
+            stamp = tuple(
+                sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(staging) if e.is_file())
+            )
+        except OSError:
+            return
+        if stamp != self._seen:
+            sign_ray_state(self.experiment_dir, source=staging)
+            self._seen = stamp
 
 
 # ----------------------------------------------------------------------------- live view
@@ -204,6 +275,8 @@ class SearchProgress(_progress_base()):
         self._refresh()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("resume_note") and self.console is not None:
+            self.console.print(f"[yellow]trial {trial.trial_id}: {result['resume_note']}[/]")
         row = self._row(trial)
         row.update(status="running", epoch=result.get("epoch"), val_loss=result.get("val_loss"),
                    best_val_loss=result.get("best_val_loss"),

@@ -25,6 +25,7 @@ from raysearch.config import (
     typed,
 )
 from raysearch.errors import ConfigError
+from raysearch.experiment import check_name
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -192,8 +193,7 @@ def parse_search_space(
         trial=trial,
         space=space,
     )
-    if not spec.name or "/" in spec.name:
-        raise ConfigError(f"name must be a non-empty folder name without '/', got {spec.name!r}")
+    check_name(spec.name, what="name")
     _check_space_consistency(spec)
     return spec
 

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import fsspec.implementations.local
 from fsspec.core import url_to_fs
+
+from raysearch.errors import StorageError, os_error_message
 
 __all__ = [
     "atomic_write_bytes",
@@ -36,11 +39,53 @@ def is_url(path: str | os.PathLike) -> bool:
 
 
 def get_fs(path: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return (filesystem, path inside it) for a local path or any fsspec URL."""
+    """Return (filesystem, path inside it) for a local path or any fsspec URL.
+
+    Raises :class:`StorageError` at once for a ``gs://`` URL whose endpoint does not resolve
+    (offline): gcsfs would otherwise log tracebacks and retry for over a minute.
+    """
     s = str(path)
     if not is_url(s):
         s = os.path.abspath(os.path.expanduser(s.removeprefix("file://")))
+    elif s.startswith(("gs://", "gcs://")):
+        _check_gcs_reachable(s)
     return url_to_fs(s)
+
+
+_REACHABLE: dict[str, str | None] = {}  # host -> None (resolves) or why it does not
+
+
+def _gcs_host() -> str:
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or (
+        fsspec.config.conf.get("gcs", {}).get("endpoint_url") or "https://storage.googleapis.com"
+    )
+    if "://" not in endpoint:
+        endpoint = f"http://{endpoint}"
+    return urlparse(endpoint).hostname or "storage.googleapis.com"
+
+
+def _check_gcs_reachable(url: str, *, timeout_s: float = 5.0) -> None:
+    """Resolve the GCS endpoint's host once per process (in a thread, with a timeout)."""
+    import concurrent.futures
+    import socket
+
+    host = _gcs_host()
+    if host not in _REACHABLE:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        try:
+            pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout_s)
+            _REACHABLE[host] = None
+        except concurrent.futures.TimeoutError:
+            _REACHABLE[host] = f"resolving {host} took over {timeout_s:g} s"
+        except OSError as e:
+            _REACHABLE[host] = f"{host} does not resolve ({e.strerror or e})"
+        finally:
+            pool.shutdown(wait=False)
+    why = _REACHABLE[host]
+    if why is not None:
+        raise StorageError(f"cannot reach {url}: {why}; is this machine offline?")
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
@@ -60,13 +105,36 @@ def exists(path: str | os.PathLike) -> bool:
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of a file. ``FileNotFoundError`` passes through (callers name what is missing);
+    a permission or other actionable OS error becomes a :class:`StorageError` naming the path."""
     fs, p = get_fs(path)
-    with fs.open(p, "rb") as f:
-        return f.read()
+    try:
+        with fs.open(p, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise _storage_error(e, path) from e
+
+
+def _storage_error(e: OSError, path: str | os.PathLike) -> BaseException:
+    message = os_error_message(e, path=str(path))
+    return StorageError(message) if message else e
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
-    """Write ``data`` to ``path`` via a temporary sibling and a rename. Returns the path."""
+    """Write ``data`` to ``path`` via a temporary sibling and a rename. Returns the path.
+
+    A full disk, a missing permission or a read-only file system raises :class:`StorageError`
+    ("no space left on <path>"), and neither a partial file nor the temporary one is left.
+    """
+    try:
+        return _atomic_write_bytes(path, data)
+    except OSError as e:
+        raise _storage_error(e, path) from e
+
+
+def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
     s = str(path)
     if not is_url(s):
         final = Path(os.path.abspath(os.path.expanduser(s)))
@@ -122,19 +190,84 @@ def read_parquet(path: str | os.PathLike):
 
 
 def ray_storage_args(uri: str | os.PathLike) -> dict[str, Any]:
-    """``storage_path`` (and ``storage_filesystem``) for a Ray Tune/Train ``RunConfig``.
+    """``storage_path`` and ``storage_filesystem`` for a Ray Tune/Train ``RunConfig``.
 
     Remote URLs go through the same fsspec filesystem the rest of raysearch uses (one client and
     one configuration for data, cache, reports and checkpoints), wrapped for pyarrow, with the
-    path given without its scheme as Ray expects.
+    path given without its scheme as Ray expects. Local folders go through
+    :class:`AtomicLocalFileSystem`: Ray copies its experiment state and every checkpoint into
+    storage file by file, and a plain copy cut short by a full disk leaves a truncated experiment
+    state over the last good one (a bucket publishes an object only when its upload completes).
     """
-    s = str(uri)
-    if not is_url(s):
-        return {"storage_path": os.path.abspath(os.path.expanduser(s))}
     import pyarrow.fs
 
+    s = str(uri)
+    if not is_url(s):
+        return {
+            "storage_path": os.path.abspath(os.path.expanduser(s)),
+            "storage_filesystem": pyarrow.fs.PyFileSystem(
+                pyarrow.fs.FSSpecHandler(AtomicLocalFileSystem())
+            ),
+        }
     fs, path = get_fs(s)
     return {
         "storage_path": path,
         "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)),
     }
+
+
+class AtomicLocalFileSystem(fsspec.implementations.local.LocalFileSystem):
+    """The local file system, except that a file opened for writing is written to a temporary
+    sibling and renamed into place when it is closed: a reader (or a resume) sees the old file or
+    the new one, never half of one. A write that fails (no space left) leaves the old file as it
+    was and no temporary file behind."""
+
+    def _open(self, path, mode="rb", block_size=None, **kwargs):
+        if "w" not in mode:
+            return super()._open(path, mode, block_size=block_size, **kwargs)
+        path = self._strip_protocol(path)
+        self.makedirs(self._parent(path), exist_ok=True)
+        return _AtomicFile(path, mode)
+
+
+class _AtomicFile(io.RawIOBase):
+    def __init__(self, path: str, mode: str) -> None:
+        super().__init__()
+        self.path = path
+        self.tmp = os.path.join(os.path.dirname(path),
+                                f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        self._f = open(self.tmp, mode)  # noqa: SIM115 - closed (and renamed) in close()
+        self._failed = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def flush(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            try:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            except BaseException:
+                self._failed = True
+                raise
+            finally:
+                self._f.close()
+            if not self._failed:
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+            super().close()

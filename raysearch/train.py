@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,7 +34,8 @@ import torch.nn.functional as F
 from raysearch import metrics as M
 from raysearch.config import TrialConfig
 from raysearch.data import BODY_PARTS
-from raysearch.errors import DataError
+from raysearch.errors import CheckpointError, DataError, first_line
+from raysearch.experiment import checkpoint_damage
 from raysearch.storage import read_parquet
 
 # ----------------------------------------------------------------------------- per-worker loop
@@ -195,17 +197,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # --- resume from the latest checkpoint, if this run has one
     start_epoch, best_val_loss, bad_epochs = 0, math.inf, 0
     history: list[dict[str, Any]] = []  # every epoch's report, carried in each checkpoint
+    resume_note, saved = None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            raw_model.load_state_dict(
-                torch.load(os.path.join(d, "model.pt"), map_location=device, weights_only=True)
-            )
-            state = torch.load(
-                os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True
-            )
-            with open(os.path.join(d, "history.json")) as f:
-                history = json.load(f)
+        saved, resume_note = load_resume_state(checkpoint, device=device)
+        if resume_note:
+            print(f"raysearch: trial {cfg.arch}: {resume_note}", file=sys.stderr)
+    if saved is not None:
+        model_state, state, history = saved
+        raw_model.load_state_dict(model_state)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         augment.load_state_dict(state["augment"])
@@ -268,6 +268,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         probs = np.concatenate(_gather(shard_probs, world))
         report = {"epoch": epoch, "train_loss": train_loss, **val_metrics(val.frame, probs)}
+        if resume_note:  # said once, with the first epoch after the resume
+            report["resume_note"], resume_note = resume_note, None
         val_time = time.perf_counter() - t1
 
         # --- bookkeeping: schedule, early stopping
@@ -302,6 +304,66 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=ckpt)
         if stop:
             break
+
+
+def load_resume_state(checkpoint, *, device) -> tuple[tuple | None, str | None]:
+    """(model state dict, train state, history) to resume from, and a note when it is not the
+    latest checkpoint's.
+
+    A checkpoint with a missing, empty or truncated file (a full disk, a killed writer) is not a
+    resume point: the newest intact checkpoint beside it is used instead (the trial's best, which
+    Ray Train keeps too), and the note says so. With none intact, the trial starts over
+    (``None``), and the note says that. Files are read with ``torch.load(weights_only=True)``.
+    """
+    tried = []
+    for ckpt in [checkpoint, *_sibling_checkpoints(checkpoint)]:
+        name = ckpt.path.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            with ckpt.as_directory() as d:
+                damage = checkpoint_damage({n: os.path.getsize(os.path.join(d, n)) for n in os.listdir(d)})
+                if damage:
+                    raise CheckpointError(damage)
+                model_state = torch.load(os.path.join(d, "model.pt"), map_location=device,
+                                         weights_only=True)
+                state = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu",
+                                   weights_only=True)
+                with open(os.path.join(d, "history.json")) as f:
+                    history = json.load(f)
+        except Exception as e:  # noqa: BLE001 - any unreadable file makes it no resume point
+            tried.append(f"{name} is damaged ({first_line(e)[:120]})")
+            continue
+        note = None
+        if tried:
+            note = f"{'; '.join(tried)}: resuming from {name} (epoch {state['epoch']}) instead"
+        return (model_state, state, history), note
+    return None, f"{'; '.join(tried)}: no intact checkpoint left, the trial starts over"
+
+
+def _sibling_checkpoints(checkpoint) -> list:
+    """The other checkpoints of the same Train run, newest epoch first."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent = path.rsplit("/", 1)[0]
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(parent))
+    except OSError:
+        return []
+    found = []
+    for info in infos:
+        base = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if info.type != pafs.FileType.Directory or not base.startswith("checkpoint_"):
+            continue
+        if info.path.rstrip("/") == path:
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/metrics.json") as f:
+                epoch = int(json.loads(f.readall()).get("epoch", -1))
+        except (OSError, ValueError):
+            epoch = -1
+        found.append((epoch, info.path))
+    return [ray.train.Checkpoint(path=p, filesystem=fs) for _, p in sorted(found, reverse=True)]
 
 
 def _bn_batches(cache, rows, augment, *, n_images, batch_size, seed, epoch, rank, world, device):

@@ -8,7 +8,7 @@ plus their worker placement groups always fit the cluster, and writes ``trials.p
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -17,14 +17,32 @@ from typing import Any
 import yaml
 
 from raysearch.config import ResourcesConfig
-from raysearch.errors import ConfigError, ExperimentExistsError
-from raysearch.results import SearchProgress, collect_results
+from raysearch.errors import (
+    ConfigError,
+    ExperimentExistsError,
+    SearchFailedError,
+    SearchInterrupted,
+    StorageError,
+)
+from raysearch.experiment import (
+    ExperimentLock,
+    check_ray_state_intact,
+    check_writable,
+    fail_on_restore_error,
+    is_experiment,
+    read_info,
+    remove_experiment,
+    sign_ray_state,
+    unfinished_trials,
+    update_info,
+    verify_ray_state,
+)
+from raysearch.results import SearchProgress, TrustCallback, collect_results
 from raysearch.space import Param, SearchSpace
 from raysearch.storage import (
     atomic_write_parquet,
     atomic_write_text,
     exists,
-    get_fs,
     join,
     ray_storage_args,
     read_bytes,
@@ -175,18 +193,66 @@ def run_search(
     overwrite: bool = False,
     address: str | None = None,
     verbose: bool = False,
+    trust: bool = False,
     console=None,
 ) -> str:
-    """Run (or resume) the search described by ``spec``. Returns the experiment folder URI."""
+    """Run (or resume) the search described by ``spec``. Returns the experiment folder URI.
+
+    Everything that can be checked is checked before anything is deleted and before Ray starts:
+    the experiment's lock, its saved state (intact, and signed by raysearch unless ``trust``),
+    the weights, the dataset, the free space. ``overwrite`` deletes the old experiment only then.
+
+    Raises :class:`ExperimentLockedError` when another run holds the experiment,
+    :class:`ExperimentStateError` for a damaged or unsigned saved state (a search never falls back
+    to a new, smaller one), :class:`StorageError` when the storage fills up,
+    :class:`SearchInterrupted` (exit 130) after Ctrl-C, with the results written so far marked
+    unfinished, and :class:`SearchFailedError` when every trial failed.
+    """
     from rich.console import Console
 
     console = console or Console(stderr=True)
     exp_dir = spec.experiment_dir
     spec_yaml = yaml.safe_dump(spec.to_dict(), sort_keys=False)
-    restoring = _check_existing(spec, exp_dir, spec_yaml, resume=resume, overwrite=overwrite)
+    with ExperimentLock(exp_dir, command="tune"):
+        restoring = _check_existing(spec, exp_dir, spec_yaml, resume=resume, overwrite=overwrite)
+        if restoring:
+            check_ray_state_intact(exp_dir)
+            if trust:
+                sign_ray_state(exp_dir)
+            else:
+                verify_ray_state(exp_dir)
+        return _run_locked(
+            spec, exp_dir, spec_yaml, restoring=restoring, overwrite=overwrite, address=address,
+            verbose=verbose, console=console,
+        )
+
+
+def _run_locked(spec, exp_dir, spec_yaml, *, restoring, overwrite, address, verbose, console):
+    from raysearch.launch import check_free_space, prepare_data, read_dataset
     from raysearch.models import check_weights
 
+    # --- everything knowable, before anything is deleted and before Ray starts
     check_weights(weight_sources(spec))
+    manifest_uri = join(exp_dir, "manifest.parquet")
+    manifest = None
+    if not (restoring and exists(manifest_uri)):
+        manifest = read_dataset(spec.data, console=console)
+        check_free_space(
+            manifest=manifest, image_sizes=image_sizes(spec), cache_dir=spec.cache_dir,
+            experiment_dir=exp_dir, archs={a for a, _ in weight_sources(spec)},
+            num_trials=spec.search.num_samples, console=console,
+        )
+    if overwrite:
+        remove_experiment(exp_dir, storage=spec.storage)
+    update_info(
+        exp_dir, kind="search", name=spec.name, state="running", manifest="manifest.parquet",
+        cache_dir=spec.cache_dir,
+        data={"root": spec.data.root, "val_fraction": spec.data.val_fraction, "seed": spec.data.seed},
+    )
+    if manifest is not None:  # data once, on the driver: the manifest and decode-once caches
+        prepare_data(manifest=manifest, experiment_dir=exp_dir, cache_dir=spec.cache_dir,
+                     image_sizes=image_sizes(spec))
+    atomic_write_text(join(exp_dir, "search_space.yaml"), spec_yaml)
 
     from raysearch.launch import init_ray
 
@@ -206,30 +272,6 @@ def run_search(
         + f" per trial -> {exp_dir}"
     )
 
-    # Data once, on the driver: manifest, split and decode-once caches for every image size.
-    manifest_uri = join(exp_dir, "manifest.parquet")
-    if not (restoring and exists(manifest_uri)):
-        from raysearch.launch import prepare_data
-
-        prepare_data(
-            root=spec.data.root, val_fraction=spec.data.val_fraction, seed=spec.data.seed,
-            skip_bad=spec.data.skip_bad, experiment_dir=exp_dir, cache_dir=spec.cache_dir,
-            image_sizes=image_sizes(spec), console=console,
-        )
-    atomic_write_text(join(exp_dir, "search_space.yaml"), spec_yaml)
-    atomic_write_text(
-        join(exp_dir, "experiment.json"),
-        json.dumps(
-            {
-                "name": spec.name, "storage": spec.storage, "experiment_dir": exp_dir,
-                "manifest": manifest_uri, "cache_dir": spec.cache_dir,
-                "data": {"root": spec.data.root, "val_fraction": spec.data.val_fraction,
-                         "seed": spec.data.seed},
-            },
-            indent=1,
-        ),
-    )
-
     run = {
         "trial": dict(spec.trial),
         "space_names": [p.name for p in spec.space],
@@ -243,7 +285,12 @@ def run_search(
         "torch_threads": plan.torch_threads,
     }
     progress = SearchProgress(spec, console=console)
-    tuner = _make_tuner(spec, plan, run, progress, restoring=restoring)
+    callbacks = [progress, TrustCallback(exp_dir)]
+    retry_failed = restoring and read_info(exp_dir).get("state") == "no_space"
+    with fail_on_restore_error():
+        tuner = _make_tuner(spec, plan, run, callbacks, restoring=restoring,
+                            retry_failed=retry_failed)
+    sign_ray_state(exp_dir)  # tuner.pkl, written by the Tuner
     if restoring and spec.scheduler.kind == "asha":
         from raysearch.asha import restore_rungs, trial_histories
 
@@ -253,44 +300,154 @@ def run_search(
                           metric=OBJECTIVE, mode="min")
         console.print(f"ASHA rungs rebuilt from the checkpoints of {len(histories)} trial(s): {n} records")
     t0 = time.time()
-    with progress:
-        grid = tuner.fit()
-    trials, epochs = collect_results(grid, spec)
+    try:
+        with progress, fail_on_restore_error():
+            grid = tuner.fit()
+    except Exception as e:
+        try:
+            _raise_known(e, storage=exp_dir)
+        except StorageError:
+            _mark_no_space(exp_dir)
+            raise
+        raise
+    sign_ray_state(exp_dir)  # the final state, saved and synced before fit() returned
+    trials, epochs = collect_results(grid, spec, unfinished=unfinished_trials(exp_dir))
+    unfinished = int((trials["status"] == "unfinished").sum()) if len(trials) else 0
+    interrupted = unfinished > 0 or len(trials) < spec.search.num_samples
+    failed = len(trials) > 0 and bool((trials["status"] == "failed").all())
+    state = "interrupted" if interrupted else ("failed" if failed else "finished")
     atomic_write_parquet(epochs, join(exp_dir, "epochs.parquet"))
     atomic_write_parquet(trials, join(exp_dir, "trials.parquet"))
+    update_info(exp_dir, state=state, trials=len(trials), num_samples=spec.search.num_samples)
     from raysearch.report import best_trials_table
 
-    console.print(best_trials_table(trials, title=f"{spec.name}: best trials"))
-    n_failed = int((trials["status"] == "failed").sum())
+    if len(trials) and trials["best_val_loss"].notna().any():
+        console.print(best_trials_table(trials, title=f"{spec.name}: best trials"))
+    n_failed = int((trials["status"] == "failed").sum()) if len(trials) else 0
     console.print(
-        f"{len(trials)} trials ({n_failed} failed), {int(epochs.shape[0])} epochs in "
-        f"{time.time() - t0:.0f} s. Results: {join(exp_dir, 'trials.parquet')}"
+        f"{len(trials)} trials ({n_failed} failed"
+        + (f", {unfinished} unfinished" if unfinished else "")
+        + f"), {int(epochs.shape[0])} epochs in {time.time() - t0:.0f} s. "
+        f"Results: {join(exp_dir, 'trials.parquet')}"
     )
+    try:
+        _raise_for_trial_errors(trials, storage=exp_dir)
+    except StorageError:
+        _mark_no_space(exp_dir)
+        raise
+    if interrupted:
+        raise SearchInterrupted(
+            f"interrupted; run the same command to resume ({len(trials) - unfinished} of "
+            f"{spec.search.num_samples} trials ended; results so far are marked unfinished)"
+        )
+    if failed:
+        raise SearchFailedError(_failure_summary(trials))
     return exp_dir
 
 
+NO_SPACE = ("No space left on device", "[Errno 28]", "ENOSPC")
+
+
+def _mark_no_space(exp_dir: str) -> None:
+    """Record that the storage filled up: the next resume retries the trials that failed of it
+    (Ray would otherwise keep them as failed for good)."""
+    with contextlib.suppress(Exception):  # the disk may be too full even for this
+        update_info(exp_dir, state="no_space")
+
+
+def _raise_known(error: BaseException, *, storage: str) -> None:
+    """Turn what Ray raised into raysearch's error when its cause is one a user can act on."""
+    from raysearch.errors import find_os_error, os_error_message
+    from raysearch.experiment import raysearch_error_in
+
+    known = raysearch_error_in(error)
+    if known is not None:
+        raise known from error
+    os_error = find_os_error(error)
+    message = os_error_message(os_error) if os_error is not None else None
+    if message is None and (any(s in str(error) for s in NO_SPACE) or _storage_full(storage)):
+        message = f"no space left on {storage}"
+    if message is not None:
+        raise StorageError(
+            f"{message}; free some space, then run the same command to resume"
+        ) from error
+
+
+def _storage_full(uri: str, *, margin: int = 1 << 20) -> bool:
+    """True when the local file system holding ``uri`` has less than ``margin`` bytes free."""
+    from raysearch.launch import free_bytes
+
+    free = free_bytes(uri)
+    return free is not None and free < margin
+
+
+def _raise_for_trial_errors(trials, *, storage: str) -> None:
+    if not len(trials) or "error" not in trials:
+        return
+    errors = trials["error"].dropna().astype(str)
+    if errors.map(lambda e: any(s in e for s in NO_SPACE)).any() or (
+        len(errors) and _storage_full(storage)
+    ):
+        raise StorageError(
+            f"no space left on {storage}: {len(errors)} trial(s) failed writing there; free some "
+            "space, then run the same command to resume"
+        )
+
+
+def _failure_summary(trials) -> str:
+    errors = trials["error"].fillna("(no error message)").astype(str)
+    counts = errors.value_counts()
+    common, n = counts.index[0], int(counts.iloc[0])
+    return (
+        f"all {len(trials)} trials failed; the most common error ({n} of them): {common}"
+    )
+
+
 def _check_existing(spec, exp_dir, spec_yaml, *, resume, overwrite) -> bool:
-    """True when an existing experiment should be restored; refuse to overwrite silently."""
+    """True when an existing experiment should be restored. Refuses to overwrite silently, to
+    write into a folder that is not a raysearch experiment, and to mix a search into a
+    ``raysearch train`` experiment. Deletes nothing (``overwrite`` is checked here, done later)."""
     from ray.tune import Tuner
 
-    state_exists = Tuner.can_restore(**_restore_path_args(exp_dir))
     if overwrite:
-        fs, path = get_fs(exp_dir)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        remove_experiment(exp_dir, storage=spec.storage, dry_run=True)
         return False
+    state_exists = Tuner.can_restore(**_restore_path_args(exp_dir))
+    if is_experiment(exp_dir):
+        kind = read_info(exp_dir).get("kind", "search")
+        if kind != "search":
+            raise ExperimentExistsError(
+                f"{exp_dir} holds a `raysearch {kind}` experiment, not a search; use --name to "
+                "start a new one or --overwrite to replace it",
+                experiment_dir=exp_dir,
+            )
+    else:
+        check_writable(exp_dir)
     if not state_exists:
         if resume:
             raise ConfigError(f"--resume: no experiment to resume at {exp_dir}")
         return False
     saved = join(exp_dir, "search_space.yaml")
-    if exists(saved) and read_bytes(saved).decode() != spec_yaml:
+    if exists(saved) and not _same_space(read_bytes(saved).decode(), spec_yaml):
         raise ExperimentExistsError(
             f"experiment {spec.name!r} already exists at {exp_dir} with a different search space; "
             "use --name to start a new one or --overwrite to replace it",
             experiment_dir=exp_dir,
         )
     return True
+
+
+def _same_space(saved_yaml: str, spec_yaml: str) -> bool:
+    """Whether two resolved search spaces describe the same search. Where the experiment is
+    stored does not count: a moved or copied experiment resumes from its new place."""
+    saved, now = yaml.safe_load(saved_yaml), yaml.safe_load(spec_yaml)
+    if not isinstance(saved, dict):
+        return False
+    for d in (saved, now):
+        d.pop("storage", None)
+        if isinstance(d.get("data"), dict):
+            d["data"].pop("cache_dir", None)  # <storage>/cache by default
+    return saved == now
 
 
 def _restore_path_args(exp_dir: str) -> dict[str, Any]:
@@ -301,7 +458,8 @@ def _restore_path_args(exp_dir: str) -> dict[str, Any]:
     return out
 
 
-def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, restoring: bool):
+def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, callbacks: list, *,
+                restoring: bool, retry_failed: bool = False):
     from ray import tune
 
     from raysearch.asha import make_scheduler
@@ -313,11 +471,11 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, r
     )
     if restoring:
         tuner = tune.Tuner.restore(
-            trainable=trainable, resume_unfinished=True, resume_errored=False,
+            trainable=trainable, resume_unfinished=True, resume_errored=retry_failed,
             **_restore_path_args(spec.experiment_dir),
         )
         # Callbacks are not saved with the experiment; put the live view back.
-        tuner._local_tuner._run_config.callbacks = [progress]
+        tuner._local_tuner._run_config.callbacks = list(callbacks)
         return tuner
     sampler = make_sampler(spec)
     searcher = MultiFidelitySearch(
@@ -335,7 +493,7 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, progress, *, r
             name=spec.name,
             **ray_storage_args(spec.storage),
             failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
-            callbacks=[progress],
+            callbacks=list(callbacks),
             verbose=0,
         ),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -11,6 +12,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# One trust key (experiment signatures) for the session and its subprocesses, not ~/.config's;
+# library logs of CLI runs go to a scratch folder, not ~/.cache.
+os.environ.setdefault("RAYSEARCH_TRUST_KEY", "raysearch-test-session")
+os.environ.setdefault("RAYSEARCH_LOG_DIR", tempfile.mkdtemp(prefix="raysearch-logs-"))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import pytest
 from ray.tune.schedulers import TrialScheduler
 
 from raysearch.asha import make_scheduler, restore_rungs, trial_histories
+from raysearch.experiment import CHECKPOINT_FILES
 from raysearch.space import load_search_space
 
 
@@ -115,9 +116,13 @@ def test_trial_histories_read_the_latest_checkpoint(tmp_path):
     def ckpt(run, epoch, history):
         d = tmp_path / run / f"checkpoint_{epoch:06d}"
         d.mkdir(parents=True)
+        for name in CHECKPOINT_FILES:  # a checkpoint with a missing or empty file is no result
+            (d / name).write_bytes(b"x")
         (d / "metrics.json").write_text(json.dumps({"epoch": epoch, "val_loss": 0.5}))
         if history is not None:
             (d / "history.json").write_text(history)
+        else:
+            (d / "history.json").unlink()
 
     rows = [{"epoch": e, "best_val_loss": 0.9 - e / 10} for e in (1, 2, 3)]
     ckpt("train-aaa", 2, json.dumps(rows[:2]))

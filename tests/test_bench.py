@@ -188,6 +188,7 @@ def test_bench_on_a_kept_experiment_of_other_settings_names_storage(tmp_path, ti
     fifo = _search_arms(_tiny_base(tmp_path, tiny_root), seed=7)["fifo+random"]
     kept = out / fifo.name  # a kept experiment of the same name, from a run with other settings
     kept.mkdir(parents=True)
+    (kept / "experiment.json").write_text("{}")  # raysearch's marker, written before Ray's files
     (kept / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
     (kept / "search_space.yaml").write_text("name: fifo-random-seed7\n")
     with pytest.raises(ConfigError, match=r"bench search: .*fifo-random-seed7 holds .* another --storage"):

@@ -95,7 +95,8 @@ BAD = [
     (spec_with("trial.optimiser", "adam"), "unknown key `trial.optimiser`; allowed:"),
     (spec_with("space", None, delete=True), "<spec>: missing key `space` (the parameters to search)"),
     (spec_with("search.points_to_evaluate", [{"arch": "resnet18", "colour": 1}]), "search.points_to_evaluate[0]: unknown parameter `colour`; the space defines:"),
-    (spec_with("name", "a/b"), "name must be a non-empty folder name without '/', got 'a/b'"),
+    (spec_with("name", "a/b"), ("name must be one folder name of letters, digits and _.+=@,- "
+                               "(not starting with '.' or '-'), got 'a/b'")),
 ]
 
 

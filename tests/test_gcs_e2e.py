@@ -122,7 +122,8 @@ def test_search_and_ensemble_entirely_in_a_bucket(gcs_emulator: GcsEmulator, tmp
     assert not os.path.exists("reports-that-must-not-be-used")
 
     info = json.loads(storage.read_bytes(storage.join(exp, "experiment.json")))
-    assert info["experiment_dir"] == exp and info["cache_dir"] == cache
+    assert info["manifest"] == "manifest.parquet" and info["cache_dir"] == cache
+    assert info["kind"] == "search" and info["state"] == "finished"
     assert info["data"]["root"] == data
     manifest = storage.read_parquet(storage.join(exp, "manifest.parquet"))
     assert manifest["image_path"].str.startswith(f"{data}/MURA-v1.1/").all()
