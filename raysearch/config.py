@@ -27,6 +27,10 @@ from raysearch.storage import is_url, read_bytes
 CLASS_WEIGHTINGS = ("none", "mura", "inverse", "balanced")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("plateau", "cosine")
+# fp_bias b is added to the count of negative training images in `inverse`'s positive weight
+# 1 + (N + b) / P. It must not be negative (that could make the weight <= 0); MURA has about 21k
+# negative training images, so a bias past a million is a typo, not a setting.
+MAX_FP_BIAS = 1e6
 AUGMENT_KEYS = ("rotation", "hflip", "scale_min", "scale_max", "translate", "brightness", "contrast")
 
 
@@ -87,6 +91,8 @@ class TrialConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.fp_bias <= MAX_FP_BIAS:
+            raise ConfigError(f"fp_bias must be in [0, {MAX_FP_BIAS:g}], got {self.fp_bias!r}")
         if self.precise_bn_images < 0:
             raise ConfigError(f"precise_bn_images must be >= 0, got {self.precise_bn_images!r}")
         self.augment_params()  # validates the preset and overrides
