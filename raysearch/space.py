@@ -222,7 +222,7 @@ def _parse_space(raw: dict[str, Any], trial_keys: set[str]) -> tuple[Param, ...]
             )
         kind = dist[0]
         arg = spec[kind]
-        when = _parse_when(when_raw, f"{path}.when", {p.name for p in params})
+        when = _parse_when(when_raw, f"{path}.when", params)
         step = spec.get("step")
         if step is not None and kind not in ("int", "uniform"):
             raise ConfigError(f"`{path}.step` is only allowed with int or uniform")
@@ -253,21 +253,86 @@ def _parse_space(raw: dict[str, Any], trial_keys: set[str]) -> tuple[Param, ...]
             )
     if not params:
         raise ConfigError("`space` is empty: give at least one parameter")
+    for p in params:
+        if p.when and not _can_apply(p, params):
+            parents = ", ".join(f"`{k}`" for k in _ancestors(p, params))
+            raise ConfigError(
+                f"`space.{p.name}.when` can never hold: no values of {parents} meet it and their "
+                f"own `when` conditions together, so `{p.name}` would never be sampled"
+            )
     return tuple(params)
 
 
-def _parse_when(raw: Any, path: str, known: set[str]) -> tuple[tuple[str, tuple], ...]:
+def _parse_when(raw: Any, path: str, earlier: list[Param]) -> tuple[tuple[str, tuple], ...]:
+    """``when: {parent: [values]}`` -> ((parent, values), ...), checked against each parent.
+
+    A parent must be a ``choice`` or ``constant`` parameter defined earlier, and every value must
+    be one it can take: a condition no sample can meet would silently never sample the parameter.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"`{path}` must be a mapping of parameter -> allowed values, got {raw!r}")
+    by_name = {p.name: p for p in earlier}
     out = []
     for k, v in raw.items():
-        if k not in known:
+        parent = by_name.get(k)
+        if parent is None:
             raise ConfigError(
                 f"`{path}.{k}` refers to a parameter that is not defined earlier in `space`"
             )
+        if parent.kind not in ("choice", "constant"):
+            raise ConfigError(
+                f"`{path}.{k}`: `{k}` is a {parent.kind} parameter; `when` needs a choice or "
+                "constant parameter, whose values can be listed"
+            )
+        choices = ", ".join(repr(c) for c in parent.values)
         allowed = tuple(v) if isinstance(v, list) else (v,)
+        if not allowed:
+            raise ConfigError(f"`{path}.{k}` must list at least one value of `{k}` ({choices})")
+        for value in allowed:
+            if isinstance(value, (dict, list)) or value not in parent.values:
+                raise ConfigError(
+                    f"`{path}.{k}`: {value!r} is not a value of `{k}`; its values: {choices}"
+                )
         out.append((k, allowed))
     return tuple(out)
+
+
+def _ancestors(p: Param, params: list[Param]) -> list[str]:
+    """The parameters ``p``'s ``when`` depends on, directly or through theirs, in file order."""
+    by_name = {q.name: q for q in params}
+    seen: set[str] = set()
+    todo = [k for k, _ in p.when]
+    while todo:
+        k = todo.pop()
+        if k not in seen:
+            seen.add(k)
+            todo += [kk for kk, _ in by_name[k].when]
+    return [q.name for q in params if q.name in seen]
+
+
+def _can_apply(p: Param, params: list[Param]) -> bool:
+    """Whether some values of ``p``'s ancestors, sampled as the searcher samples them (in file
+    order, each only when its own ``when`` holds), meet ``p.when``."""
+    by_name = {q.name: q for q in params}
+    order = [by_name[k] for k in _ancestors(p, params)]
+    tests = [(k, allowed) for q in [*order, p] for k, allowed in q.when]
+
+    def options(a: Param) -> list:
+        # Values that every condition treats alike are interchangeable: try one of each kind.
+        kinds: dict[tuple[bool, ...], Any] = {}
+        for value in a.values:
+            kinds.setdefault(tuple(value in allowed for k, allowed in tests if k == a.name), value)
+        return list(kinds.values())
+
+    def search(i: int, sampled: dict[str, Any]) -> bool:
+        if i == len(order):
+            return p.applies(sampled)
+        a = order[i]
+        if not a.applies(sampled):  # not sampled in this branch, as in tune.DefineByRun
+            return search(i + 1, sampled)
+        return any(search(i + 1, {**sampled, a.name: v}) for v in options(a))
+
+    return search(0, {})
 
 
 def _check_space_consistency(spec: SearchSpace) -> None:

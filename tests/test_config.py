@@ -160,3 +160,53 @@ def test_search_spaces_saved_under_the_old_module_name_still_load():
         old = old.replace(b"raysearch.space\n" + name, b"raysearch.config\n" + name)
         assert b"raysearch.config\n" + name in old
     assert pickle.loads(old) == spec
+
+
+WHEN_SPACE = {
+    "class_weighting": {"choice": ["mura", "inverse"]},
+    "augment": "light",
+    "lr": {"loguniform": [1e-4, 1e-2]},
+    "optimizer": {"choice": ["adam", "adamw"], "when": {"class_weighting": ["mura"]}},
+}
+WHEN_BAD = [
+    ({"fp_bias": {"uniform": [0, 1], "when": {"class_weighting": ["inversee"]}}},
+     ("`space.fp_bias.when.class_weighting`: 'inversee' is not a value of `class_weighting`; "
+     "its values: 'mura', 'inverse'")),
+    ({"fp_bias": {"uniform": [0, 1], "when": {"class_weighting": []}}},
+     ("`space.fp_bias.when.class_weighting` must list at least one value of `class_weighting` "
+     "('mura', 'inverse')")),
+    ({"fp_bias": {"uniform": [0, 1], "when": {"augment": "strong"}}},
+     "`space.fp_bias.when.augment`: 'strong' is not a value of `augment`; its values: 'light'"),
+    ({"fp_bias": {"uniform": [0, 1], "when": {"lr": [0.001]}}},
+     "`space.fp_bias.when.lr`: `lr` is a loguniform parameter; `when` needs a choice or constant"),
+    # optimizer is only sampled under mura, so it never meets class_weighting inverse.
+    ({"weight_decay": {"loguniform": [1e-6, 1e-2],
+                       "when": {"optimizer": ["adamw"], "class_weighting": ["inverse"]}}},
+     ("`space.weight_decay.when` can never hold: no values of `class_weighting`, `optimizer` meet "
+     "it and their own `when` conditions together, so `weight_decay` would never be sampled")),
+    # The same through a chain: fp_bias needs optimizer, which needs class_weighting mura.
+    ({"weight_decay": {"choice": [0.0, 0.01], "when": {"optimizer": ["adamw"]}},
+      "fp_bias": {"uniform": [0, 1], "when": {"weight_decay": [0.01], "class_weighting": ["inverse"]}}},
+     ("`space.fp_bias.when` can never hold: no values of `class_weighting`, `optimizer`, "
+     "`weight_decay` meet it")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra, message", WHEN_BAD, ids=[m[:50] for _, m in WHEN_BAD])
+def test_when_values_are_checked_against_the_parent(extra, message):
+    with pytest.raises(ConfigError) as info:
+        parse_search_space(spec_with("space", {**WHEN_SPACE, **extra}))
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_when_conditions_that_can_hold_parse():
+    space = {
+        **WHEN_SPACE,
+        "weight_decay": {"choice": [0.0, 0.01], "when": {"optimizer": ["adamw"]}},
+        "fp_bias": {"uniform": [0, 1], "when": {"weight_decay": 0.01, "class_weighting": "mura"}},
+        "dropout": {"uniform": [0, 0.5], "when": {"class_weighting": "inverse", "augment": "light"}},
+    }
+    spec = parse_search_space(spec_with("space", space))
+    when = {p.name: p.when for p in spec.space}
+    assert when["fp_bias"] == (("weight_decay", (0.01,)), ("class_weighting", ("mura",)))
+    assert when["dropout"] == (("class_weighting", ("inverse",)), ("augment", ("light",)))
