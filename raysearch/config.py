@@ -27,6 +27,28 @@ from raysearch.storage import is_url, read_bytes
 CLASS_WEIGHTINGS = ("none", "mura", "inverse", "balanced")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("plateau", "cosine")
+# ----------------------------------------------------------------------------- sane maxima
+# Upper bounds on settings where a huge value is a typo that only the machine would refuse, after
+# minutes or hours (a cache that fills the disk, workers Ray waits for forever, an epoch that never
+# ends). They are generous: each is far past anything a MURA search needs.
+
+# MURA's PNGs are at most 512 px on their long side (CheXpert-small: 320-390 px), and ImageNet-
+# pretrained CNNs gain nothing past about 1024 px; the cache and activation memory grow with the
+# square of the size (a 100000 px cache of MURA would need 1.6 TB at 1 byte per pixel).
+MAX_IMAGE_SIZE = 1024
+MAX_BATCH_SIZE = 4096  # images per step on one worker
+MAX_EPOCHS = 1000  # also bounds warm-up and patience, which count epochs
+MAX_PRECISE_BN_IMAGES = 100_000  # MURA has 36,808 training images; more only means "all"
+MAX_LR = 1.0  # Adam and AdamW diverge long before
+MAX_WEIGHT_DECAY = 1.0
+MAX_SEED = 2**32 - 1  # numpy's legacy RandomState (inside Optuna's samplers) takes seeds < 2**32
+MAX_NUM_SAMPLES = 10_000  # trials in one search
+MAX_WORKERS_PER_TRIAL = 128  # DDP ranks of one trial
+MAX_GPUS_PER_WORKER = 8  # a worker drives one device; fractions share one
+MAX_CPUS_PER_WORKER = 256
+MAX_CONCURRENT = 10_000
+MAX_FAILURES = 100  # retries of one trial
+
 # fp_bias b is added to the count of negative training images in `inverse`'s positive weight
 # 1 + (N + b) / P. It must not be negative (that could make the weight <= 0); MURA has about 21k
 # negative training images, so a bias past a million is a typo, not a setting.
@@ -82,19 +104,26 @@ class TrialConfig:
         check_choice("fail_mode", self.fail_mode, ("raise", "nan"))
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.image_size < 16:
-            raise ConfigError(f"image_size must be >= 16, got {self.image_size!r}")
-        for name in ("batch_size", "max_epochs", "early_stop_patience", "plateau_patience"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        check_range("image_size", self.image_size, 16, MAX_IMAGE_SIZE)
+        check_range("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        for name in ("max_epochs", "early_stop_patience", "plateau_patience"):
+            check_range(name, getattr(self, name), 1, MAX_EPOCHS)
+        check_range("warmup_epochs", self.warmup_epochs, 0, MAX_EPOCHS)
+        if self.warmup_epochs > self.max_epochs:  # the learning rate would never reach `lr`
+            raise ConfigError(
+                "`warmup_epochs <= max_epochs` must hold, but got "
+                f"warmup_epochs={self.warmup_epochs!r}, max_epochs={self.max_epochs!r}"
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        check_range("lr", self.lr, 0, MAX_LR)
+        check_range("weight_decay", self.weight_decay, 0, MAX_WEIGHT_DECAY)
         if not 0 <= self.fp_bias <= MAX_FP_BIAS:
             raise ConfigError(f"fp_bias must be in [0, {MAX_FP_BIAS:g}], got {self.fp_bias!r}")
-        if self.precise_bn_images < 0:
-            raise ConfigError(f"precise_bn_images must be >= 0, got {self.precise_bn_images!r}")
+        check_range("precise_bn_images", self.precise_bn_images, 0, MAX_PRECISE_BN_IMAGES)
+        check_range("seed", self.seed, 0, MAX_SEED)
+        if self.fail_at_epoch is not None:
+            check_range("fail_at_epoch", self.fail_at_epoch, 1, MAX_EPOCHS)
         self.augment_params()  # validates the preset and overrides
         if self.weights not in ("none", "imagenet") and not is_url(self.weights):
             # Trials run in another working directory: a relative weights path must be absolute.
@@ -130,6 +159,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        check_range("data.seed", self.seed, 0, MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -141,16 +171,17 @@ class ResourcesConfig:
     max_failures: int = 2  # trial-level retries from the last checkpoint
 
     def __post_init__(self) -> None:
-        if self.workers_per_trial < 1:
+        check_range("resources.workers_per_trial", self.workers_per_trial, 1, MAX_WORKERS_PER_TRIAL)
+        if self.gpus_per_worker is not None:
+            check_range("resources.gpus_per_worker", self.gpus_per_worker, 0, MAX_GPUS_PER_WORKER)
+        if self.cpus_per_worker is not None and not 0 < self.cpus_per_worker <= MAX_CPUS_PER_WORKER:
             raise ConfigError(
-                f"resources.workers_per_trial must be >= 1, got {self.workers_per_trial!r}"
+                f"resources.cpus_per_worker must be in (0, {MAX_CPUS_PER_WORKER}], "
+                f"got {self.cpus_per_worker!r}"
             )
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise ConfigError(
-                f"resources.max_concurrent must be >= 1, got {self.max_concurrent!r}"
-            )
-        if self.max_failures < 0:
-            raise ConfigError(f"resources.max_failures must be >= 0, got {self.max_failures!r}")
+        if self.max_concurrent is not None:
+            check_range("resources.max_concurrent", self.max_concurrent, 1, MAX_CONCURRENT)
+        check_range("resources.max_failures", self.max_failures, 0, MAX_FAILURES)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -193,6 +224,14 @@ def _architectures() -> tuple[str, ...]:
     from raysearch.models import ARCHITECTURES
 
     return tuple(ARCHITECTURES)
+
+
+def check_range(key: str, value: float, low: float, high: float) -> None:
+    """Raise ConfigError unless ``low <= value <= high`` (NaN fails), naming ``key`` and the bound."""
+    if not value >= low:
+        raise ConfigError(f"{key} must be >= {low!r}, got {value!r}")
+    if not value <= high:
+        raise ConfigError(f"{key} must be <= {high!r}, got {value!r}")
 
 
 def check_choice(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
@@ -293,6 +332,7 @@ __all__ = [
     "TrialConfig",
     "build",
     "check_choice",
+    "check_range",
     "load_trial_config",
     "load_yaml",
     "mapping",

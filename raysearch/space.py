@@ -13,11 +13,15 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from raysearch.config import (
+    MAX_EPOCHS,
+    MAX_NUM_SAMPLES,
+    MAX_SEED,
     DataConfig,
     ResourcesConfig,
     TrialConfig,
     build,
     check_choice,
+    check_range,
     load_yaml,
     mapping,
     no_unknown,
@@ -46,8 +50,8 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         check_choice("search.algorithm", self.algorithm, ("tpe", "random"))
-        if self.num_samples < 1:
-            raise ConfigError(f"search.num_samples must be >= 1, got {self.num_samples!r}")
+        check_range("search.num_samples", self.num_samples, 1, MAX_NUM_SAMPLES)
+        check_range("search.seed", self.seed, 0, MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -59,16 +63,16 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         check_choice("scheduler.kind", self.kind, ("asha", "fifo"))
-        if self.max_epochs < 1:
-            raise ConfigError(f"scheduler.max_epochs must be >= 1, got {self.max_epochs!r}")
+        check_range("scheduler.max_epochs", self.max_epochs, 1, MAX_EPOCHS)
         if not 1 <= self.grace_period <= self.max_epochs:
             raise ConfigError(
                 "scheduler: `1 <= grace_period <= max_epochs` must hold, but got "
                 f"grace_period={self.grace_period!r}, max_epochs={self.max_epochs!r}"
             )
-        if self.reduction_factor <= 1:
+        # Past 100 every rung keeps only its best trial: a typo, not a schedule.
+        if not 1 < self.reduction_factor <= 100:
             raise ConfigError(
-                f"scheduler.reduction_factor must be > 1, got {self.reduction_factor!r}"
+                f"scheduler.reduction_factor must be in (1, 100], got {self.reduction_factor!r}"
             )
 
 

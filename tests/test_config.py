@@ -210,3 +210,57 @@ def test_when_conditions_that_can_hold_parse():
     when = {p.name: p.when for p in spec.space}
     assert when["fp_bias"] == (("weight_decay", (0.01,)), ("class_weighting", ("mura",)))
     assert when["dropout"] == (("class_weighting", ("inverse",)), ("augment", ("light",)))
+
+
+TOO_BIG_TRIAL = [
+    ({"image_size": 100000}, "image_size must be <= 1024, got 100000"),
+    ({"batch_size": 100000}, "batch_size must be <= 4096, got 100000"),
+    ({"max_epochs": 10**6}, "max_epochs must be <= 1000, got 1000000"),
+    ({"early_stop_patience": 10**6}, "early_stop_patience must be <= 1000, got 1000000"),
+    ({"plateau_patience": 10**6}, "plateau_patience must be <= 1000, got 1000000"),
+    ({"warmup_epochs": 5000}, "warmup_epochs must be <= 1000, got 5000"),
+    ({"warmup_epochs": -1}, "warmup_epochs must be >= 0, got -1"),
+    ({"warmup_epochs": 31}, "`warmup_epochs <= max_epochs` must hold, but got warmup_epochs=31, max_epochs=30"),
+    ({"precise_bn_images": 10**9}, "precise_bn_images must be <= 100000, got 1000000000"),
+    ({"lr": 5.0}, "lr must be <= 1.0, got 5.0"),
+    ({"weight_decay": 10.0}, "weight_decay must be <= 1.0, got 10.0"),
+    ({"seed": -1}, "seed must be >= 0, got -1"),
+    ({"seed": 2**40}, "seed must be <= 4294967295, got 1099511627776"),
+    ({"fail_at_epoch": 0}, "fail_at_epoch must be >= 1, got 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs, message", TOO_BIG_TRIAL, ids=[m[:40] for _, m in TOO_BIG_TRIAL])
+def test_trial_settings_have_sane_bounds(kwargs, message):
+    with pytest.raises(ConfigError) as info:
+        TrialConfig.from_dict(kwargs)
+    assert str(info.value) == message
+
+
+TOO_BIG_SPEC = [
+    (spec_with("search.num_samples", 10**6), "search.num_samples must be <= 10000, got 1000000"),
+    (spec_with("search.seed", -1), "search.seed must be >= 0, got -1"),
+    (spec_with("data.seed", 2**32), "data.seed must be <= 4294967295, got 4294967296"),
+    (spec_with("resources.workers_per_trial", 10**4), "resources.workers_per_trial must be <= 128, got 10000"),
+    (spec_with("resources.gpus_per_worker", -1), "resources.gpus_per_worker must be >= 0, got -1.0"),
+    (spec_with("resources.gpus_per_worker", 64), "resources.gpus_per_worker must be <= 8, got 64.0"),
+    (spec_with("resources.cpus_per_worker", 0), "resources.cpus_per_worker must be in (0, 256], got 0.0"),
+    (spec_with("resources.max_concurrent", 10**9), "resources.max_concurrent must be <= 10000, got 1000000000"),
+    (spec_with("resources.max_failures", 10**6), "resources.max_failures must be <= 100, got 1000000"),
+    (spec_with("scheduler.max_epochs", 10**6), "scheduler.max_epochs must be <= 1000, got 1000000"),
+    (spec_with("scheduler.reduction_factor", 1000), "scheduler.reduction_factor must be in (1, 100], got 1000.0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("raw, message", TOO_BIG_SPEC, ids=[m[:40] for _, m in TOO_BIG_SPEC])
+def test_search_settings_have_sane_bounds(raw, message):
+    with pytest.raises(ConfigError) as info:
+        parse_search_space(raw)
+    assert str(info.value) == message
+
+
+def test_a_huge_image_size_in_a_trial_file_is_refused(tmp_path):
+    trial = tmp_path / "trial.yaml"
+    trial.write_text("arch: resnet18\nweights: none\nimage_size: 100000\n")
+    with pytest.raises(ConfigError, match=r"^image_size must be <= 1024, got 100000$"):
+        load_trial_config(str(trial))
