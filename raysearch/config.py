@@ -188,17 +188,58 @@ class ResourcesConfig:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML config file (local path or URL) into a dict; the top level must be a mapping.
+
+    Raises ConfigError for a missing file, invalid YAML, a key given twice in one mapping (YAML
+    would silently keep the last) or a top level that is not a mapping.
+    """
     try:
         raw = read_bytes(path)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     try:
-        data = yaml.safe_load(raw)
+        data = yaml.load(raw, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except _DuplicateKeyError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping, naming its path and lines."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_unique_keys(self, node, path="")
+        return super().construct_document(node)
+
+
+def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, *, path: str) -> None:
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(loader, item, path=f"{path}[{i}]")
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[Any, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges, it is not a key
+            continue
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue  # a complex key; none of raysearch's files has one
+        key = loader.construct_object(key_node)
+        where = f"{path}.{key}" if path else str(key)
+        line = key_node.start_mark.line + 1
+        if key in first_line:
+            raise _DuplicateKeyError(f"duplicate key `{where}` at lines {first_line[key]} and {line}")
+        first_line[key] = line
+        _check_unique_keys(loader, value_node, path=where)
 
 
 def load_trial_config(path: str) -> tuple[TrialConfig, dict[str, Any]]:

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import yaml
 
-from raysearch.config import TrialConfig, load_trial_config
+from raysearch.config import TrialConfig, load_trial_config, load_yaml
 from raysearch.errors import ConfigError
 from raysearch.space import load_search_space, parse_search_space
 
@@ -264,3 +264,37 @@ def test_a_huge_image_size_in_a_trial_file_is_refused(tmp_path):
     trial.write_text("arch: resnet18\nweights: none\nimage_size: 100000\n")
     with pytest.raises(ConfigError, match=r"^image_size must be <= 1024, got 100000$"):
         load_trial_config(str(trial))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: a\nspace: {lr: {loguniform: [1.0e-4, 1.0e-2]}}\nname: b\n",
+         "duplicate key `name` at lines 1 and 3"),
+        ("space:\n  lr: {choice: [0.1]}\nscheduler:\n  max_epochs: 3\n  grace_period: 1\n  max_epochs: 5\n",
+         "duplicate key `scheduler.max_epochs` at lines 4 and 6"),
+        ("space: {lr: {choice: [0.1]}}\nsearch:\n  points_to_evaluate:\n    - {lr: 0.1, lr: 0.2}\n",
+         "duplicate key `search.points_to_evaluate[0].lr` at lines 4 and 4"),
+    ],
+)  # fmt: skip
+def test_duplicate_yaml_keys_in_a_search_space_are_refused(tmp_path, text, message):
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_search_space(str(path))
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_duplicate_yaml_keys_in_a_trial_config_are_refused(tmp_path):
+    path = tmp_path / "trial.yaml"
+    path.write_text("arch: resnet18\nweights: none\nlr: 0.1\ndata: {root: x}\nlr: 0.001\n")
+    with pytest.raises(ConfigError) as info:
+        load_trial_config(str(path))
+    assert str(info.value) == f"{path}: duplicate key `lr` at lines 3 and 5"
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    # `<<: *base` then an override is how YAML shares settings, not a repeated key.
+    path = tmp_path / "x.yaml"
+    path.write_text("trial:\n  <<: {lr: 0.1, dropout: 0.2}\n  lr: 0.01\nspace: {}\n")
+    assert load_yaml(str(path))["trial"] == {"lr": 0.01, "dropout": 0.2}
