@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from raysearch.errors import ConfigError
+from raysearch.errors import ConfigError, os_reason
 from raysearch.storage import is_url, read_bytes
 
 CLASS_WEIGHTINGS = ("none", "mura", "inverse", "balanced")
@@ -190,13 +190,15 @@ class ResourcesConfig:
 def load_yaml(path: str) -> dict[str, Any]:
     """Read a YAML config file (local path or URL) into a dict; the top level must be a mapping.
 
-    Raises ConfigError for a missing file, invalid YAML, a key given twice in one mapping (YAML
+    Raises ConfigError for a missing or unreadable file, invalid YAML, a key given twice in one mapping (YAML
     would silently keep the last) or a top level that is not a mapping.
     """
     try:
         raw = read_bytes(path)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:  # permission denied, a directory, a bucket that refuses us
+        raise ConfigError(f"cannot read {path}: {os_reason(e)}") from None
     try:
         data = yaml.load(raw, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except _DuplicateKeyError as e:

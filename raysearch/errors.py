@@ -37,6 +37,13 @@ class CheckpointError(RaysearchError):
     """A trial checkpoint is missing or corrupt."""
 
 
+def os_reason(error: OSError) -> str:
+    """An OSError's reason in words, without its path: 'permission denied', 'is a directory'."""
+    if error.strerror:
+        return error.strerror[:1].lower() + error.strerror[1:]
+    return str(error).strip() or type(error).__name__
+
+
 def name_some(items: Sequence[object], *, limit: int = 3) -> str:
     """Return 'a, b, c (+N more)' for error messages that name the first few offenders."""
     items = [str(i) for i in items]

@@ -298,3 +298,27 @@ def test_yaml_merge_keys_are_not_duplicates(tmp_path):
     path = tmp_path / "x.yaml"
     path.write_text("trial:\n  <<: {lr: 0.1, dropout: 0.2}\n  lr: 0.01\nspace: {}\n")
     assert load_yaml(str(path))["trial"] == {"lr": 0.01, "dropout": 0.2}
+
+
+@pytest.mark.parametrize("how", ["simulated", "chmod"])
+def test_unreadable_config_file_names_the_file_and_the_reason(
+    tmp_path, monkeypatch, how, permissions_enforced
+):
+    from fsspec.implementations.local import LocalFileSystem
+
+    with pytest.raises(ConfigError, match=f"^cannot read {tmp_path}: is a directory$"):
+        load_trial_config(str(tmp_path))
+    path = tmp_path / "space.yaml"
+    path.write_text("space: {lr: {choice: [0.1]}}\n")
+    if how == "chmod":
+        if not permissions_enforced:
+            pytest.skip("this user ignores file permissions (root); the simulated case covers it")
+        path.chmod(0)
+    else:  # what the kernel does for a user without read permission
+        def denied(self, p, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", p)
+
+        monkeypatch.setattr(LocalFileSystem, "_open", denied)
+    with pytest.raises(ConfigError) as info:
+        load_search_space(str(path))
+    assert str(info.value) == f"cannot read {path}: permission denied"
