@@ -103,7 +103,7 @@ class TrialConfig:
         check_choice("class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
         check_choice("fail_mode", self.fail_mode, ("raise", "nan"))
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}", key="dropout")
         check_range("image_size", self.image_size, 16, MAX_IMAGE_SIZE)
         check_range("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         for name in ("max_epochs", "early_stop_patience", "plateau_patience"):
@@ -115,11 +115,13 @@ class TrialConfig:
                 f"warmup_epochs={self.warmup_epochs!r}, max_epochs={self.max_epochs!r}"
             )
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}", key="lr")
         check_range("lr", self.lr, 0, MAX_LR)
         check_range("weight_decay", self.weight_decay, 0, MAX_WEIGHT_DECAY)
         if not 0 <= self.fp_bias <= MAX_FP_BIAS:
-            raise ConfigError(f"fp_bias must be in [0, {MAX_FP_BIAS:g}], got {self.fp_bias!r}")
+            raise ConfigError(
+                f"fp_bias must be in [0, {MAX_FP_BIAS:g}], got {self.fp_bias!r}", key="fp_bias"
+            )
         check_range("precise_bn_images", self.precise_bn_images, 0, MAX_PRECISE_BN_IMAGES)
         check_range("seed", self.seed, 0, MAX_SEED)
         if self.fail_at_epoch is not None:
@@ -130,8 +132,10 @@ class TrialConfig:
             object.__setattr__(self, "weights", os.path.abspath(os.path.expanduser(self.weights)))
 
     def augment_params(self):
-        from raysearch.augment import resolve_augment
+        """The resolved :class:`~raysearch.augment.AugmentParams`: the preset, then overrides."""
+        from raysearch.augment import PRESETS, resolve_augment
 
+        check_choice("augment", self.augment, tuple(PRESETS))
         overrides = {k: getattr(self, k) for k in AUGMENT_KEYS if getattr(self, k) is not None}
         try:
             return resolve_augment(self.augment, **overrides)
@@ -272,14 +276,16 @@ def _architectures() -> tuple[str, ...]:
 def check_range(key: str, value: float, low: float, high: float) -> None:
     """Raise ConfigError unless ``low <= value <= high`` (NaN fails), naming ``key`` and the bound."""
     if not value >= low:
-        raise ConfigError(f"{key} must be >= {low!r}, got {value!r}")
+        raise ConfigError(f"{key} must be >= {low!r}, got {value!r}", key=key)
     if not value <= high:
-        raise ConfigError(f"{key} must be <= {high!r}, got {value!r}")
+        raise ConfigError(f"{key} must be <= {high!r}, got {value!r}", key=key)
 
 
 def check_choice(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}: unknown value {value!r}; allowed: {', '.join(map(str, allowed))}")
+        raise ConfigError(
+            f"{key}: unknown value {value!r}; allowed: {', '.join(map(str, allowed))}", key=key
+        )
 
 
 def mapping(value: Any, path: str) -> dict[str, Any]:
@@ -299,7 +305,7 @@ def no_unknown(raw: dict[str, Any], allowed: Any, path: str) -> None:
 
 def typed(path: str, value: Any, typ: type) -> Any:
     if not isinstance(value, typ):
-        raise ConfigError(f"`{path}` must be a {typ.__name__}, got {value!r}")
+        raise ConfigError(f"`{path}` must be a {typ.__name__}, got {value!r}", key=path)
     return value
 
 
@@ -312,7 +318,7 @@ def _coerce(path: str, value: Any, annotation: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"`{path}` must not be empty")
+        raise ConfigError(f"`{path}` must not be empty", key=path)
     base = annotation.replace(" | None", "").strip()
     if base.startswith("tuple"):
         return value
@@ -329,7 +335,7 @@ def _coerce(path: str, value: Any, annotation: str) -> Any:
     if typ is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
-        raise ConfigError(f"`{path}` must be {base}, got {value!r}")
+        raise ConfigError(f"`{path}` must be {base}, got {value!r}", key=path)
     return value
 
 
@@ -345,8 +351,7 @@ def build(cls: type, data: dict[str, Any], *, path: str):
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        msg = str(e)
-        raise ConfigError(msg if not path or msg.startswith(path) else f"{path}.{msg}") from None
+        raise e.under(path) from None
 
 
 def norm_path(value: str) -> str:

@@ -55,7 +55,7 @@ def load_member(trial_id: str, checkpoint: str) -> Member:
     """Read a checkpoint's trial.json and val_predictions.parquet (not the weights)."""
     raw = _checkpoint_file(trial_id, checkpoint, "trial.json")
     try:
-        config = TrialConfig.from_dict(json.loads(raw), path="trial.json")
+        config = TrialConfig.from_dict(json.loads(raw))
     except (ValueError, UnicodeDecodeError, RaysearchError) as e:
         raise CheckpointError(
             f"trial {trial_id}: trial.json in {checkpoint} is corrupt ({_first_line(e)})"

@@ -340,32 +340,69 @@ def _can_apply(p: Param, params: list[Param]) -> bool:
 
 
 def _check_space_consistency(spec: SearchSpace) -> None:
-    """Every value a trial could get must make a valid TrialConfig; check choices and corners."""
+    """Every value a trial could get must make a valid TrialConfig; check choices and corners.
+
+    Each error names where the bad value is written: ``trial.batch_size ...`` for the `trial`
+    block (checked first, on its own), ``space.batch_size ...`` for a value of the space, and
+    ``search.points_to_evaluate[0].batch_size ...`` for a starting point. A value that is fine
+    on its own but clashes with another setting says which value of which parameter it is.
+    """
+
+    def check(values: dict[str, Any]) -> None:
+        # path="": each error keeps its bare key, and the caller says where it came from.
+        build(TrialConfig, {**values, "max_epochs": spec.scheduler.max_epochs}, path="")
+
+    # --- the trial block on its own, the defaults filling in the rest
     base = dict(spec.trial)
+    try:
+        check(base)
+    except ConfigError as e:
+        # A default that the space replaces may be what clashes with `trial`: that is fine.
+        # (`trial` values stay: they are what a parameter whose `when` does not hold gets.)
+        reference = {**{p.name: _candidates(p)[0] for p in spec.space}, **base}
+        try:
+            check(reference)
+        except ConfigError:
+            raise e.under("trial") from None
+        base = reference
+
+    # --- every value (choices, or both ends of a range) of each parameter
     for p in spec.space:
-        candidates = list(p.values) if p.kind in ("choice", "constant") else [p.low, p.high]
-        if p.kind == "int":
-            candidates = [int(c) for c in candidates]
-        for value in candidates:
+        for value in _candidates(p):
             try:
-                TrialConfig.from_dict(
-                    {**base, p.name: value, "max_epochs": spec.scheduler.max_epochs},
-                    path="trial",
-                )
+                check({**base, p.name: value})
             except ConfigError as e:
-                raise ConfigError(f"space.{p.name}: value {value!r} is invalid: {e}") from None
+                if e.key == p.name:
+                    raise e.under("space") from None
+                raise ConfigError(
+                    f"space.{p.name}: value {value!r} does not fit the other settings: {e}"
+                ) from None
+
+    # --- the starting points, each on top of the trial block
+    names = {p.name for p in spec.space}
     for i, point in enumerate(spec.search.points_to_evaluate):
-        names = {p.name for p in spec.space}
+        where = f"search.points_to_evaluate[{i}]"
         unknown = sorted(set(point) - names)
         if unknown:
             raise ConfigError(
-                f"search.points_to_evaluate[{i}]: unknown parameter `{unknown[0]}`; "
+                f"{where}: unknown parameter `{unknown[0]}`; "
                 f"the space defines: {', '.join(sorted(names))}"
             )
         try:
-            spec.trial_config(point)
+            check({**spec.trial, **point})
         except ConfigError as e:
-            raise ConfigError(f"search.points_to_evaluate[{i}]: {e}") from None
+            if e.key in point:
+                raise e.under(where) from None
+            raise ConfigError(f"{where}: {e}") from None
+
+
+def _candidates(p: Param) -> list[Any]:
+    """The values of ``p`` to check: every choice, or both ends of a range."""
+    if p.kind in ("choice", "constant"):
+        return list(p.values)
+    if p.kind == "int":
+        return [int(p.low), int(p.high)]
+    return [p.low, p.high]
 
 
 def _param_to_yaml(p: Param) -> Any:

@@ -89,7 +89,7 @@ BAD = [
     (spec_with("space.dropout", {"uniform": ["a", 1]}), "`space.dropout.uniform` low must be a number, got 'a'"),
     (spec_with("space.dropout", {"normal": [0, 1]}), "unknown key `space.dropout.normal`; allowed: choice, uniform, loguniform, int, constant, step, when"),
     (spec_with("space.colour", {"choice": [1]}), "unknown key `space.colour`; allowed parameters:"),
-    (spec_with("space.arch", {"choice": ["resnet18", "alexnet"]}), "space.arch: value 'alexnet' is invalid: trial.arch: unknown value 'alexnet'; allowed:"),
+    (spec_with("space.arch", {"choice": ["resnet18", "alexnet"]}), "space.arch: unknown value 'alexnet'; allowed:"),
     (spec_with("space.fp_bias", {"uniform": [0, 1], "when": {"optimizer": ["adam"]}}), "`space.fp_bias.when.optimizer` refers to a parameter that is not defined earlier in `space`"),
     (spec_with("trial.max_epochs", 10), "trial.max_epochs is set by scheduler.max_epochs; remove it from `trial`"),
     (spec_with("trial.optimiser", "adam"), "unknown key `trial.optimiser`; allowed:"),
@@ -322,3 +322,103 @@ def test_unreadable_config_file_names_the_file_and_the_reason(
     with pytest.raises(ConfigError) as info:
         load_search_space(str(path))
     assert str(info.value) == f"cannot read {path}: permission denied"
+
+
+# One bad value for every TrialConfig field (max_epochs comes from scheduler.max_epochs).
+BAD_FIELD = {
+    "arch": "alexnet",
+    "weights": 5,
+    "dropout": 1.5,
+    "image_size": 100000,
+    "batch_size": 0,
+    "optimizer": "sgd",
+    "lr": 5.0,
+    "weight_decay": -1.0,
+    "lr_schedule": "step",
+    "plateau_patience": 0,
+    "warmup_epochs": -1,
+    "early_stop_patience": 0,
+    "precise_bn_images": -1,
+    "class_weighting": "focal",
+    "fp_bias": -1.0,
+    "augment": "heavy",
+    "rotation": 200.0,
+    "hflip": 1.5,
+    "scale_min": -0.5,
+    "scale_max": 0.0,
+    "translate": 0.9,
+    "brightness": "bright",
+    "contrast": 2.0,
+    "seed": -1,
+    "fail_at_epoch": 0,
+    "fail_mode": "explode",
+}
+
+
+def test_every_trial_field_has_a_bad_value_below():
+    from dataclasses import fields
+
+    assert set(BAD_FIELD) == {f.name for f in fields(TrialConfig)} - {"max_epochs"}
+
+
+def _names(message: str, where: str) -> bool:
+    return message.startswith((f"{where} ", f"{where}:", f"`{where}`"))
+
+
+@pytest.mark.parametrize("field", sorted(BAD_FIELD))
+@pytest.mark.parametrize("source", ["trial", "space", "points_to_evaluate"])
+def test_a_bad_trial_value_is_reported_where_it_is_written(field, source):
+    bad = BAD_FIELD[field]
+    spec = copy.deepcopy(GOOD)
+    spec["space"]["fp_bias"] = {"uniform": [0.0, 1.0]}  # no `when` on a parameter popped below
+    spec["space"].pop(field, None)
+    if source == "trial":
+        spec["trial"][field] = bad
+        where = f"trial.{field}"
+    elif source == "space":
+        spec["space"][field] = {"constant": bad}
+        where = f"space.{field}"
+    else:
+        spec["space"][field] = {"constant": getattr(TrialConfig(), field)}
+        spec["search"]["points_to_evaluate"] = [{field: bad}]
+        where = f"search.points_to_evaluate[0].{field}"
+    with pytest.raises(ConfigError) as info:
+        parse_search_space(spec)
+    text = str(info.value)
+    assert _names(text, where), text
+    assert repr(bad) in text and "\n" not in text
+    # No garbled paths: the place is named once, and no other place is.
+    assert text.count(where) == 1 and "trial.trial" not in text and "is invalid" not in text
+    elsewhere = [w for w in ("trial.", "space.", "points_to_evaluate") if w not in where]
+    assert not any(w in text for w in elsewhere), text
+
+
+@pytest.mark.parametrize(
+    "trial, message",
+    [
+        ({"batch_size": 0}, "trial.batch_size must be >= 1, got 0"),
+        ({"augment": "heavy"}, "trial.augment: unknown value 'heavy'; allowed: none, light, mura, strong"),
+        ({"rotation": 200}, "trial.rotation must be in [0, 180], got 200.0"),
+        ({"batch_size": "big"}, "`trial.batch_size` must be int, got 'big'"),
+        ({"scale_min": 1.2}, "trial: augment `scale_min <= scale_max` must hold, but got scale_min=1.2, scale_max=1.0"),
+    ],
+)  # fmt: skip
+def test_trial_block_errors_are_exact(trial, message):
+    with pytest.raises(ConfigError) as info:
+        parse_search_space(spec_with("trial", {"weights": "none", **trial}))
+    assert str(info.value) == message
+
+
+def test_a_value_that_clashes_with_another_setting_names_both():
+    # scale_min 1.1 is fine with the `strong` preset (scale_max 1.15) but not with `mura` (1.0).
+    spec = spec_with("trial", {"weights": "none", "scale_min": 1.1})
+    spec["space"]["augment"] = {"choice": ["strong", "mura"]}
+    with pytest.raises(ConfigError) as info:
+        parse_search_space(spec)
+    assert str(info.value) == (
+        "space.augment: value 'mura' does not fit the other settings: augment "
+        "`scale_min <= scale_max` must hold, but got scale_min=1.1, scale_max=1.0"
+    )
+    spec["space"]["augment"] = {"choice": ["strong"]}
+    cfg = parse_search_space(spec).trial_config({"augment": "strong"})
+    assert cfg.augment_params().scale_min == 1.1
