@@ -141,7 +141,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raysearch.augment import DeviceAugment
     from raysearch.cache import build_cache
     from raysearch.loader import BatchLoader
-    from raysearch.models import create_model, recompute_bn_stats
+    from raysearch.models import create_model, load_checkpoint_weights, recompute_bn_stats
     from raysearch.weighting import example_weights
 
     cfg = TrialConfig.from_dict(config["trial"])
@@ -198,9 +198,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            raw_model.load_state_dict(
-                torch.load(os.path.join(d, "model.pt"), map_location=device, weights_only=True)
-            )
+            load_checkpoint_weights(
+                raw_model,
+                torch.load(os.path.join(d, "model.pt"), map_location=device, weights_only=True),
+                arch=cfg.arch, source=f"model.pt in {checkpoint.path}",
+            )  # fmt: skip
             state = torch.load(
                 os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True
             )
