@@ -280,9 +280,11 @@ def _cross_check(
 class _UnreadableFolders:
     """Which folders below the root cannot be listed, probed top down and remembered."""
 
+    _ABSENT = "absent"  # probed: no such folder (its images are just missing)
+
     def __init__(self, fs, root_path: str, root: str) -> None:
         self.fs, self.root_path, self.root = fs, root_path, root
-        self._seen: dict[str, str | None] = {}  # relative folder -> reason it cannot be listed
+        self._seen: dict[str, str | None] = {}  # relative folder -> why it cannot be listed
 
     def reason(self, rel_dir: str) -> str | None:
         """'cannot read folder <dir> (<reason>)' for the highest unreadable folder from the root
@@ -292,8 +294,8 @@ class _UnreadableFolders:
             rel = "/".join(parts[:depth])
             if rel not in self._seen:
                 self._seen[rel] = self._probe(rel)
-            if self._seen[rel] == "missing":
-                return None  # the folder is not there: its images are just missing
+            if self._seen[rel] == self._ABSENT:
+                return None
             if self._seen[rel] is not None:
                 shown = f"{self.root}/{rel}" if rel else self.root
                 return f"cannot read folder {shown} ({self._seen[rel]})"
@@ -303,7 +305,7 @@ class _UnreadableFolders:
         try:
             self.fs.ls(f"{self.root_path}/{rel}" if rel else self.root_path, detail=False)
         except FileNotFoundError:
-            return "missing"
+            return self._ABSENT
         except OSError as e:
             return os_reason(e)
         return None
