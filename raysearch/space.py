@@ -285,8 +285,8 @@ def _parse_when(raw: Any, path: str, earlier: list[Param]) -> tuple[tuple[str, t
             )
         if parent.kind not in ("choice", "constant"):
             raise ConfigError(
-                f"`{path}.{k}`: `{k}` is a {parent.kind} parameter; `when` needs a choice or "
-                "constant parameter, whose values can be listed"
+                f"`{path}.{k}`: `{k}` is {'an' if parent.kind == 'int' else 'a'} {parent.kind} "
+                "parameter; `when` needs a choice or constant parameter, whose values can be listed"
             )
         choices = ", ".join(repr(c) for c in parent.values)
         allowed = tuple(v) if isinstance(v, list) else (v,)

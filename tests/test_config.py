@@ -179,6 +179,8 @@ WHEN_BAD = [
      "`space.fp_bias.when.augment`: 'strong' is not a value of `augment`; its values: 'light'"),
     ({"fp_bias": {"uniform": [0, 1], "when": {"lr": [0.001]}}},
      "`space.fp_bias.when.lr`: `lr` is a loguniform parameter; `when` needs a choice or constant"),
+    ({"batch_size": {"int": [8, 32]}, "fp_bias": {"uniform": [0, 1], "when": {"batch_size": 8}}},
+     "`space.fp_bias.when.batch_size`: `batch_size` is an int parameter; `when` needs a choice"),
     # optimizer is only sampled under mura, so it never meets class_weighting inverse.
     ({"weight_decay": {"loguniform": [1e-6, 1e-2],
                        "when": {"optimizer": ["adamw"], "class_weighting": ["inverse"]}}},
