@@ -57,17 +57,20 @@ class AugmentParams:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"augment {f.name} must be a number, got {value!r}")
+                raise ConfigError(f"{f.name} must be a number, got {value!r}", key=f.name)
             if not math.isfinite(value):
-                raise ConfigError(f"augment {f.name} must be finite, got {value!r}")
+                raise ConfigError(f"{f.name} must be finite, got {value!r}", key=f.name)
         _check_range("rotation", self.rotation, 0.0, 180.0)
         _check_range("hflip", self.hflip, 0.0, 1.0)
         _check_range("translate", self.translate, 0.0, 0.5)
         _check_range("brightness", self.brightness, 0.0, 1.0)
         _check_range("contrast", self.contrast, 0.0, 1.0)
-        if not 0.0 < self.scale_min <= self.scale_max:
+        for name in ("scale_min", "scale_max"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}", key=name)
+        if not self.scale_min <= self.scale_max:
             raise ConfigError(
-                "augment `0 < scale_min <= scale_max` must hold, "
+                "augment `scale_min <= scale_max` must hold, "
                 f"but got scale_min={self.scale_min!r}, scale_max={self.scale_max!r}"
             )
 
@@ -79,7 +82,7 @@ class AugmentParams:
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
-        raise ConfigError(f"augment {name} must be in [{low:g}, {high:g}], got {value!r}")
+        raise ConfigError(f"{name} must be in [{low:g}, {high:g}], got {value!r}", key=name)
 
 
 PRESETS: dict[str, AugmentParams] = {

@@ -114,9 +114,18 @@ def _to_gray(img: Image.Image) -> Image.Image:
 
 
 def cache_bytes(n_images: int, image_size: int) -> int:
-    """Bytes of a store of ``n_images`` at ``image_size`` px: ``images.u8`` is n * S * S bytes
-    (the index and meta.json add a few hundred bytes per thousand images, not counted)."""
-    return int(n_images) * int(image_size) * int(image_size)
+    """Bytes of a store's ``images.u8`` for ``n_images`` images of ``image_size`` px: n * S * S.
+
+    One uint8 per pixel of each square grayscale image; ``index.parquet`` and ``meta.json`` add
+    a few dozen bytes per image. The build writes into a temporary sibling that is renamed into
+    place (no second copy); with a URL ``cache_dir`` the store is kept both in the node-local
+    cache and in the bucket. Raises ConfigError for a negative count or a size below 1.
+    """
+    if n_images < 0:
+        raise ConfigError(f"n_images must be >= 0, got {n_images!r}")
+    if image_size < 1:
+        raise ConfigError(f"image_size must be >= 1, got {image_size!r}")
+    return int(n_images) * int(image_size) ** 2
 
 
 def cache_key(image_paths: Sequence[str], *, image_size: int) -> str:

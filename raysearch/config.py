@@ -21,13 +21,41 @@ from typing import Any
 
 import yaml
 
-from raysearch.errors import ConfigError
+from raysearch.errors import ConfigError, os_reason
 from raysearch.storage import is_url, read_bytes
 
 CLASS_WEIGHTINGS = ("none", "mura", "inverse", "balanced")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("plateau", "cosine")
 AUGMENT_KEYS = ("rotation", "hflip", "scale_min", "scale_max", "translate", "brightness", "contrast")
+
+# ----------------------------------------------------------------------------- sane maxima
+# Upper bounds on settings where a huge value is a typo that only the machine would refuse, after
+# minutes or hours (a cache that fills the disk, workers Ray waits for forever, an epoch that never
+# ends). They are generous: each is far past anything a MURA search needs.
+
+# MURA's PNGs are at most 512 px on their long side (CheXpert-small: 320-390 px), and ImageNet-
+# pretrained CNNs gain nothing past about 1024 px; the cache and activation memory grow with the
+# square of the size (cache.cache_bytes: MURA's 40,005 images take 4.1 GB at 320 px, 42 GB at
+# 1024 px and 400 TB at 100000 px).
+MAX_IMAGE_SIZE = 1024
+MAX_BATCH_SIZE = 4096  # images per step on one worker
+MAX_EPOCHS = 1000  # also bounds warm-up and patience, which count epochs
+MAX_PRECISE_BN_IMAGES = 100_000  # MURA has 36,808 training images; more only means "all"
+MAX_LR = 1.0  # Adam and AdamW diverge long before
+MAX_WEIGHT_DECAY = 1.0
+MAX_SEED = 2**32 - 1  # numpy's legacy RandomState (inside Optuna's samplers) takes seeds < 2**32
+MAX_NUM_SAMPLES = 10_000  # trials in one search
+MAX_WORKERS_PER_TRIAL = 128  # DDP ranks of one trial
+MAX_GPUS_PER_WORKER = 8  # a worker drives one device; fractions share one
+MAX_CPUS_PER_WORKER = 256
+MAX_CONCURRENT = 10_000
+MAX_FAILURES = 100  # retries of one trial
+
+# fp_bias b is added to the count of negative training images in `inverse`'s positive weight
+# 1 + (N + b) / P. It must not be negative (that could make the weight <= 0); MURA has about 22k
+# negative training images, so a bias past a million is a typo, not a setting.
+MAX_FP_BIAS = 1e6
 
 
 @dataclass(frozen=True)
@@ -77,26 +105,39 @@ class TrialConfig:
         check_choice("class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
         check_choice("fail_mode", self.fail_mode, ("raise", "nan"))
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.image_size < 16:
-            raise ConfigError(f"image_size must be >= 16, got {self.image_size!r}")
-        for name in ("batch_size", "max_epochs", "early_stop_patience", "plateau_patience"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}", key="dropout")
+        check_range("image_size", self.image_size, 16, MAX_IMAGE_SIZE)
+        check_range("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        for name in ("max_epochs", "early_stop_patience", "plateau_patience"):
+            check_range(name, getattr(self, name), 1, MAX_EPOCHS)
+        check_range("warmup_epochs", self.warmup_epochs, 0, MAX_EPOCHS)
+        if self.warmup_epochs > self.max_epochs:  # the learning rate would never reach `lr`
+            raise ConfigError(
+                "`warmup_epochs <= max_epochs` must hold, but got "
+                f"warmup_epochs={self.warmup_epochs!r}, max_epochs={self.max_epochs!r}"
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.precise_bn_images < 0:
-            raise ConfigError(f"precise_bn_images must be >= 0, got {self.precise_bn_images!r}")
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}", key="lr")
+        check_range("lr", self.lr, 0, MAX_LR)
+        check_range("weight_decay", self.weight_decay, 0, MAX_WEIGHT_DECAY)
+        if not 0 <= self.fp_bias <= MAX_FP_BIAS:
+            raise ConfigError(
+                f"fp_bias must be in [0, {MAX_FP_BIAS:g}], got {self.fp_bias!r}", key="fp_bias"
+            )
+        check_range("precise_bn_images", self.precise_bn_images, 0, MAX_PRECISE_BN_IMAGES)
+        check_range("seed", self.seed, 0, MAX_SEED)
+        if self.fail_at_epoch is not None:
+            check_range("fail_at_epoch", self.fail_at_epoch, 1, MAX_EPOCHS)
         self.augment_params()  # validates the preset and overrides
         if self.weights not in ("none", "imagenet") and not is_url(self.weights):
             # Trials run in another working directory: a relative weights path must be absolute.
             object.__setattr__(self, "weights", os.path.abspath(os.path.expanduser(self.weights)))
 
     def augment_params(self):
-        from raysearch.augment import resolve_augment
+        """The resolved :class:`~raysearch.augment.AugmentParams`: the preset, then overrides."""
+        from raysearch.augment import PRESETS, resolve_augment
 
+        check_choice("augment", self.augment, tuple(PRESETS))
         overrides = {k: getattr(self, k) for k in AUGMENT_KEYS if getattr(self, k) is not None}
         try:
             return resolve_augment(self.augment, **overrides)
@@ -124,6 +165,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        check_range("data.seed", self.seed, 0, MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -135,33 +177,77 @@ class ResourcesConfig:
     max_failures: int = 2  # trial-level retries from the last checkpoint
 
     def __post_init__(self) -> None:
-        if self.workers_per_trial < 1:
+        check_range("resources.workers_per_trial", self.workers_per_trial, 1, MAX_WORKERS_PER_TRIAL)
+        if self.gpus_per_worker is not None:
+            check_range("resources.gpus_per_worker", self.gpus_per_worker, 0, MAX_GPUS_PER_WORKER)
+        if self.cpus_per_worker is not None and not 0 < self.cpus_per_worker <= MAX_CPUS_PER_WORKER:
             raise ConfigError(
-                f"resources.workers_per_trial must be >= 1, got {self.workers_per_trial!r}"
+                f"resources.cpus_per_worker must be in (0, {MAX_CPUS_PER_WORKER}], "
+                f"got {self.cpus_per_worker!r}"
             )
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise ConfigError(
-                f"resources.max_concurrent must be >= 1, got {self.max_concurrent!r}"
-            )
-        if self.max_failures < 0:
-            raise ConfigError(f"resources.max_failures must be >= 0, got {self.max_failures!r}")
+        if self.max_concurrent is not None:
+            check_range("resources.max_concurrent", self.max_concurrent, 1, MAX_CONCURRENT)
+        check_range("resources.max_failures", self.max_failures, 0, MAX_FAILURES)
 
 
 # ----------------------------------------------------------------------------- loading
 
 
 def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML config file (local path or URL) into a dict; the top level must be a mapping.
+
+    Raises ConfigError for a missing or unreadable file, invalid YAML, a key given twice in one
+    mapping (YAML would silently keep the last) or a top level that is not a mapping.
+    """
     try:
         raw = read_bytes(path)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:  # permission denied, a directory, a bucket that refuses us
+        raise ConfigError(f"cannot read {path}: {os_reason(e)}") from None
     try:
-        data = yaml.safe_load(raw)
+        data = yaml.load(raw, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except _DuplicateKeyError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping, naming its path and lines."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_unique_keys(self, node, path="")
+        return super().construct_document(node)
+
+
+def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, *, path: str) -> None:
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(loader, item, path=f"{path}[{i}]")
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[Any, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges, it is not a key
+            continue
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue  # a complex key; none of raysearch's files has one
+        key = loader.construct_object(key_node)
+        where = f"{path}.{key}" if path else str(key)
+        line = key_node.start_mark.line + 1
+        if key in first_line:
+            raise _DuplicateKeyError(f"duplicate key `{where}` at lines {first_line[key]} and {line}")
+        first_line[key] = line
+        _check_unique_keys(loader, value_node, path=where)
 
 
 def load_trial_config(path: str) -> tuple[TrialConfig, dict[str, Any]]:
@@ -191,9 +277,19 @@ def _architectures() -> tuple[str, ...]:
     return tuple(ARCHITECTURES)
 
 
+def check_range(key: str, value: float, low: float, high: float) -> None:
+    """Raise ConfigError unless ``low <= value <= high`` (NaN fails), naming ``key`` and the bound."""
+    if not value >= low:
+        raise ConfigError(f"{key} must be >= {low!r}, got {value!r}", key=key)
+    if not value <= high:
+        raise ConfigError(f"{key} must be <= {high!r}, got {value!r}", key=key)
+
+
 def check_choice(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}: unknown value {value!r}; allowed: {', '.join(map(str, allowed))}")
+        raise ConfigError(
+            f"{key}: unknown value {value!r}; allowed: {', '.join(map(str, allowed))}", key=key
+        )
 
 
 def mapping(value: Any, path: str) -> dict[str, Any]:
@@ -213,7 +309,7 @@ def no_unknown(raw: dict[str, Any], allowed: Any, path: str) -> None:
 
 def typed(path: str, value: Any, typ: type) -> Any:
     if not isinstance(value, typ):
-        raise ConfigError(f"`{path}` must be a {typ.__name__}, got {value!r}")
+        raise ConfigError(f"`{path}` must be a {typ.__name__}, got {value!r}", key=path)
     return value
 
 
@@ -226,7 +322,7 @@ def _coerce(path: str, value: Any, annotation: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"`{path}` must not be empty")
+        raise ConfigError(f"`{path}` must not be empty", key=path)
     base = annotation.replace(" | None", "").strip()
     if base.startswith("tuple"):
         return value
@@ -243,7 +339,7 @@ def _coerce(path: str, value: Any, annotation: str) -> Any:
     if typ is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
-        raise ConfigError(f"`{path}` must be {base}, got {value!r}")
+        raise ConfigError(f"`{path}` must be {base}, got {value!r}", key=path)
     return value
 
 
@@ -259,8 +355,7 @@ def build(cls: type, data: dict[str, Any], *, path: str):
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        msg = str(e)
-        raise ConfigError(msg if not path or msg.startswith(path) else f"{path}.{msg}") from None
+        raise e.under(path) from None
 
 
 def norm_path(value: str) -> str:
@@ -289,6 +384,7 @@ __all__ = [
     "TrialConfig",
     "build",
     "check_choice",
+    "check_range",
     "load_trial_config",
     "load_yaml",
     "mapping",

@@ -33,7 +33,7 @@ import pandas as pd
 from rich.table import Table
 
 from raysearch import storage
-from raysearch.errors import ConfigError, DataError, name_some
+from raysearch.errors import ConfigError, DataError, name_some, os_reason
 
 __all__ = [
     "BODY_PARTS",
@@ -130,7 +130,9 @@ def read_mura(
     studies, images = pd.concat(studies, ignore_index=True), pd.concat(images, ignore_index=True)
 
     rejected = {_strip_first(path) for path, _ in problems}
-    images, studies, p = _cross_check(images, studies, sizes, rejected=rejected)
+    images, studies, p = _cross_check(
+        images, studies, sizes, rejected=rejected, unreadable=_UnreadableFolders(fs, root_path, root)
+    )
     problems += p
     if check_images:
         bad = _check_pngs(fs, root_path, images["rel"].tolist(), sizes)
@@ -176,6 +178,9 @@ def _read_csv(fs, root_path: str, name: str, columns: list[str]) -> pd.DataFrame
     try:
         with fs.open(path, "rb") as f:
             raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {os_reason(e)}") from None
+    try:
         return pd.read_csv(io.BytesIO(raw), header=None, names=columns, dtype=str,
                            keep_default_na=False, skip_blank_lines=True)  # fmt: skip
     except pd.errors.EmptyDataError:
@@ -246,11 +251,22 @@ def _read_images(fs, root_path: str, official: str) -> tuple[pd.DataFrame, list]
     return images, problems
 
 
-def _cross_check(images, studies, sizes: dict[str, int], *, rejected: set[str]):
-    """Images must exist and belong to a labeled study (``rejected``: studies already reported)."""
+def _cross_check(
+    images, studies, sizes: dict[str, int], *, rejected: set[str], unreadable: _UnreadableFolders
+):
+    """Images must exist and belong to a labeled study (``rejected``: studies already reported).
+
+    An image is missing from the one recursive listing either because it is not there or because
+    a folder above it could not be listed (the listing skips those silently); ``unreadable``
+    tells the two apart, so such images are reported once per folder, with its reason.
+    """
     problems = []
     missing = ~images["rel"].isin(sizes.keys())
-    problems += [(p, "image listed but missing") for p in images.loc[missing, "csv_path"]]
+    listed_dirs = {rel.rsplit("/", 1)[0] for rel in sizes}
+    for path, study_rel in zip(images.loc[missing, "csv_path"], images.loc[missing, "study_rel"]):
+        # A folder with any file listed was readable: only the image itself is missing.
+        reason = None if study_rel in listed_dirs else unreadable.reason(study_rel)
+        problems.append((path, reason or "image listed but missing"))
     images = images[~missing]
     orphan = ~images["study_rel"].isin(set(studies["rel"]))
     for path, study_rel in zip(images.loc[orphan, "csv_path"], images.loc[orphan, "study_rel"]):
@@ -259,6 +275,40 @@ def _cross_check(images, studies, sizes: dict[str, int], *, rejected: set[str]):
         problems.append((path, reason))
     images = images[~orphan].reset_index(drop=True)
     return images, studies, problems
+
+
+class _UnreadableFolders:
+    """Which folders below the root cannot be listed, probed top down and remembered."""
+
+    _ABSENT = "absent"  # probed: no such folder (its images are just missing)
+
+    def __init__(self, fs, root_path: str, root: str) -> None:
+        self.fs, self.root_path, self.root = fs, root_path, root
+        self._seen: dict[str, str | None] = {}  # relative folder -> why it cannot be listed
+
+    def reason(self, rel_dir: str) -> str | None:
+        """'cannot read folder <dir> (<reason>)' for the highest unreadable folder from the root
+        down to ``rel_dir``; None when every existing one can be listed."""
+        parts = rel_dir.split("/")
+        for depth in range(len(parts) + 1):
+            rel = "/".join(parts[:depth])
+            if rel not in self._seen:
+                self._seen[rel] = self._probe(rel)
+            if self._seen[rel] == self._ABSENT:
+                return None
+            if self._seen[rel] is not None:
+                shown = f"{self.root}/{rel}" if rel else self.root
+                return f"cannot read folder {shown} ({self._seen[rel]})"
+        return None
+
+    def _probe(self, rel: str) -> str | None:
+        try:
+            self.fs.ls(f"{self.root_path}/{rel}" if rel else self.root_path, detail=False)
+        except FileNotFoundError:
+            return self._ABSENT
+        except OSError as e:
+            return os_reason(e)
+        return None
 
 
 def _drop_empty_studies(images: pd.DataFrame, studies: pd.DataFrame):

@@ -22,7 +22,32 @@ class RaysearchError(Exception):
 
 
 class ConfigError(RaysearchError):
-    """A YAML file or option is invalid (unknown key, wrong type, bound out of order)."""
+    """A YAML file or option is invalid (unknown key, wrong type, bound out of order).
+
+    ``key`` is the setting the message starts with (``batch_size must be >= 1, got 0``, or
+    `` `batch_size` must be int``), when it is about one setting; :meth:`under` then moves the
+    message to where the value came from (``trial.batch_size ...``, ``space.batch_size ...``).
+    """
+
+    def __init__(self, message: str, *, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+    def under(self, prefix: str) -> ConfigError:
+        """This error, located under ``prefix`` (a key path such as ``trial``).
+
+        ``batch_size must ...`` becomes ``trial.batch_size must ...``; a message not about one
+        key becomes ``trial: ...``; one that already names its place is returned as it is.
+        """
+        message = str(self)
+        if not prefix or (self.key or "").startswith(f"{prefix}."):
+            return self
+        if self.key and message.startswith((self.key, f"`{self.key}`")):
+            key = f"{prefix}.{self.key}"
+            return ConfigError(message.replace(self.key, key, 1), key=key)
+        if message.startswith(prefix):  # e.g. "scheduler: `1 <= grace_period` ..."
+            return self
+        return ConfigError(f"{prefix}: {message}")
 
 
 class ExperimentExistsError(ConfigError):
@@ -73,6 +98,13 @@ class SearchInterrupted(RaysearchError):
     """The search was interrupted (Ctrl-C); what it wrote is marked unfinished."""
 
     exit_code = 130
+
+
+def os_reason(error: OSError) -> str:
+    """An OSError's reason in words, without its path: 'permission denied', 'is a directory'."""
+    if error.strerror:
+        return error.strerror[:1].lower() + error.strerror[1:]
+    return str(error).strip() or type(error).__name__
 
 
 def name_some(items: Sequence[object], *, limit: int = 3) -> str:

@@ -343,6 +343,11 @@ def run_single(
 
         check_weights({(cfg.arch, cfg.weights)})
         manifest = read_dataset(data, console=console)
+        from raysearch.weighting import weighting_notes
+
+        train = manifest[manifest["split"] == "train"]
+        for note in weighting_notes(train, scheme=cfg.class_weighting, fp_bias=cfg.fp_bias):
+            console.print(f"[yellow]{note}[/]")
         check_free_space(manifest=manifest, image_sizes=[cfg.image_size], cache_dir=cache_dir,
                          experiment_dir=exp_dir, archs={cfg.arch}, num_trials=1, console=console)
         if fresh:

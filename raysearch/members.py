@@ -55,7 +55,7 @@ def load_member(trial_id: str, checkpoint: str) -> Member:
     """Read a checkpoint's trial.json and val_predictions.parquet (not the weights)."""
     raw = _checkpoint_file(trial_id, checkpoint, "trial.json")
     try:
-        config = TrialConfig.from_dict(json.loads(raw), path="trial.json")
+        config = TrialConfig.from_dict(json.loads(raw))
     except (ValueError, UnicodeDecodeError, RaysearchError) as e:
         raise CheckpointError(
             f"trial {trial_id}: trial.json in {checkpoint} is corrupt ({_first_line(e)})"
@@ -87,10 +87,14 @@ def load_member(trial_id: str, checkpoint: str) -> Member:
 
 
 def load_model(member: Member, *, device):
-    """The member's network with its best weights, in eval mode on ``device``."""
+    """The member's network with its best weights, in eval mode on ``device``.
+
+    Raises CheckpointError naming the trial and file when model.pt is missing, unreadable or does
+    not fit the member's architecture (see :func:`raysearch.models.load_checkpoint_weights`).
+    """
     import torch
 
-    from raysearch.models import create_model
+    from raysearch.models import create_model, load_checkpoint_weights
 
     raw = _checkpoint_file(member.trial_id, member.checkpoint, "model.pt")
     try:
@@ -101,13 +105,10 @@ def load_model(member: Member, *, device):
             f"dict ({type(e).__name__}: {_first_line(e)})"
         ) from e
     model = create_model(member.config.arch, weights="none", dropout=member.config.dropout)
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise CheckpointError(
-            f"trial {member.trial_id}: model.pt in {member.checkpoint} does not fit "
-            f"{member.config.arch} ({_first_line(e)})"
-        ) from e
+    load_checkpoint_weights(
+        model, state, arch=member.config.arch,
+        source=f"trial {member.trial_id}: model.pt in {member.checkpoint}",
+    )  # fmt: skip
     return model.to(device).eval()
 
 

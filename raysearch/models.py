@@ -15,7 +15,10 @@ torchvision download anything, replaces its classifier with a single abnormality
 
 Every file is read with ``torch.load(..., weights_only=True)``. Classifier weights that do not fit
 the single-logit head are dropped (as timm does when the class count differs); any other mismatch
-is a :class:`WeightsError` naming the keys and the file. This module never imports ray.
+is a :class:`WeightsError` naming the keys and the file. A trial's own checkpoint is loaded with
+:func:`load_checkpoint_weights`, strictly, head included; a mismatch there is a
+:class:`CheckpointError` naming the checkpoint, the architecture and the keys. This module never
+imports ray.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 import torchvision
 from torch import nn
 
-from raysearch.errors import ConfigError, WeightsError, name_some
+from raysearch.errors import CheckpointError, ConfigError, WeightsError, name_some
 from raysearch.storage import atomic_write_bytes, get_fs, is_url, join
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "checkpoint_bytes",
     "create_model",
     "fetch_weights",
+    "load_checkpoint_weights",
     "load_weights_file",
     "recompute_bn_stats",
     "torchvision_weights_info",
@@ -310,6 +314,51 @@ def _apply_state_dict(
         raise WeightsError(
             f"weights file {source} does not fit the model: missing keys {name_some(missing)}"
         )
+
+
+def load_checkpoint_weights(
+    model: nn.Module, state: object, *, arch: str, source: str
+) -> None:
+    """Load a trained checkpoint's full state dict into ``model`` (``create_model(arch)``), strictly.
+
+    Unlike pretrained weights, a trial's own checkpoint must fit exactly, its single-logit head
+    included: nothing is dropped or remapped. ``state`` is what ``torch.load`` returned, ``source``
+    names it in errors (e.g. ``"trial t1: model.pt in gs://b/exp/train-t1/checkpoint_000002"``).
+    Raises CheckpointError ``"<source>: the weights do not fit resnet18: missing keys a, b, c
+    (+N more); unexpected keys ...; shape mismatch in k (2, 512) != (1, 512)"`` on any mismatch,
+    or when ``state`` is not a mapping of names to tensors.
+    """
+    if not isinstance(state, Mapping) or not state:
+        kind = "an empty mapping" if isinstance(state, Mapping) else f"a {type(state).__name__}"
+        raise CheckpointError(f"{source}: holds {kind}, not a state dict")
+    not_tensors = [k for k, v in state.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if not_tensors:
+        raise CheckpointError(
+            f"{source}: not a state dict: entries {name_some(not_tensors)} are not named tensors"
+        )
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    problems = [
+        f"{what} {name_some(keys)}"
+        for what, keys in (
+            ("missing keys", missing), ("unexpected keys", unexpected),
+            ("shape mismatch in", mismatched),
+        )
+        if keys
+    ]  # fmt: skip
+    if problems:
+        raise CheckpointError(f"{source}: the weights do not fit {arch}: {'; '.join(problems)}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # e.g. a dtype torch cannot copy; keys and shapes matched above
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{source}: the weights do not fit {arch}: {first}") from None
 
 
 # ----------------------------------------------------------------------------- weight sources

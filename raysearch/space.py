@@ -13,11 +13,15 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from raysearch.config import (
+    MAX_EPOCHS,
+    MAX_NUM_SAMPLES,
+    MAX_SEED,
     DataConfig,
     ResourcesConfig,
     TrialConfig,
     build,
     check_choice,
+    check_range,
     load_yaml,
     mapping,
     no_unknown,
@@ -47,8 +51,8 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         check_choice("search.algorithm", self.algorithm, ("tpe", "random"))
-        if self.num_samples < 1:
-            raise ConfigError(f"search.num_samples must be >= 1, got {self.num_samples!r}")
+        check_range("search.num_samples", self.num_samples, 1, MAX_NUM_SAMPLES)
+        check_range("search.seed", self.seed, 0, MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -60,16 +64,16 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         check_choice("scheduler.kind", self.kind, ("asha", "fifo"))
-        if self.max_epochs < 1:
-            raise ConfigError(f"scheduler.max_epochs must be >= 1, got {self.max_epochs!r}")
+        check_range("scheduler.max_epochs", self.max_epochs, 1, MAX_EPOCHS)
         if not 1 <= self.grace_period <= self.max_epochs:
             raise ConfigError(
                 "scheduler: `1 <= grace_period <= max_epochs` must hold, but got "
                 f"grace_period={self.grace_period!r}, max_epochs={self.max_epochs!r}"
             )
-        if self.reduction_factor <= 1:
+        # Past 100 every rung keeps only its best trial: a typo, not a schedule.
+        if not 1 < self.reduction_factor <= 100:
             raise ConfigError(
-                f"scheduler.reduction_factor must be > 1, got {self.reduction_factor!r}"
+                f"scheduler.reduction_factor must be in (1, 100], got {self.reduction_factor!r}"
             )
 
 
@@ -222,7 +226,7 @@ def _parse_space(raw: dict[str, Any], trial_keys: set[str]) -> tuple[Param, ...]
             )
         kind = dist[0]
         arg = spec[kind]
-        when = _parse_when(when_raw, f"{path}.when", {p.name for p in params})
+        when = _parse_when(when_raw, f"{path}.when", params)
         step = spec.get("step")
         if step is not None and kind not in ("int", "uniform"):
             raise ConfigError(f"`{path}.step` is only allowed with int or uniform")
@@ -253,50 +257,152 @@ def _parse_space(raw: dict[str, Any], trial_keys: set[str]) -> tuple[Param, ...]
             )
     if not params:
         raise ConfigError("`space` is empty: give at least one parameter")
+    for p in params:
+        if p.when and not _can_apply(p, params):
+            parents = ", ".join(f"`{k}`" for k in _ancestors(p, params))
+            raise ConfigError(
+                f"`space.{p.name}.when` can never hold: no values of {parents} meet it and their "
+                f"own `when` conditions together, so `{p.name}` would never be sampled"
+            )
     return tuple(params)
 
 
-def _parse_when(raw: Any, path: str, known: set[str]) -> tuple[tuple[str, tuple], ...]:
+def _parse_when(raw: Any, path: str, earlier: list[Param]) -> tuple[tuple[str, tuple], ...]:
+    """``when: {parent: [values]}`` -> ((parent, values), ...), checked against each parent.
+
+    A parent must be a ``choice`` or ``constant`` parameter defined earlier, and every value must
+    be one it can take: a condition no sample can meet would silently never sample the parameter.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"`{path}` must be a mapping of parameter -> allowed values, got {raw!r}")
+    by_name = {p.name: p for p in earlier}
     out = []
     for k, v in raw.items():
-        if k not in known:
+        parent = by_name.get(k)
+        if parent is None:
             raise ConfigError(
                 f"`{path}.{k}` refers to a parameter that is not defined earlier in `space`"
             )
+        if parent.kind not in ("choice", "constant"):
+            raise ConfigError(
+                f"`{path}.{k}`: `{k}` is {'an' if parent.kind == 'int' else 'a'} {parent.kind} "
+                "parameter; `when` needs a choice or constant parameter, whose values can be listed"
+            )
+        choices = ", ".join(repr(c) for c in parent.values)
         allowed = tuple(v) if isinstance(v, list) else (v,)
+        if not allowed:
+            raise ConfigError(f"`{path}.{k}` must list at least one value of `{k}` ({choices})")
+        for value in allowed:
+            if isinstance(value, (dict, list)) or value not in parent.values:
+                raise ConfigError(
+                    f"`{path}.{k}`: {value!r} is not a value of `{k}`; its values: {choices}"
+                )
         out.append((k, allowed))
     return tuple(out)
 
 
+def _ancestors(p: Param, params: list[Param]) -> list[str]:
+    """The parameters ``p``'s ``when`` depends on, directly or through theirs, in file order."""
+    by_name = {q.name: q for q in params}
+    seen: set[str] = set()
+    todo = [k for k, _ in p.when]
+    while todo:
+        k = todo.pop()
+        if k not in seen:
+            seen.add(k)
+            todo += [kk for kk, _ in by_name[k].when]
+    return [q.name for q in params if q.name in seen]
+
+
+def _can_apply(p: Param, params: list[Param]) -> bool:
+    """Whether some values of ``p``'s ancestors, sampled as the searcher samples them (in file
+    order, each only when its own ``when`` holds), meet ``p.when``."""
+    by_name = {q.name: q for q in params}
+    order = [by_name[k] for k in _ancestors(p, params)]
+    tests = [(k, allowed) for q in [*order, p] for k, allowed in q.when]
+
+    def options(a: Param) -> list:
+        # Values that every condition treats alike are interchangeable: try one of each kind.
+        kinds: dict[tuple[bool, ...], Any] = {}
+        for value in a.values:
+            kinds.setdefault(tuple(value in allowed for k, allowed in tests if k == a.name), value)
+        return list(kinds.values())
+
+    def search(i: int, sampled: dict[str, Any]) -> bool:
+        if i == len(order):
+            return p.applies(sampled)
+        a = order[i]
+        if not a.applies(sampled):  # not sampled in this branch, as in tune.DefineByRun
+            return search(i + 1, sampled)
+        return any(search(i + 1, {**sampled, a.name: v}) for v in options(a))
+
+    return search(0, {})
+
+
 def _check_space_consistency(spec: SearchSpace) -> None:
-    """Every value a trial could get must make a valid TrialConfig; check choices and corners."""
+    """Every value a trial could get must make a valid TrialConfig; check choices and corners.
+
+    Each error names where the bad value is written: ``trial.batch_size ...`` for the `trial`
+    block (checked first, on its own), ``space.batch_size ...`` for a value of the space, and
+    ``search.points_to_evaluate[0].batch_size ...`` for a starting point. A value that is fine
+    on its own but clashes with another setting says which value of which parameter it is.
+    """
+
+    def check(values: dict[str, Any]) -> None:
+        # path="": each error keeps its bare key, and the caller says where it came from.
+        build(TrialConfig, {**values, "max_epochs": spec.scheduler.max_epochs}, path="")
+
+    # --- the trial block on its own, the defaults filling in the rest
     base = dict(spec.trial)
+    try:
+        check(base)
+    except ConfigError as e:
+        # A default that the space replaces may be what clashes with `trial`: that is fine.
+        # (`trial` values stay: they are what a parameter whose `when` does not hold gets.)
+        reference = {**{p.name: _candidates(p)[0] for p in spec.space}, **base}
+        try:
+            check(reference)
+        except ConfigError:
+            raise e.under("trial") from None
+        base = reference
+
+    # --- every value (choices, or both ends of a range) of each parameter
     for p in spec.space:
-        candidates = list(p.values) if p.kind in ("choice", "constant") else [p.low, p.high]
-        if p.kind == "int":
-            candidates = [int(c) for c in candidates]
-        for value in candidates:
+        for value in _candidates(p):
             try:
-                TrialConfig.from_dict(
-                    {**base, p.name: value, "max_epochs": spec.scheduler.max_epochs},
-                    path="trial",
-                )
+                check({**base, p.name: value})
             except ConfigError as e:
-                raise ConfigError(f"space.{p.name}: value {value!r} is invalid: {e}") from None
+                if e.key == p.name:
+                    raise e.under("space") from None
+                raise ConfigError(
+                    f"space.{p.name}: value {value!r} does not fit the other settings: {e}"
+                ) from None
+
+    # --- the starting points, each on top of the trial block
+    names = {p.name for p in spec.space}
     for i, point in enumerate(spec.search.points_to_evaluate):
-        names = {p.name for p in spec.space}
+        where = f"search.points_to_evaluate[{i}]"
         unknown = sorted(set(point) - names)
         if unknown:
             raise ConfigError(
-                f"search.points_to_evaluate[{i}]: unknown parameter `{unknown[0]}`; "
+                f"{where}: unknown parameter `{unknown[0]}`; "
                 f"the space defines: {', '.join(sorted(names))}"
             )
         try:
-            spec.trial_config(point)
+            check({**spec.trial, **point})
         except ConfigError as e:
-            raise ConfigError(f"search.points_to_evaluate[{i}]: {e}") from None
+            if e.key in point:
+                raise e.under(where) from None
+            raise ConfigError(f"{where}: {e}") from None
+
+
+def _candidates(p: Param) -> list[Any]:
+    """The values of ``p`` to check: every choice, or both ends of a range."""
+    if p.kind in ("choice", "constant"):
+        return list(p.values)
+    if p.kind == "int":
+        return [int(p.low), int(p.high)]
+    return [p.low, p.high]
 
 
 def _param_to_yaml(p: Param) -> Any:

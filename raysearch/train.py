@@ -143,7 +143,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raysearch.augment import DeviceAugment
     from raysearch.cache import build_cache
     from raysearch.loader import BatchLoader
-    from raysearch.models import create_model, recompute_bn_stats
+    from raysearch.models import create_model, load_checkpoint_weights, recompute_bn_stats
     from raysearch.weighting import example_weights
 
     cfg = TrialConfig.from_dict(config["trial"])
@@ -204,8 +204,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if resume_note:
             print(f"raysearch: trial {cfg.arch}: {resume_note}", file=sys.stderr)
     if saved is not None:
-        model_state, state, history = saved
-        raw_model.load_state_dict(model_state)
+        model_state, state, history, used = saved
+        load_checkpoint_weights(raw_model, model_state, arch=cfg.arch, source=f"model.pt in {used}")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         augment.load_state_dict(state["augment"])
@@ -307,8 +307,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def load_resume_state(checkpoint, *, device) -> tuple[tuple | None, str | None]:
-    """(model state dict, train state, history) to resume from, and a note when it is not the
-    latest checkpoint's.
+    """(model state dict, train state, history, checkpoint path) to resume from, and a note when
+    it is not the latest checkpoint's.
 
     A checkpoint with a missing, empty or truncated file (a full disk, a killed writer) is not a
     resume point: the newest intact checkpoint beside it is used instead (the trial's best, which
@@ -335,7 +335,7 @@ def load_resume_state(checkpoint, *, device) -> tuple[tuple | None, str | None]:
         note = None
         if tried:
             note = f"{'; '.join(tried)}: resuming from {name} (epoch {state['epoch']}) instead"
-        return (model_state, state, history), note
+        return (model_state, state, history, ckpt.path), note
     return None, f"{'; '.join(tried)}: no intact checkpoint left, the trial starts over"
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from raysearch.config import ResourcesConfig
+from raysearch.config import ResourcesConfig, TrialConfig
 from raysearch.errors import (
     ConfigError,
     ExperimentExistsError,
@@ -106,16 +106,29 @@ def image_sizes(spec: SearchSpace) -> list[int]:
     return sorted(sizes)
 
 
+def _values(spec: SearchSpace, name: str) -> set[str]:
+    """Every value a categorical trial setting may take in ``spec`` (the default if unset)."""
+    for p in spec.space:
+        if p.name == name and p.kind in ("choice", "constant"):
+            return {str(v) for v in p.values}
+    default = TrialConfig.__dataclass_fields__[name].default
+    return {str(spec.trial.get(name, default))}
+
+
 def weight_sources(spec: SearchSpace) -> set[tuple[str, str]]:
     """Every (arch, weights) pair a trial of ``spec`` may ask for."""
+    return {(a, w) for a in _values(spec, "arch") for w in _values(spec, "weights")}
 
-    def values(name: str, default: str) -> set[str]:
-        for p in spec.space:
-            if p.name == name and p.kind in ("choice", "constant"):
-                return {str(v) for v in p.values}
-        return {str(spec.trial.get(name, default))}
 
-    return {(a, w) for a in values("arch", "densenet169") for w in values("weights", "imagenet")}
+def check_class_weighting(spec: SearchSpace, manifest, *, console) -> None:
+    """Every class weighting a trial may use, on the training split, before Ray starts: a scheme
+    that cannot work on this data raises; where one departs from its formula, say so."""
+    from raysearch.weighting import weighting_notes
+
+    train = manifest[manifest["split"] == "train"]
+    for scheme in sorted(_values(spec, "class_weighting")):
+        for note in weighting_notes(train, scheme=scheme):
+            console.print(f"[yellow]{note}[/]")
 
 
 # ----------------------------------------------------------------------------- resources
@@ -237,6 +250,7 @@ def _run_locked(spec, exp_dir, spec_yaml, *, restoring, overwrite, address, verb
     manifest = None
     if not (restoring and exists(manifest_uri)):
         manifest = read_dataset(spec.data, console=console)
+        check_class_weighting(spec, manifest, console=console)
         check_free_space(
             manifest=manifest, image_sizes=image_sizes(spec), cache_dir=spec.cache_dir,
             experiment_dir=exp_dir, archs={a for a, _ in weight_sources(spec)},

@@ -29,6 +29,22 @@ def tiny_root(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def permissions_enforced(tmp_path_factory) -> bool:
+    """Whether this user is refused a file it has no permission for (root, with its capability
+    to bypass permissions, is not): tests that chmod a file skip when it is False."""
+    probe = tmp_path_factory.mktemp("permissions") / "probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    try:
+        probe.read_text()
+    except PermissionError:
+        return True
+    finally:
+        probe.chmod(0o600)
+    return False
+
+
+@pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """One local Ray instance for every test that needs Ray (ray.init costs seconds)."""
     import ray

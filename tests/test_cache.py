@@ -17,11 +17,12 @@ from raysearch import cache as cache_mod
 from raysearch.cache import (
     ImageCache,
     build_cache,
+    cache_bytes,
     cache_key,
     open_cache,
     preprocess_image,
 )
-from raysearch.errors import DataError
+from raysearch.errors import ConfigError, DataError
 from raysearch.loader import BatchLoader
 from raysearch.storage import exists, get_fs, join
 
@@ -133,6 +134,17 @@ def test_cache_equals_direct_decode(images, tmp_path, num_workers):
     assert sorted(os.listdir(tmp_path / "c")) == [cache.key]  # no temporary leftovers
     assert sorted(os.listdir(cache.path)) == ["images.u8", "index.parquet", "meta.json"]
     assert f"n={len(images)}" in repr(cache)
+    # cache_bytes predicts the store's size, for the driver's free-space check.
+    assert os.path.getsize(os.path.join(cache.path, "images.u8")) == cache_bytes(len(images), S)
+
+
+def test_cache_bytes_is_n_times_s_squared():
+    assert cache_bytes(40_005, 320) == 40_005 * 320 * 320 == 4_096_512_000
+    assert cache_bytes(0, 64) == 0
+    with pytest.raises(ConfigError, match="n_images must be >= 0, got -1"):
+        cache_bytes(-1, 64)
+    with pytest.raises(ConfigError, match="image_size must be >= 1, got 0"):
+        cache_bytes(10, 0)
 
 
 def test_second_call_reuses_the_store_without_decoding(images, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import yaml
 
-from raysearch.config import TrialConfig, load_trial_config
+from raysearch.config import TrialConfig, load_trial_config, load_yaml
 from raysearch.errors import ConfigError
 from raysearch.space import load_search_space, parse_search_space
 
@@ -89,7 +89,7 @@ BAD = [
     (spec_with("space.dropout", {"uniform": ["a", 1]}), "`space.dropout.uniform` low must be a number, got 'a'"),
     (spec_with("space.dropout", {"normal": [0, 1]}), "unknown key `space.dropout.normal`; allowed: choice, uniform, loguniform, int, constant, step, when"),
     (spec_with("space.colour", {"choice": [1]}), "unknown key `space.colour`; allowed parameters:"),
-    (spec_with("space.arch", {"choice": ["resnet18", "alexnet"]}), "space.arch: value 'alexnet' is invalid: trial.arch: unknown value 'alexnet'; allowed:"),
+    (spec_with("space.arch", {"choice": ["resnet18", "alexnet"]}), "space.arch: unknown value 'alexnet'; allowed:"),
     (spec_with("space.fp_bias", {"uniform": [0, 1], "when": {"optimizer": ["adam"]}}), "`space.fp_bias.when.optimizer` refers to a parameter that is not defined earlier in `space`"),
     (spec_with("trial.max_epochs", 10), "trial.max_epochs is set by scheduler.max_epochs; remove it from `trial`"),
     (spec_with("trial.optimiser", "adam"), "unknown key `trial.optimiser`; allowed:"),
@@ -161,3 +161,267 @@ def test_search_spaces_saved_under_the_old_module_name_still_load():
         old = old.replace(b"raysearch.space\n" + name, b"raysearch.config\n" + name)
         assert b"raysearch.config\n" + name in old
     assert pickle.loads(old) == spec
+
+
+WHEN_SPACE = {
+    "class_weighting": {"choice": ["mura", "inverse"]},
+    "augment": "light",
+    "lr": {"loguniform": [1e-4, 1e-2]},
+    "optimizer": {"choice": ["adam", "adamw"], "when": {"class_weighting": ["mura"]}},
+}
+WHEN_BAD = [
+    ({"fp_bias": {"uniform": [0, 1], "when": {"class_weighting": ["inversee"]}}},
+     ("`space.fp_bias.when.class_weighting`: 'inversee' is not a value of `class_weighting`; "
+     "its values: 'mura', 'inverse'")),
+    ({"fp_bias": {"uniform": [0, 1], "when": {"class_weighting": []}}},
+     ("`space.fp_bias.when.class_weighting` must list at least one value of `class_weighting` "
+     "('mura', 'inverse')")),
+    ({"fp_bias": {"uniform": [0, 1], "when": {"augment": "strong"}}},
+     "`space.fp_bias.when.augment`: 'strong' is not a value of `augment`; its values: 'light'"),
+    ({"fp_bias": {"uniform": [0, 1], "when": {"lr": [0.001]}}},
+     "`space.fp_bias.when.lr`: `lr` is a loguniform parameter; `when` needs a choice or constant"),
+    ({"batch_size": {"int": [8, 32]}, "fp_bias": {"uniform": [0, 1], "when": {"batch_size": 8}}},
+     "`space.fp_bias.when.batch_size`: `batch_size` is an int parameter; `when` needs a choice"),
+    # optimizer is only sampled under mura, so it never meets class_weighting inverse.
+    ({"weight_decay": {"loguniform": [1e-6, 1e-2],
+                       "when": {"optimizer": ["adamw"], "class_weighting": ["inverse"]}}},
+     ("`space.weight_decay.when` can never hold: no values of `class_weighting`, `optimizer` meet "
+     "it and their own `when` conditions together, so `weight_decay` would never be sampled")),
+    # The same through a chain: fp_bias needs optimizer, which needs class_weighting mura.
+    ({"weight_decay": {"choice": [0.0, 0.01], "when": {"optimizer": ["adamw"]}},
+      "fp_bias": {"uniform": [0, 1], "when": {"weight_decay": [0.01], "class_weighting": ["inverse"]}}},
+     ("`space.fp_bias.when` can never hold: no values of `class_weighting`, `optimizer`, "
+     "`weight_decay` meet it")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra, message", WHEN_BAD, ids=[m[:50] for _, m in WHEN_BAD])
+def test_when_values_are_checked_against_the_parent(extra, message):
+    with pytest.raises(ConfigError) as info:
+        parse_search_space(spec_with("space", {**WHEN_SPACE, **extra}))
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_when_conditions_that_can_hold_parse():
+    space = {
+        **WHEN_SPACE,
+        "weight_decay": {"choice": [0.0, 0.01], "when": {"optimizer": ["adamw"]}},
+        "fp_bias": {"uniform": [0, 1], "when": {"weight_decay": 0.01, "class_weighting": "mura"}},
+        "dropout": {"uniform": [0, 0.5], "when": {"class_weighting": "inverse", "augment": "light"}},
+    }
+    spec = parse_search_space(spec_with("space", space))
+    when = {p.name: p.when for p in spec.space}
+    assert when["fp_bias"] == (("weight_decay", (0.01,)), ("class_weighting", ("mura",)))
+    assert when["dropout"] == (("class_weighting", ("inverse",)), ("augment", ("light",)))
+
+
+TOO_BIG_TRIAL = [
+    ({"image_size": 100000}, "image_size must be <= 1024, got 100000"),
+    ({"batch_size": 100000}, "batch_size must be <= 4096, got 100000"),
+    ({"max_epochs": 10**6}, "max_epochs must be <= 1000, got 1000000"),
+    ({"early_stop_patience": 10**6}, "early_stop_patience must be <= 1000, got 1000000"),
+    ({"plateau_patience": 10**6}, "plateau_patience must be <= 1000, got 1000000"),
+    ({"warmup_epochs": 5000}, "warmup_epochs must be <= 1000, got 5000"),
+    ({"warmup_epochs": -1}, "warmup_epochs must be >= 0, got -1"),
+    ({"warmup_epochs": 31}, "`warmup_epochs <= max_epochs` must hold, but got warmup_epochs=31, max_epochs=30"),
+    ({"precise_bn_images": 10**9}, "precise_bn_images must be <= 100000, got 1000000000"),
+    ({"lr": 5.0}, "lr must be <= 1.0, got 5.0"),
+    ({"weight_decay": 10.0}, "weight_decay must be <= 1.0, got 10.0"),
+    ({"seed": -1}, "seed must be >= 0, got -1"),
+    ({"seed": 2**40}, "seed must be <= 4294967295, got 1099511627776"),
+    ({"fail_at_epoch": 0}, "fail_at_epoch must be >= 1, got 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs, message", TOO_BIG_TRIAL, ids=[m[:40] for _, m in TOO_BIG_TRIAL])
+def test_trial_settings_have_sane_bounds(kwargs, message):
+    with pytest.raises(ConfigError) as info:
+        TrialConfig.from_dict(kwargs)
+    assert str(info.value) == message
+
+
+TOO_BIG_SPEC = [
+    (spec_with("search.num_samples", 10**6), "search.num_samples must be <= 10000, got 1000000"),
+    (spec_with("search.seed", -1), "search.seed must be >= 0, got -1"),
+    (spec_with("data.seed", 2**32), "data.seed must be <= 4294967295, got 4294967296"),
+    (spec_with("resources.workers_per_trial", 10**4), "resources.workers_per_trial must be <= 128, got 10000"),
+    (spec_with("resources.gpus_per_worker", -1), "resources.gpus_per_worker must be >= 0, got -1.0"),
+    (spec_with("resources.gpus_per_worker", 64), "resources.gpus_per_worker must be <= 8, got 64.0"),
+    (spec_with("resources.cpus_per_worker", 0), "resources.cpus_per_worker must be in (0, 256], got 0.0"),
+    (spec_with("resources.max_concurrent", 10**9), "resources.max_concurrent must be <= 10000, got 1000000000"),
+    (spec_with("resources.max_failures", 10**6), "resources.max_failures must be <= 100, got 1000000"),
+    (spec_with("scheduler.max_epochs", 10**6), "scheduler.max_epochs must be <= 1000, got 1000000"),
+    (spec_with("scheduler.reduction_factor", 1000), "scheduler.reduction_factor must be in (1, 100], got 1000.0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("raw, message", TOO_BIG_SPEC, ids=[m[:40] for _, m in TOO_BIG_SPEC])
+def test_search_settings_have_sane_bounds(raw, message):
+    with pytest.raises(ConfigError) as info:
+        parse_search_space(raw)
+    assert str(info.value) == message
+
+
+def test_a_huge_image_size_in_a_trial_file_is_refused(tmp_path):
+    trial = tmp_path / "trial.yaml"
+    trial.write_text("arch: resnet18\nweights: none\nimage_size: 100000\n")
+    with pytest.raises(ConfigError, match=r"^image_size must be <= 1024, got 100000$"):
+        load_trial_config(str(trial))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: a\nspace: {lr: {loguniform: [1.0e-4, 1.0e-2]}}\nname: b\n",
+         "duplicate key `name` at lines 1 and 3"),
+        ("space:\n  lr: {choice: [0.1]}\nscheduler:\n  max_epochs: 3\n  grace_period: 1\n  max_epochs: 5\n",
+         "duplicate key `scheduler.max_epochs` at lines 4 and 6"),
+        ("space: {lr: {choice: [0.1]}}\nsearch:\n  points_to_evaluate:\n    - {lr: 0.1, lr: 0.2}\n",
+         "duplicate key `search.points_to_evaluate[0].lr` at lines 4 and 4"),
+    ],
+)  # fmt: skip
+def test_duplicate_yaml_keys_in_a_search_space_are_refused(tmp_path, text, message):
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_search_space(str(path))
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_duplicate_yaml_keys_in_a_trial_config_are_refused(tmp_path):
+    path = tmp_path / "trial.yaml"
+    path.write_text("arch: resnet18\nweights: none\nlr: 0.1\ndata: {root: x}\nlr: 0.001\n")
+    with pytest.raises(ConfigError) as info:
+        load_trial_config(str(path))
+    assert str(info.value) == f"{path}: duplicate key `lr` at lines 3 and 5"
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    # `<<: *base` then an override is how YAML shares settings, not a repeated key.
+    path = tmp_path / "x.yaml"
+    path.write_text("trial:\n  <<: {lr: 0.1, dropout: 0.2}\n  lr: 0.01\nspace: {}\n")
+    assert load_yaml(str(path))["trial"] == {"lr": 0.01, "dropout": 0.2}
+
+
+@pytest.mark.parametrize("how", ["simulated", "chmod"])
+def test_unreadable_config_file_names_the_file_and_the_reason(
+    tmp_path, monkeypatch, how, permissions_enforced
+):
+    from fsspec.implementations.local import LocalFileSystem
+
+    with pytest.raises(ConfigError, match=f"^cannot read {tmp_path}: is a directory$"):
+        load_trial_config(str(tmp_path))
+    path = tmp_path / "space.yaml"
+    path.write_text("space: {lr: {choice: [0.1]}}\n")
+    if how == "chmod":
+        if not permissions_enforced:
+            pytest.skip("this user ignores file permissions (root); the simulated case covers it")
+        path.chmod(0)
+    else:  # what the kernel does for a user without read permission
+        def denied(self, p, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", p)
+
+        monkeypatch.setattr(LocalFileSystem, "_open", denied)
+    with pytest.raises(ConfigError) as info:
+        load_search_space(str(path))
+    assert str(info.value) == f"cannot read {path}: permission denied"
+
+
+# One bad value for every TrialConfig field (max_epochs comes from scheduler.max_epochs).
+BAD_FIELD = {
+    "arch": "alexnet",
+    "weights": 5,
+    "dropout": 1.5,
+    "image_size": 100000,
+    "batch_size": 0,
+    "optimizer": "sgd",
+    "lr": 5.0,
+    "weight_decay": -1.0,
+    "lr_schedule": "step",
+    "plateau_patience": 0,
+    "warmup_epochs": -1,
+    "early_stop_patience": 0,
+    "precise_bn_images": -1,
+    "class_weighting": "focal",
+    "fp_bias": -1.0,
+    "augment": "heavy",
+    "rotation": 200.0,
+    "hflip": 1.5,
+    "scale_min": -0.5,
+    "scale_max": 0.0,
+    "translate": 0.9,
+    "brightness": "bright",
+    "contrast": 2.0,
+    "seed": -1,
+    "fail_at_epoch": 0,
+    "fail_mode": "explode",
+}
+
+
+def test_every_trial_field_has_a_bad_value_below():
+    from dataclasses import fields
+
+    assert set(BAD_FIELD) == {f.name for f in fields(TrialConfig)} - {"max_epochs"}
+
+
+def _names(message: str, where: str) -> bool:
+    return message.startswith((f"{where} ", f"{where}:", f"`{where}`"))
+
+
+@pytest.mark.parametrize("field", sorted(BAD_FIELD))
+@pytest.mark.parametrize("source", ["trial", "space", "points_to_evaluate"])
+def test_a_bad_trial_value_is_reported_where_it_is_written(field, source):
+    bad = BAD_FIELD[field]
+    spec = copy.deepcopy(GOOD)
+    spec["space"]["fp_bias"] = {"uniform": [0.0, 1.0]}  # no `when` on a parameter popped below
+    spec["space"].pop(field, None)
+    if source == "trial":
+        spec["trial"][field] = bad
+        where = f"trial.{field}"
+    elif source == "space":
+        spec["space"][field] = {"constant": bad}
+        where = f"space.{field}"
+    else:
+        spec["space"][field] = {"constant": getattr(TrialConfig(), field)}
+        spec["search"]["points_to_evaluate"] = [{field: bad}]
+        where = f"search.points_to_evaluate[0].{field}"
+    with pytest.raises(ConfigError) as info:
+        parse_search_space(spec)
+    text = str(info.value)
+    assert _names(text, where), text
+    assert repr(bad) in text and "\n" not in text
+    # No garbled paths: the place is named once, and no other place is.
+    assert text.count(where) == 1 and "trial.trial" not in text and "is invalid" not in text
+    elsewhere = [w for w in ("trial.", "space.", "points_to_evaluate") if w not in where]
+    assert not any(w in text for w in elsewhere), text
+
+
+@pytest.mark.parametrize(
+    "trial, message",
+    [
+        ({"batch_size": 0}, "trial.batch_size must be >= 1, got 0"),
+        ({"augment": "heavy"}, "trial.augment: unknown value 'heavy'; allowed: none, light, mura, strong"),
+        ({"rotation": 200}, "trial.rotation must be in [0, 180], got 200.0"),
+        ({"batch_size": "big"}, "`trial.batch_size` must be int, got 'big'"),
+        ({"scale_min": 1.2}, "trial: augment `scale_min <= scale_max` must hold, but got scale_min=1.2, scale_max=1.0"),
+    ],
+)  # fmt: skip
+def test_trial_block_errors_are_exact(trial, message):
+    with pytest.raises(ConfigError) as info:
+        parse_search_space(spec_with("trial", {"weights": "none", **trial}))
+    assert str(info.value) == message
+
+
+def test_a_value_that_clashes_with_another_setting_names_both():
+    # scale_min 1.1 is fine with the `strong` preset (scale_max 1.15) but not with `mura` (1.0).
+    spec = spec_with("trial", {"weights": "none", "scale_min": 1.1})
+    spec["space"]["augment"] = {"choice": ["strong", "mura"]}
+    with pytest.raises(ConfigError) as info:
+        parse_search_space(spec)
+    assert str(info.value) == (
+        "space.augment: value 'mura' does not fit the other settings: augment "
+        "`scale_min <= scale_max` must hold, but got scale_min=1.1, scale_max=1.0"
+    )
+    spec["space"]["augment"] = {"choice": ["strong"]}
+    cfg = parse_search_space(spec).trial_config({"augment": "strong"})
+    assert cfg.augment_params().scale_min == 1.1

@@ -214,6 +214,65 @@ def _first_image(root: Path, official: str = "train") -> tuple[str, Path]:
     return line, root.parent / line
 
 
+def deny(monkeypatch, how: str, method: str, path: Path, *, enforced: bool) -> None:
+    """Make ``path`` unreadable: ``chmod`` it (skipped where permissions are not enforced, as for
+    root), or make the local filesystem's ``method`` raise PermissionError for it, as the kernel
+    does for a user without the permission."""
+    if how == "chmod":
+        if not enforced:
+            pytest.skip("this user ignores file permissions (root); the simulated case covers it")
+        path.chmod(0)  # the test restores it
+        return
+    from fsspec.implementations.local import LocalFileSystem
+
+    original = getattr(LocalFileSystem, method)
+
+    def denied(self, p, *args, **kwargs):
+        if str(p).rstrip("/") == str(path):
+            raise PermissionError(13, "Permission denied", str(p))
+        return original(self, p, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, method, denied)
+
+
+@pytest.mark.parametrize("how", ["simulated", "chmod"])
+def test_unreadable_csv_names_the_file_and_the_reason(
+    root, monkeypatch, how, permissions_enforced
+):
+    csv = root / "train_labeled_studies.csv"
+    deny(monkeypatch, how, "_open", csv, enforced=permissions_enforced)
+    try:
+        with pytest.raises(DataError) as err:
+            read_mura(str(root))
+    finally:
+        csv.chmod(0o644)
+    assert str(err.value) == f"cannot read {csv}: permission denied"
+
+
+@pytest.mark.parametrize("how", ["simulated", "chmod"])
+def test_unreadable_study_folder_is_not_reported_as_missing_images(
+    root, monkeypatch, how, permissions_enforced
+):
+    line, image = _first_image(root)
+    folder = image.parent
+    study = line.rsplit("/", 1)[0] + "/"
+    n_images = sum(i.startswith(study) for i in lines(root, "train_image_paths.csv"))
+    deny(monkeypatch, how, "ls", folder, enforced=permissions_enforced)
+    try:
+        with pytest.raises(DataError) as err:
+            read_mura(str(root))
+        m = read_mura(str(root), skip_bad=True)
+    finally:
+        folder.chmod(0o755)
+    text = str(err.value)
+    reason = f"cannot read folder {folder} (permission denied)"
+    assert f"{reason} ({n_images}): {line}" in text, text
+    assert "image listed but missing" not in text
+    skipped = skipped_frame(m)
+    assert (skipped["reason"] == reason).sum() == n_images
+    assert not m["image_path"].str.startswith(f"{folder}/").any()
+
+
 def test_missing_csv(root):
     (root / "valid_labeled_studies.csv").unlink()
     with pytest.raises(DataError, match=r"valid_labeled_studies\.csv"):

@@ -440,6 +440,26 @@ def test_broken_checkpoint_names_the_trial_and_writes_nothing(
     assert not os.path.exists(join(exp, "ensemble"))
 
 
+def test_a_model_pt_of_another_architecture_names_trial_file_arch_and_keys(tmp_path):
+    from raysearch.members import Member, load_model
+    from raysearch.models import create_model
+
+    ckpt = tmp_path / "train-t_x" / "checkpoint_000002"
+    ckpt.mkdir(parents=True)
+    torch.save(create_model("resnet18").state_dict(), ckpt / "model.pt")
+    member = Member(
+        trial_id="t_x", checkpoint=str(ckpt), val=pd.DataFrame(),
+        config=TrialConfig(arch="mobilenet_v3_small", weights="none"),
+    )  # fmt: skip
+    with pytest.raises(CheckpointError) as info:
+        load_model(member, device=torch.device("cpu"))
+    assert str(info.value).startswith(
+        f"trial t_x: model.pt in {ckpt}: the weights do not fit mobilenet_v3_small: "
+        "missing keys features.0.0.weight, features.0.1.weight, features.0.1.bias (+"
+    )
+    assert "unexpected keys conv1.weight, bn1.weight, bn1.bias (+" in str(info.value)
+
+
 def test_fewer_usable_trials_than_k_says_so(tmp_path, manifest, model_bytes, cache_dir):
     storage = str(tmp_path / "reports")
     make_experiment(storage, "exp", manifest, model_bytes, cache_dir=cache_dir)

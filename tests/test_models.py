@@ -13,11 +13,12 @@ import torchvision
 from torch import nn
 
 from raysearch import models
-from raysearch.errors import ConfigError, WeightsError
+from raysearch.errors import CheckpointError, ConfigError, WeightsError
 from raysearch.models import (
     ARCHITECTURES,
     create_model,
     fetch_weights,
+    load_checkpoint_weights,
     load_weights_file,
     torchvision_weights_info,
 )
@@ -355,3 +356,52 @@ def test_precise_bn_leaves_models_without_batchnorm_or_batches_alone():
         assert recompute_bn_stats(net, batches) == 0
         for k, v in net.state_dict().items():
             torch.testing.assert_close(v, before[k])
+
+
+# ----------------------------------------------------------------------------- trained checkpoints
+
+
+def test_a_trained_checkpoint_loads_strictly_and_exactly():
+    trained = create_model("resnet18", dropout=0.2)
+    model = create_model("resnet18", dropout=0.2)
+    load_checkpoint_weights(model, trained.state_dict(), arch="resnet18", source="model.pt")
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in trained.state_dict().items())
+
+
+def test_a_checkpoint_of_another_architecture_names_the_file_arch_and_keys():
+    state = create_model("resnet18").state_dict()
+    source = "trial t1: model.pt in /exp/train-t1/checkpoint_000002"
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_weights(
+            create_model("mobilenet_v3_small"), state, arch="mobilenet_v3_small", source=source
+        )
+    text = str(info.value)
+    assert text.startswith(
+        f"{source}: the weights do not fit mobilenet_v3_small: missing keys features.0.0.weight, "
+        "features.0.1.weight, features.0.1.bias (+"
+    ), text
+    assert "; unexpected keys conv1.weight, bn1.weight, bn1.bias (+" in text and "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda s: s.pop("fc.1.bias"), r": the weights do not fit resnet18: missing keys fc\.1\.bias$"),
+        (lambda s: s.update(extra=torch.zeros(1)), r": the weights do not fit resnet18: unexpected keys extra$"),
+        (lambda s: s.update({"fc.1.weight": torch.zeros(2, 512)}),
+         r": the weights do not fit resnet18: shape mismatch in fc\.1\.weight \(2, 512\) != \(1, 512\)$"),
+        (lambda s: s.update({"fc.1.weight": "nope"}), r": not a state dict: entries fc\.1\.weight"),
+    ],
+    ids=["missing-head", "unexpected", "head-shape", "not-tensor"],
+)  # fmt: skip
+def test_a_checkpoint_must_fit_exactly_head_included(damage, message):
+    # A trained head is part of the model: unlike ImageNet weights, it is never dropped.
+    state = create_model("resnet18").state_dict()
+    damage(state)
+    with pytest.raises(CheckpointError, match="^model.pt in /ckpt" + message):
+        load_checkpoint_weights(
+            create_model("resnet18"), state, arch="resnet18", source="model.pt in /ckpt"
+        )
+    with pytest.raises(CheckpointError, match=r"^x: holds a list, not a state dict$"):
+        load_checkpoint_weights(create_model("resnet18"), [1], arch="resnet18", source="x")

@@ -230,7 +230,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_and_says_so(
         latest = tmp_path / f"checkpoint_b{len(damage)}"
         _fake_checkpoint(latest, 5, model_bytes=damage)
         saved, note = load_resume_state(ray.train.Checkpoint(str(latest)), device="cpu")
-        (model, state, history), _ = saved, None
+        model, state, history, used = saved
+        assert used == str(tmp_path / "checkpoint_a")
         assert torch.equal(model["w"], torch.full((3,), 3.0)) and state["epoch"] == 3
         assert len(history) == 3
         assert note.startswith(f"{latest.name} is damaged") and "resuming from checkpoint_a" in note

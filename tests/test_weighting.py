@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from raysearch.config import TrialConfig
 from raysearch.errors import ConfigError, DataError
-from raysearch.weighting import example_weights
+from raysearch.weighting import example_weights, weighting_notes
 
 
 @pytest.fixture
@@ -51,3 +52,63 @@ def test_errors(train):
         example_weights(train, scheme="focal")
     with pytest.raises(DataError, match="needs both classes"):
         example_weights(train[train.label == 0], scheme="balanced")
+
+
+def test_mura_body_part_with_one_class_uses_the_pooled_weights(train):
+    # HUMERUS: two normal studies, no abnormal one; alone it would give its images weight 0.
+    humerus = pd.DataFrame(
+        [("HUMERUS", "u1", 0), ("HUMERUS", "u1", 0), ("HUMERUS", "u2", 0)],
+        columns=["body_part", "study_id", "label"],
+    )
+    w = example_weights(pd.concat([train, humerus], ignore_index=True), scheme="mura")
+    # Pooled over every part: A = 2 abnormal studies (w1, h1) and N = 7 normal ones (w2, w3,
+    # h2, h3, h4, u1, u2): abnormal 7/9, normal 2/9.
+    np.testing.assert_allclose(w[-3:], [2 / 9, 2 / 9, 2 / 9], rtol=1e-6)
+    # The parts with both classes keep their own weights.
+    np.testing.assert_allclose(w[:4], [2 / 3, 2 / 3, 1 / 3, 1 / 3], rtol=1e-6)
+    assert (w > 0).all()
+    notes = weighting_notes(pd.concat([train, humerus]), scheme="mura")
+    assert notes == [
+        (
+            "class_weighting mura: HUMERUS has only normal studies in train (2); its images use "
+            "the pooled weights (abnormal 0.78, normal 0.22)"
+        )
+    ]
+
+
+def test_mura_on_the_tiny_demo_data_ignores_no_image(tiny_root):
+    from raysearch.data import read_mura
+
+    manifest = read_mura(tiny_root, val_fraction=0.2, seed=0)
+    train = manifest[manifest["split"] == "train"]
+    w = example_weights(train, scheme="mura")
+    assert w.dtype == np.float32 and w.shape == (len(train),)
+    assert (w > 0).all()
+    # The demo's FINGER and FOREARM have one (normal) study each in this split.
+    notes = weighting_notes(train, scheme="mura")
+    assert [n.split(":")[1].split(" has")[0].strip() for n in notes] == ["FINGER", "FOREARM"]
+    assert weighting_notes(train, scheme="inverse") == []
+
+
+def test_mura_needs_both_classes_in_the_whole_split(train):
+    message = "'mura' needs both classes .* got 0 abnormal and 5 normal studies"
+    with pytest.raises(DataError, match=message):
+        example_weights(train[train.label == 0], scheme="mura")
+    with pytest.raises(DataError, match="needs both classes"):
+        weighting_notes(train[train.label == 1], scheme="mura")
+
+
+def test_fp_bias_never_makes_a_weight_zero_or_negative(train):
+    # P = 3, N = 6: a bias of -9 would give positives 1 + (6 - 9) / 3 = 0.
+    for bad in (-9.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=r"fp_bias must be in \[0, 1e\+06\], got"):
+            example_weights(train, scheme="inverse", fp_bias=bad)
+        with pytest.raises(ConfigError, match=r"^fp_bias must be in \[0, 1e\+06\], got"):
+            TrialConfig(fp_bias=bad)
+
+
+def test_fp_bias_without_inverse_is_noted(train):
+    assert weighting_notes(train, scheme="balanced", fp_bias=0.5) == [
+        "class_weighting balanced: fp_bias 0.5 has no effect (only `inverse` uses it)"
+    ]
+    assert weighting_notes(train, scheme="inverse", fp_bias=0.5) == []
