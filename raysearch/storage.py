@@ -105,16 +105,10 @@ def exists(path: str | os.PathLike) -> bool:
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """The bytes of a file. ``FileNotFoundError`` passes through (callers name what is missing);
-    a permission or other actionable OS error becomes a :class:`StorageError` naming the path."""
+    """The bytes of a file. OS errors pass through: callers name what could not be read."""
     fs, p = get_fs(path)
-    try:
-        with fs.open(p, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise _storage_error(e, path) from e
+    with fs.open(p, "rb") as f:
+        return f.read()
 
 
 def _storage_error(e: OSError, path: str | os.PathLike) -> BaseException:
