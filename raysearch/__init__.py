@@ -4,4 +4,4 @@ Stages: data (manifest, split) -> cache (decode once) -> train (one trial) -> tu
 -> ensemble (selection, inference, study aggregation) -> report (Parquet, Rich).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from raysearch import storage
+from raysearch.experiment import resolve
 from tests.gcs_emulator import GcsEmulator, gcs_emulator  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slow
@@ -148,8 +149,11 @@ def test_search_and_ensemble_entirely_in_a_bucket(gcs_emulator: GcsEmulator, tmp
     assert len(trials) == 2 and (trials["status"] == "completed").all(), trials
     assert (trials["weights"] == weights).all()
     assert len(epochs) == 4 and not epochs.duplicated(["trial_id", "epoch"]).any()
-    for tid, uri in zip(trials["trial_id"], trials["best_checkpoint"]):
-        # Ray hands checkpoint paths back without their scheme; the results carry full URIs.
+    for tid, rel in zip(trials["trial_id"], trials["best_checkpoint"]):
+        # Stored relative to the experiment; resolved, a full URI (Ray hands checkpoint paths
+        # back without their scheme).
+        assert rel.startswith(f"train-{tid}/checkpoint_"), rel
+        uri = resolve(exp, rel)
         assert uri.startswith(f"{exp}/train-{tid}/checkpoint_"), uri
         assert storage.exists(storage.join(uri, "model.pt"))
         assert {"model.pt", "train_state.pt", "trial.json", "metrics.json", "history.json",
