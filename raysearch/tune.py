@@ -229,6 +229,11 @@ def run_search(
     with ExperimentLock(exp_dir, command="tune"):
         restoring = _check_existing(spec, exp_dir, spec_yaml, resume=resume, overwrite=overwrite)
         if restoring:
+            saved_root = (yaml.safe_load(read_bytes(join(exp_dir, "search_space.yaml"))) or {})
+            saved_root = (saved_root.get("data") or {}).get("root")
+            if saved_root and saved_root != spec.data.root:
+                console.print(f"[yellow]resuming on the experiment's saved manifest (its data root "
+                              f"was {saved_root}, not {spec.data.root})[/]")
             check_ray_state_intact(exp_dir)
             if trust:
                 sign_ray_state(exp_dir)
@@ -452,15 +457,17 @@ def _check_existing(spec, exp_dir, spec_yaml, *, resume, overwrite) -> bool:
 
 
 def _same_space(saved_yaml: str, spec_yaml: str) -> bool:
-    """Whether two resolved search spaces describe the same search. Where the experiment is
-    stored does not count: a moved or copied experiment resumes from its new place."""
+    """Whether two resolved search spaces describe the same search. Where the experiment and its
+    data are stored does not count: a moved or copied experiment resumes from its new place, on
+    the manifest (the images and the split) it saved."""
     saved, now = yaml.safe_load(saved_yaml), yaml.safe_load(spec_yaml)
     if not isinstance(saved, dict):
         return False
     for d in (saved, now):
         d.pop("storage", None)
         if isinstance(d.get("data"), dict):
-            d["data"].pop("cache_dir", None)  # <storage>/cache by default
+            for key in ("root", "cache_dir"):
+                d["data"].pop(key, None)
     return saved == now
 
 

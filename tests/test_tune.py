@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,3 +229,41 @@ def test_missing_weights_fail_before_ray_starts(tmp_path, monkeypatch, capsys):
     assert main(["tune", str(space)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "resnet18" in err and "weights fetch" in err
+
+
+@pytest.mark.slow
+def test_an_experiment_saved_by_an_earlier_release_resumes(tmp_path, tiny_root, ray_session):
+    """tests/fixtures/saved-v0.2: a search of raysearch 0.2 (flat modules) killed right after
+    Ray's first save: tuner.pkl, the searcher and experiment state pickle raysearch classes by
+    their 0.2 module paths (raysearch.sampler, raysearch.results, raysearch.tune, ...). It must
+    restore under the current layout and finish every trial."""
+    import io
+
+    import yaml
+    from rich.console import Console
+
+    from raysearch.space import parse_search_space
+    from raysearch.tune import run_search
+
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "saved-v0.2")
+    exp = tmp_path / "store" / "saved-v0.2"
+    shutil.copytree(fixture, exp)
+    # The experiment moved, and so did its data: point the saved manifest at this session's copy
+    # of the same synthetic dataset (seed 0, tiny).
+    manifest = pd.read_parquet(exp / "manifest.parquet")
+    saved_root = yaml.safe_load((exp / "search_space.yaml").read_text())["data"]["root"]
+    manifest["image_path"] = manifest["image_path"].str.replace(saved_root, tiny_root, regex=False)
+    assert manifest["image_path"].map(os.path.exists).all()
+    manifest.to_parquet(exp / "manifest.parquet", index=False)
+
+    raw = yaml.safe_load((exp / "search_space.yaml").read_text())
+    raw["data"]["root"] = tiny_root
+    raw["storage"] = str(tmp_path / "store")
+    console = Console(file=io.StringIO(), width=120)
+    run_search(parse_search_space(raw), console=console)
+
+    trials = pd.read_parquet(exp / "trials.parquet")
+    assert len(trials) == 3 and not trials["status"].isin(["failed", "unfinished"]).any(), trials
+    # The trial Ray had saved as PENDING kept its id: the restored state was used, not a new one.
+    assert "4deb3112" in set(trials["trial_id"])
+    assert "resuming on the experiment's saved manifest" in console.file.getvalue()
