@@ -33,7 +33,7 @@ def _stdout_console():
 
 
 def cmd_data(args) -> int:
-    from raysearch.data import read_mura, summary_table
+    from raysearch.data.mura import read_mura, summary_table
     from raysearch.storage import atomic_write_parquet
 
     manifest = read_mura(
@@ -58,7 +58,7 @@ def cmd_data(args) -> int:
 def cmd_demo_data(args) -> int:
     import time
 
-    from raysearch.synth import make_demo_data
+    from raysearch.data.synth import make_demo_data
 
     t0 = time.perf_counter()
     root = make_demo_data(args.dir, seed=args.seed, size=args.size, label_noise=args.label_noise)
@@ -68,7 +68,7 @@ def cmd_demo_data(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from raysearch.launch import run_single
+    from raysearch.train.trainer import run_single
 
     run_single(
         args.config, data_root=args.data_root, storage=args.storage, name=args.name,
@@ -78,8 +78,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from raysearch.space import load_search_space
-    from raysearch.tune import run_search
+    from raysearch.search.space import load_search_space
+    from raysearch.search.tune import run_search
 
     spec = load_search_space(
         args.space, data_root=args.data_root, name=args.name, storage=args.storage,
@@ -93,7 +93,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_ensemble(args) -> int:
-    from raysearch.ensemble import run_ensemble
+    from raysearch.ensemble.run import run_ensemble
 
     run_ensemble(
         experiment=args.experiment, storage=args.storage, top=args.top, method=args.method,
@@ -104,7 +104,7 @@ def cmd_ensemble(args) -> int:
 
 
 def cmd_weights_fetch(args) -> int:
-    from raysearch.models import fetch_weights
+    from raysearch.models.weights import fetch_weights
 
     uri = fetch_weights(args.arch, to=args.to)
     _stdout_console().print(f"{args.arch}: ImageNet weights staged at {uri}")
@@ -112,7 +112,7 @@ def cmd_weights_fetch(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from raysearch import bench
+    from raysearch.bench import pipeline as bench
 
     console = _stdout_console()
     if args.what == "data":
@@ -125,7 +125,7 @@ def cmd_bench(args) -> int:
         sched = {k: v for k, v in (("max_epochs", args.max_epochs),
                                    ("grace_period", args.grace_period),
                                    ("reduction_factor", args.reduction_factor)) if v is not None}
-        from raysearch.bench_search import BENCH_TRIALS, bench_search
+        from raysearch.bench.search import BENCH_TRIALS, bench_search
 
         bench_search(root=args.root, space=args.space, num_samples=args.num_samples or BENCH_TRIALS,
                      seeds=tuple(args.seeds), storage=args.storage, console=console, **sched)

@@ -4,7 +4,7 @@ Two files are read by raysearch:
 
 * a **trial config** (``raysearch train CONFIG.yaml``): one fixed set of hyperparameters, read
   here;
-* a **search space** (``raysearch tune SPACE.yaml``), read in :mod:`raysearch.space` with the
+* a **search space** (``raysearch tune SPACE.yaml``), read in :mod:`raysearch.search.space` with the
   same checks and the same :class:`DataConfig` and :class:`ResourcesConfig`.
 
 Validation happens once, at the edge, before Ray starts. Every error names the key path and what
@@ -134,8 +134,8 @@ class TrialConfig:
             object.__setattr__(self, "weights", os.path.abspath(os.path.expanduser(self.weights)))
 
     def augment_params(self):
-        """The resolved :class:`~raysearch.augment.AugmentParams`: the preset, then overrides."""
-        from raysearch.augment import PRESETS, resolve_augment
+        """The resolved :class:`~raysearch.data.augment.AugmentParams`: the preset, then overrides."""
+        from raysearch.data.augment import PRESETS, resolve_augment
 
         check_choice("augment", self.augment, tuple(PRESETS))
         overrides = {k: getattr(self, k) for k in AUGMENT_KEYS if getattr(self, k) is not None}
@@ -272,7 +272,7 @@ def load_trial_config(path: str) -> tuple[TrialConfig, dict[str, Any]]:
 
 
 def _architectures() -> tuple[str, ...]:
-    from raysearch.models import ARCHITECTURES
+    from raysearch.models.registry import ARCHITECTURES
 
     return tuple(ARCHITECTURES)
 
@@ -366,16 +366,10 @@ def norm_path(value: str) -> str:
 
 
 def __getattr__(name: str):
-    # The search-space classes lived here before 2026-11-23. Ray pickles them with an experiment
-    # (the searcher's parameters, the live view's spec in tuner.pkl), by this module's name.
-    if name in _MOVED_TO_SPACE:
-        from raysearch import space
+    # Names that left this module but that saved experiments still pickle by it: raysearch._compat.
+    from raysearch._compat import moved_name
 
-        return getattr(space, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-_MOVED_TO_SPACE = ("Param", "SearchConfig", "SchedulerConfig", "SearchSpace")
+    return moved_name(__name__, name)
 
 
 __all__ = [

@@ -235,7 +235,7 @@ def remove_experiment(exp_dir: str, *, storage: str, dry_run: bool = False) -> N
     fs.rm(marker)
 
 
-# Every file a trial checkpoint holds (see raysearch.train); none of them may be empty.
+# Every file a trial checkpoint holds (see raysearch.train.checkpoint); none of them may be empty.
 CHECKPOINT_FILES = ("model.pt", "train_state.pt", "trial.json", "metrics.json", "history.json",
                     "val_predictions.parquet")
 
@@ -250,6 +250,98 @@ def checkpoint_damage(sizes: dict[str, int]) -> str | None:
     if empty:
         return f"{', '.join(empty)} empty"
     return None
+
+
+# ----------------------------------------------------------------------------- trials and checkpoints
+
+
+def run_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
+    """(checkpoint URI, its metrics.json) for every usable checkpoint a Train run still holds.
+
+    A checkpoint with a missing, empty or unreadable file (being written when the driver died, or
+    cut short by a full disk) is left out: it is neither a resume point nor an ensemble member.
+    """
+    fs, path = get_fs(run_dir)
+    if not fs.exists(path):
+        return []
+    out = []
+    for entry in sorted(fs.ls(path, detail=False)):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith("checkpoint_") or name.endswith(".json"):
+            continue  # Ray keeps checkpoint_manager_snapshot.json beside the checkpoint folders
+        uri = join(run_dir, name)
+        try:
+            sizes = {
+                f["name"].rstrip("/").rsplit("/", 1)[-1]: int(f.get("size") or 0)
+                for f in fs.ls(entry, detail=True)
+            }
+            if checkpoint_damage(sizes):
+                continue
+            metrics = json.loads(read_bytes(join(uri, "metrics.json")))
+        except (OSError, ValueError):
+            continue
+        out.append((uri, metrics))
+    return out
+
+def latest_history(ckpts: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every epoch a Train run reported: the ``history.json`` of its latest checkpoint."""
+    if not ckpts:
+        return []
+    latest_uri, _ = max(ckpts, key=lambda c: c[1]["epoch"])
+    return json.loads(read_bytes(join(latest_uri, "history.json")))
+
+
+# ----------------------------------------------------------------------------- finding experiments
+
+
+def find_experiment(experiment: str | None, *, storage: str = "reports") -> str:
+    """The experiment folder to ensemble: ``None`` -> the most recent one under ``storage``
+    (newest ``experiment.json``); a bare name -> ``storage/name``; a path or URL as given."""
+    if experiment is None:
+        found = list_experiments(storage)
+        if not found:
+            raise ConfigError(
+                f"no experiment under {storage} (no */experiment.json); run `raysearch tune` "
+                "first or name one with --experiment"
+            )
+        return max(found, key=lambda item: (item[1], item[0]))[0]
+    bare = not is_url(experiment) and "/" not in experiment and os.sep not in experiment
+    candidates = [join(storage, experiment)] if bare else []
+    candidates.append(experiment if is_url(experiment) else join(experiment))
+    for path in candidates:
+        if exists(join(path, "experiment.json")):
+            return path
+    known = [uri.rstrip("/").rsplit("/", 1)[-1] for uri, _ in list_experiments(storage)]
+    listing = (
+        f"experiments under {storage}: {name_some(sorted(known), limit=8)}"
+        if known
+        else f"there are none under {storage}"
+    )
+    raise ConfigError(f"no experiment at {candidates[0]} (no experiment.json); {listing}")
+
+def list_experiments(storage: str) -> list[tuple[str, float]]:
+    """(folder URI, modification time of its experiment.json) for every experiment in storage."""
+    fs, root = get_fs(storage)
+    if not fs.isdir(root):
+        return []
+    out = []
+    for path in fs.glob(root.rstrip("/") + "/*/experiment.json"):
+        name = path.rstrip("/").rsplit("/", 2)[-2]
+        out.append((join(storage, name), _mtime(fs, path)))
+    return out
+
+def _mtime(fs, path: str) -> float:
+    try:
+        return fs.modified(path).timestamp()
+    except (NotImplementedError, AttributeError, KeyError):
+        info = fs.info(path)
+        for key in ("mtime", "updated", "LastModified", "created"):
+            value = info.get(key)
+            if isinstance(value, (int, float)):
+                return float(value)
+            if hasattr(value, "timestamp"):
+                return value.timestamp()
+        return 0.0
 
 
 # ----------------------------------------------------------------------------- one writer

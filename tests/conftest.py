@@ -21,7 +21,7 @@ os.environ.setdefault("RAYSEARCH_LOG_DIR", tempfile.mkdtemp(prefix="raysearch-lo
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> str:
     """A 'tiny' synthetic dataset in the MURA-v1.1 layout (parent folder path)."""
-    from raysearch.synth import make_demo_data
+    from raysearch.data.synth import make_demo_data
 
     out = tmp_path_factory.mktemp("tiny_mura")
     make_demo_data(str(out), seed=0, size="tiny")
@@ -49,7 +49,7 @@ def ray_session(tmp_path_factory):
     """One local Ray instance for every test that needs Ray (ray.init costs seconds)."""
     import ray
 
-    from raysearch.launch import local_ray_args
+    from raysearch.cluster import local_ray_args
 
     tmp = tmp_path_factory.mktemp("ray")
     os.environ.setdefault("RAYSEARCH_LOCAL_CACHE", str(tmp / "local_cache"))
@@ -101,8 +101,8 @@ def small_experiment(small_space, ray_session) -> str:
 
     from rich.console import Console
 
-    from raysearch.space import load_search_space
-    from raysearch.tune import run_search
+    from raysearch.search.space import load_search_space
+    from raysearch.search.tune import run_search
 
     spec = load_search_space(small_space)
     return run_search(spec, console=Console(file=io.StringIO(), width=120))

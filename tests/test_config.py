@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import pickle
 
 import pytest
 import yaml
 
 from raysearch.config import TrialConfig, load_trial_config, load_yaml
 from raysearch.errors import ConfigError
-from raysearch.space import load_search_space, parse_search_space
+from raysearch.search.space import load_search_space, parse_search_space
 
 GOOD = {
     "name": "t",
@@ -150,17 +149,6 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     trial.write_text("arch: resnet18\nweights: none\ndata: {root: x}\nlearning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="unknown key `learning_rate`"):
         load_trial_config(str(trial))
-
-
-def test_search_spaces_saved_under_the_old_module_name_still_load():
-    # Ray pickles the searcher's parameters and the live view's spec with an experiment; those
-    # saved before the search space moved to raysearch.space name raysearch.config's classes.
-    spec = load_search_space("search_spaces/mura.yaml")
-    old = pickle.dumps(spec, protocol=0)
-    for name in (b"Param", b"SearchSpace", b"SearchConfig", b"SchedulerConfig"):
-        old = old.replace(b"raysearch.space\n" + name, b"raysearch.config\n" + name)
-        assert b"raysearch.config\n" + name in old
-    assert pickle.loads(old) == spec
 
 
 WHEN_SPACE = {

@@ -67,7 +67,7 @@ def test_safe_names_pass(name):
 def test_every_source_of_a_name_is_checked(tmp_path):
     """YAML `name:`, the --name override, and the train file's `name:` all go through one check."""
     from raysearch.config import load_trial_config
-    from raysearch.space import load_search_space
+    from raysearch.search.space import load_search_space
 
     space = tmp_path / "s.yaml"
     space.write_text("name: ..\nspace: {lr: {choice: [0.001]}}\n")

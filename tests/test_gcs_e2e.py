@@ -77,7 +77,7 @@ def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.Com
 
 def _stage_weights(uri: str) -> dict[str, torch.Tensor]:
     """A real state dict for ARCH (fixed seed, random init) uploaded to ``uri``."""
-    from raysearch.models import create_model
+    from raysearch.models.factory import create_model
 
     torch.manual_seed(1234)
     state = create_model(ARCH, weights="none", dropout=0.0).state_dict()
@@ -94,7 +94,7 @@ def _names(fs, path: str) -> set[str]:
 
 
 def test_search_and_ensemble_entirely_in_a_bucket(gcs_emulator: GcsEmulator, tmp_path):  # noqa: F811
-    from raysearch.synth import make_demo_data
+    from raysearch.data.synth import make_demo_data
 
     fs = gcs_emulator.fs
     data = gcs_emulator.url("data")

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from raysearch.config import ResourcesConfig
-from raysearch.tune import DRIVER_CPU, plan_resources
+from raysearch.search.resources import DRIVER_CPU, plan_resources
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 START_TIMEOUT_S = 90.0

@@ -108,8 +108,8 @@ def test_an_unexpected_oserror_on_a_full_disk_still_names_the_path(capsys, monke
 
 
 def test_the_free_space_check_refuses_what_cannot_fit(tmp_path, tiny_root):
-    from raysearch.data import read_mura
-    from raysearch.launch import check_free_space
+    from raysearch.data.mura import read_mura
+    from raysearch.data.prepare import check_free_space
 
     manifest = read_mura(tiny_root)
     with tmpfs(tmp_path / "disk", 4) as disk:
@@ -127,8 +127,8 @@ def test_the_free_space_check_refuses_what_cannot_fit(tmp_path, tiny_root):
 def test_a_cache_build_on_a_full_disk_is_one_error_not_a_crash(tmp_path, tiny_root):
     """The store is written through a memory map; on a sparse file a full disk would kill the
     decoder with SIGBUS. The space is allocated first, so it is one StorageError."""
-    from raysearch.cache import build_cache
-    from raysearch.data import read_mura
+    from raysearch.data.cache import build_cache
+    from raysearch.data.mura import read_mura
 
     manifest = read_mura(tiny_root)
     with tmpfs(tmp_path / "disk", 2) as disk:
@@ -222,7 +222,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_and_says_so(
     import ray.train
     import torch
 
-    from raysearch.train import load_resume_state
+    from raysearch.train.checkpoint import load_resume_state
 
     _fake_checkpoint(tmp_path / "checkpoint_a", 3)
     good = (tmp_path / "checkpoint_a" / "model.pt").read_bytes()
@@ -245,7 +245,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_and_says_so(
 
 
 def test_damaged_checkpoints_are_neither_results_nor_members(tmp_path):
-    from raysearch.results import run_checkpoints
+    from raysearch.experiment import run_checkpoints
 
     run = tmp_path / "train-x"
     _fake_checkpoint(run / "checkpoint_1", 1)
@@ -258,7 +258,7 @@ def test_damaged_checkpoints_are_neither_results_nor_members(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_exits_130_marks_results_unfinished_and_ensemble_warns(tmp_path, tiny_root):
-    from raysearch.ensemble import run_ensemble
+    from raysearch.ensemble.run import run_ensemble
 
     space = tmp_path / "s.yaml"
     space.write_text(FULL_SPACE.replace("max_epochs: 2", "max_epochs: 6").format(
@@ -293,8 +293,8 @@ def test_a_search_whose_every_trial_failed_exits_1_with_the_most_common_error(
 ):
     import yaml
 
-    from raysearch.space import parse_search_space
-    from raysearch.tune import run_search
+    from raysearch.search.space import parse_search_space
+    from raysearch.search.tune import run_search
 
     raw = yaml.safe_load(FULL_SPACE.format(root=tiny_root, storage=tmp_path / "S"))
     raw["search"]["num_samples"] = 2
@@ -336,7 +336,7 @@ def test_an_error_with_an_empty_message_prints_its_cause(capsys, monkeypatch):
 def test_an_unreachable_bucket_fails_fast_with_one_line(monkeypatch):
     """Offline, gcsfs logged a 40-line traceback and retried for 70 s; now the endpoint's host is
     resolved first and the weights URL gets one clear error."""
-    from raysearch.models import create_model
+    from raysearch.models.factory import create_model
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://raysearch-offline.invalid:4443")
     monkeypatch.setattr(storage, "_REACHABLE", {})
@@ -376,7 +376,7 @@ def test_library_logs_go_to_the_log_file_not_the_terminal(tmp_path, monkeypatch,
 
 @pytest.mark.slow
 def test_a_moved_experiment_can_be_ensembled(small_experiment, tmp_path):
-    from raysearch.ensemble import run_ensemble
+    from raysearch.ensemble.run import run_ensemble
 
     moved = tmp_path / "elsewhere" / "small"
     shutil.copytree(small_experiment, moved)
@@ -407,8 +407,8 @@ def test_a_planted_pickle_stops_the_resume_before_ray_reads_it(small_experiment,
     resume checks every such file against the hashes it signed, and refuses."""
     import pickle
 
-    from raysearch.space import load_search_space
-    from raysearch.tune import run_search
+    from raysearch.search.space import load_search_space
+    from raysearch.search.tune import run_search
 
     store = tmp_path / "S"
     shutil.copytree(small_experiment, store / "small")

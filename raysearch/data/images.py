@@ -1,0 +1,66 @@
+"""Data stage, one image: decode and preprocess it the one way every stage does.
+
+The decode-once cache stores exactly what :func:`preprocess_image` returns, and the predictor runs
+the same function on new files, so a prediction from the cache and one from the raw file agree.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from raysearch.errors import ConfigError, DataError
+from raysearch.storage import read_bytes
+
+__all__ = ["PREPROCESS_VERSION", "preprocess_image"]
+
+
+# Bump whenever preprocess_image changes its output: the version is part of every cache key.
+PREPROCESS_VERSION = 1
+
+_HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+def preprocess_image(data: bytes | str, *, image_size: int) -> np.ndarray:
+    """Decode one image to an ``(image_size, image_size)`` uint8 grayscale array.
+
+    ``data`` is encoded bytes or a local path / fsspec URL. Colour and alpha are dropped (ITU-R
+    601 luma); 16-bit, 32-bit and float images are stretched from their own min..max to 0..255
+    (a fixed /257 would leave 12-bit radiographs nearly black). The image is zero-padded to a
+    centred square (letterbox, black bars) and resized with antialiased bilinear filtering.
+    """
+    if image_size < 1:
+        raise ConfigError(f"image_size must be >= 1, got {image_size}")
+    name = data if isinstance(data, str) else "<bytes>"
+    try:
+        raw = read_bytes(data) if isinstance(data, str) else data
+    except FileNotFoundError:
+        raise DataError(f"image not found: {name}") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            img.load()
+            gray = _to_gray(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot decode image {name}: {e}") from None
+
+    w, h = gray.size
+    side = max(w, h)
+    if w != h:
+        square = Image.new("L", (side, side), 0)
+        square.paste(gray, ((side - w) // 2, (side - h) // 2))
+        gray = square
+    if side != image_size:
+        # reducing_gap: box-reduce by an integer factor first, then bilinear; still antialiased.
+        gray = gray.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.array(gray, dtype=np.uint8)  # a writable copy: callers may hand it to torch
+
+def _to_gray(img: Image.Image) -> Image.Image:
+    if img.mode == "L":
+        return img
+    if img.mode in _HIGH_DEPTH_MODES:
+        a = np.asarray(img).astype(np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+    return img.convert("L")  # RGB(A), LA, P, PA, 1, CMYK, YCbCr

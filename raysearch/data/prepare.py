@@ -1,0 +1,132 @@
+"""Data stage, what the driver does once before any trial starts: read and split the dataset,
+check that its caches and the trials' checkpoints fit the disks, save the manifest into the
+experiment, build the decode-once caches. Never imports ray.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+from raysearch.storage import atomic_write_parquet, join
+
+__all__ = ["check_free_space", "free_bytes", "prepare_data", "read_dataset"]
+
+
+def read_dataset(data, *, console=None) -> pd.DataFrame:
+    """Read and split the dataset of a :class:`~raysearch.config.DataConfig` (before Ray starts).
+
+    Every problem with the data raises one :class:`~raysearch.errors.DataError` line, unless
+    ``data.skip_bad`` leaves the bad images out; ``console`` is told how many.
+    """
+    from raysearch.data.mura import read_mura
+
+    manifest = read_mura(data.root, val_fraction=data.val_fraction, seed=data.seed,
+                         skip_bad=data.skip_bad)
+    skipped = manifest.attrs.get("skipped")
+    if console is not None and skipped is not None and len(skipped):
+        console.print(f"[yellow]left out {len(skipped)} bad images (--skip-bad)[/]")
+    return manifest
+
+def prepare_data(
+    *,
+    experiment_dir: str,
+    cache_dir: str,
+    image_sizes: list[int],
+    manifest: pd.DataFrame | None = None,
+    root: str | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    skip_bad: bool = False,
+    progress: bool = True,
+    console=None,
+) -> str:
+    """Save the manifest into the experiment and build the caches. Returns the manifest URI.
+
+    ``manifest`` is the one :func:`read_dataset` returned; without it the dataset at ``root`` is
+    read here. Runs once on the driver so that trials only open what is already there.
+    """
+    from raysearch.config import DataConfig
+    from raysearch.data.cache import build_cache
+
+    if manifest is None:
+        data = DataConfig(root=root or "", val_fraction=val_fraction, seed=seed, skip_bad=skip_bad)
+        manifest = read_dataset(data, console=console)
+    uri = join(experiment_dir, "manifest.parquet")
+    atomic_write_parquet(manifest, uri)
+    for size in sorted(set(image_sizes)):
+        build_cache(manifest, image_size=size, cache_dir=cache_dir, progress=progress)
+    return uri
+
+def free_bytes(uri: str) -> int | None:
+    """Free bytes on the local file system that holds (or would hold) ``uri``; None for URLs."""
+    import shutil
+
+    from raysearch.storage import is_url
+
+    if is_url(uri):
+        return None
+    path = os.path.abspath(os.path.expanduser(uri))
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return shutil.disk_usage(path).free
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+
+def check_free_space(
+    *,
+    manifest: pd.DataFrame,
+    image_sizes: list[int],
+    cache_dir: str,
+    experiment_dir: str,
+    archs: set[str],
+    num_trials: int,
+    console=None,
+) -> None:
+    """Refuse (:class:`~raysearch.errors.StorageError`) a run whose caches and checkpoints cannot
+    fit the local disks they go to; warn when they would fill more than 80 % of the free space.
+
+    Estimates: a cache store holds ``n_images * S * S`` bytes per image size S not built yet
+    (``raysearch.data.cache``); a trial keeps two checkpoints (best and latest), each its weights and
+    Adam's two moment buffers, ``12 * params + 4 * buffers`` bytes (``models.checkpoint_bytes``),
+    for the largest architecture searched. Buckets (``gs://``) are not checked.
+    """
+    from raysearch.data.cache import cache_bytes, cache_key
+    from raysearch.errors import StorageError
+    from raysearch.models.factory import checkpoint_bytes
+    from raysearch.storage import exists
+
+    paths = manifest["image_path"].astype(str).tolist()
+    cache_need = sum(
+        cache_bytes(len(paths), s) for s in sorted(set(image_sizes))
+        if not exists(join(cache_dir, cache_key(paths, image_size=s), "meta.json"))
+    )
+    ckpt_need = 2 * num_trials * max(checkpoint_bytes(a) for a in archs) if archs else 0
+    needs: dict[int, list[tuple[str, float, str]]] = {}
+    for what, n, where in (("the image caches", cache_need, cache_dir),
+                           (f"checkpoints of {num_trials} trial(s)", ckpt_need, experiment_dir)):
+        free = free_bytes(where)
+        if free is None or n == 0:
+            continue
+        dev = os.stat(_existing(where)).st_dev
+        needs.setdefault(dev, []).append((what, n, where))
+        total = sum(x[1] for x in needs[dev])
+        detail = " and ".join(f"{w} need about {_gb(m)} ({p})" for w, m, p in needs[dev])
+        if total > free:
+            raise StorageError(
+                f"not enough space: {detail}, but only {_gb(free)} is free there; free some "
+                "space or choose another storage"
+            )
+        if total > 0.8 * free and console is not None:
+            console.print(f"[yellow]{detail}: {_gb(free)} free; the disk will be nearly full[/]")
+
+def _existing(path: str) -> str:
+    path = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path

@@ -1,0 +1,55 @@
+"""Data stage, the split: which patients train and which validate. A patient's images all land
+on one side, so the validation set never sees a patient the model trained on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from raysearch.errors import ConfigError, DataError, name_some
+
+__all__ = ["split_patients"]
+
+
+def split_patients(
+    studies_or_images: pd.DataFrame, *, val_fraction: float, seed: int
+) -> dict[str, str]:
+    """Assign every patient to "train" or "val"; returns patient_id -> split.
+
+    Needs columns patient_id, body_part, label (and study_id, else row order decides a patient's
+    first study). A patient's stratum is the body part of their first study plus whether any of
+    their studies is abnormal; each stratum sends its share of ``val_fraction`` of the patients
+    to "val", with largest-remainder rounding so the total is ``round(val_fraction * patients)``.
+    Seeded with ``np.random.default_rng(seed)``; the input's row order does not matter.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    missing = {"patient_id", "body_part", "label"} - set(studies_or_images.columns)
+    if missing:
+        raise DataError(f"split_patients needs columns {name_some(sorted(missing))}")
+    df = studies_or_images
+    if "study_id" in df.columns:
+        df = df.sort_values(["patient_id", "study_id"], kind="stable")
+    per_patient = df.groupby("patient_id", sort=True).agg(
+        body_part=("body_part", "first"), abnormal=("label", "max")
+    )
+    strata = per_patient["body_part"] + "/" + per_patient["abnormal"].astype(str)
+    groups = {k: sorted(v) for k, v in strata.groupby(strata).groups.items()}
+    keys = sorted(groups)
+    rng = np.random.default_rng(seed)
+
+    total = round(val_fraction * len(per_patient))
+    exact = np.array([val_fraction * len(groups[k]) for k in keys])
+    counts = np.floor(exact).astype(int)
+    # Largest remainders get the leftover places; random jitter breaks ties without bias.
+    order = np.argsort(-(exact - counts) - 1e-9 * rng.random(len(keys)), kind="stable")
+    counts[order[: max(0, total - counts.sum())]] += 1
+
+    assignment = {}
+    for key, n_val in zip(keys, counts):
+        members = groups[key]
+        chosen = set(rng.permutation(len(members))[:n_val].tolist())
+        for i, patient in enumerate(members):
+            assignment[patient] = "val" if i in chosen else "train"
+    return assignment

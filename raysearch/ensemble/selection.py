@@ -1,0 +1,140 @@
+"""Ensemble stage, selection: which trials join the ensemble, and with what weight.
+
+Top-k takes the ``k`` trials with the lowest best val_loss, equally weighted (the MURA paper's
+rule). Greedy selection (Caruana et al., ICML 2004) adds, with replacement, whichever trial
+lowers the *study-level* log loss of the ensemble on ``val`` most, and keeps the best ensemble
+seen along the way. Both work on the val probabilities saved in the checkpoints: nothing is
+re-run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from raysearch.errors import CheckpointError, ConfigError
+from raysearch.evaluation import metrics as M
+
+__all__ = [
+    "column_log_losses",
+    "greedy_picks",
+    "greedy_select",
+    "none_usable",
+    "select_top",
+    "study_matrix",
+    "usable_trials",
+]
+
+_EPS = 1e-7  # the clipping of metrics.log_loss
+
+
+def usable_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials with a best checkpoint and a finite best val_loss, lowest val_loss first.
+
+    Any status counts: a trial that failed at epoch 9 still has a sound best checkpoint.
+    """
+    ckpt = trials["best_checkpoint"]
+    has_ckpt = ckpt.map(lambda c: isinstance(c, str) and c != "").astype(bool)
+    loss = pd.to_numeric(trials["best_val_loss"], errors="coerce")
+    ok = trials[has_ckpt & np.isfinite(loss)]
+    return ok.sort_values(["best_val_loss", "trial_id"], kind="stable").reset_index(drop=True)
+
+
+def select_top(trials: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The ``k`` usable trials with the lowest best val_loss, each with ``weight`` 1/(their count).
+
+    Fewer than ``k`` usable trials give a smaller ensemble (the caller says so); none is an error.
+    """
+    if k < 1:
+        raise ConfigError(f"--top must be >= 1, got {k}")
+    ok = usable_trials(trials)
+    if ok.empty:
+        raise CheckpointError(none_usable(trials))
+    top = ok.head(k).copy()
+    top["weight"] = 1.0 / len(top)
+    return top.reset_index(drop=True)
+
+
+def none_usable(trials: pd.DataFrame) -> str:
+    if trials.empty:
+        return "trials.parquet lists no trials"
+    counts = trials["status"].value_counts() if "status" in trials else pd.Series(dtype=int)
+    statuses = ", ".join(f"{n} {s}" for s, n in counts.items())
+    return f"none of the {len(trials)} trials has a checkpoint to ensemble ({statuses})"
+
+
+def greedy_select(
+    val_probs: dict[str, np.ndarray],
+    images: pd.DataFrame,
+    *,
+    max_rounds: int,
+    init: int = 1,
+) -> dict[str, float]:
+    """Greedy ensemble selection with replacement (Caruana et al., ICML 2004).
+
+    ``val_probs`` maps each candidate to its image probabilities, aligned with the rows of
+    ``images`` (``study_id``, ``patient_id``, ``body_part``, ``label``). The first ``init`` picks
+    are the best single candidates; each later round adds the candidate (possibly again) that
+    gives the lowest *study-level* log loss; ``max_rounds`` picks in all. Returns
+    ``{trial_id: picks / total picks}`` of the best ensemble seen along the way, most picked
+    first, so the result is never worse than the best single candidate (round one). Ties go to
+    the earlier candidate.
+    """
+    picks = greedy_picks(val_probs, images, max_rounds=max_rounds, init=init)
+    total = sum(picks.values())
+    return {name: n / total for name, n in picks.items()}
+
+
+def greedy_picks(
+    val_probs: dict[str, np.ndarray], images: pd.DataFrame, *, max_rounds: int, init: int = 1
+) -> dict[str, int]:
+    """How often ``greedy_select`` picks each candidate (only those picked, most picked first)."""
+    if max_rounds < 1:
+        raise ConfigError(f"greedy selection needs max_rounds >= 1, got {max_rounds}")
+    if init < 1:
+        raise ConfigError(f"greedy selection needs init >= 1, got {init}")
+    if not val_probs:
+        raise ValueError("greedy_select: no candidates")
+    names = list(val_probs)
+    labels, S = study_matrix(images, [val_probs[n] for n in names])
+    single = column_log_losses(labels, S)
+    order = np.argsort(single, kind="stable")
+
+    picks = np.zeros(len(names), dtype=np.int64)
+    total = np.zeros(len(labels), dtype=np.float64)
+    best_loss, best_picks = math.inf, picks
+    for r in range(max_rounds):
+        if r < min(init, len(names)):
+            j = int(order[r])
+        else:
+            j = int(np.argmin(column_log_losses(labels, (total[:, None] + S) / (r + 1))))
+        picks = picks.copy()
+        picks[j] += 1
+        total += S[:, j]
+        loss = float(column_log_losses(labels, (total / (r + 1))[:, None])[0])
+        if loss < best_loss:
+            best_loss, best_picks = loss, picks
+    chosen = sorted(np.flatnonzero(best_picks), key=lambda j: (-best_picks[j], single[j], j))
+    return {names[j]: int(best_picks[j]) for j in chosen}
+
+
+def study_matrix(images: pd.DataFrame, probs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Study labels and a (studies x candidates) matrix of study probabilities (view means)."""
+    cols = [f"_p{i}" for i in range(len(probs))]
+    frame = images[["study_id", "patient_id", "body_part", "label"]].reset_index(drop=True)
+    for col, p in zip(cols, probs):
+        p = np.asarray(p, dtype=np.float64)
+        if len(p) != len(frame):
+            raise ValueError(f"probabilities of length {len(p)} for {len(frame)} images")
+        frame[col] = p
+    studies = M.aggregate_studies(frame, prob_cols=cols)
+    return studies["label"].to_numpy(np.float64), studies[cols].to_numpy(np.float64)
+
+
+def column_log_losses(labels: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """Mean binary cross-entropy of every column of ``P`` (as ``metrics.log_loss``)."""
+    P = np.clip(P, _EPS, 1.0 - _EPS)
+    y = labels[:, None]
+    return -(y * np.log(P) + (1.0 - y) * np.log1p(-P)).mean(axis=0)

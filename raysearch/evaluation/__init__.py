@@ -1,0 +1,3 @@
+"""Evaluation: metrics by image, study and group, with bootstrap intervals over patients.
+Never imports ray.
+"""

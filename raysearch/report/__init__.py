@@ -1,0 +1,2 @@
+"""Report stage: Rich tables for the terminal. Never imports ray.
+"""

@@ -1,0 +1,426 @@
+"""Tune stage: many trials under Ray Tune with Optuna (TPE) and ASHA; resumable and fault tolerant.
+
+``run_search(spec)`` prepares the data once on the driver, turns the search space into an Optuna
+define-by-run function (conditional parameters allowed), sizes concurrency so that trial drivers
+plus their worker placement groups always fit the cluster, and writes ``trials.parquet``,
+``epochs.parquet``, ``search_space.yaml`` and ``experiment.json`` under the experiment folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import yaml
+
+from raysearch.config import TrialConfig
+from raysearch.errors import (
+    ConfigError,
+    ExperimentExistsError,
+    SearchFailedError,
+    SearchInterrupted,
+    StorageError,
+)
+from raysearch.experiment import (
+    ExperimentLock,
+    check_ray_state_intact,
+    check_writable,
+    fail_on_restore_error,
+    is_experiment,
+    read_info,
+    remove_experiment,
+    sign_ray_state,
+    unfinished_trials,
+    update_info,
+    verify_ray_state,
+)
+from raysearch.search.progress import SearchProgress, TrustCallback
+from raysearch.search.resources import DRIVER_CPU, ResourcePlan, plan_resources
+from raysearch.search.results import collect_results
+from raysearch.search.space import SearchSpace
+from raysearch.storage import (
+    atomic_write_parquet,
+    atomic_write_text,
+    exists,
+    join,
+    ray_storage_args,
+    read_bytes,
+)
+
+# What the search minimises, for Optuna and ASHA alike: the lowest val_loss a trial has reached
+# so far. A trial is worth its best checkpoint (that is what `ensemble` loads), so Optuna should
+# learn from its best epoch, not its last, and ASHA should not cut a trial for one noisy epoch.
+OBJECTIVE = "best_val_loss"
+
+
+# ----------------------------------------------------------------------------- search space
+
+
+def image_sizes(spec: SearchSpace) -> list[int]:
+    """Image sizes that trials may ask for, so the driver can build their caches up front."""
+    sizes: set[int] = set()
+    if not any(p.name == "image_size" for p in spec.space):
+        sizes.add(int(spec.trial.get("image_size", 320)))
+    for p in spec.space:
+        if p.name == "image_size" and p.kind in ("choice", "constant"):
+            sizes.update(int(v) for v in p.values)
+        elif p.name == "image_size" and p.kind == "int" and p.high - p.low <= 512:
+            step = int(p.step or 1)
+            sizes.update(range(int(p.low), int(p.high) + 1, step))
+    for point in spec.search.points_to_evaluate:
+        if "image_size" in point:
+            sizes.add(int(point["image_size"]))
+    return sorted(sizes)
+
+
+def _values(spec: SearchSpace, name: str) -> set[str]:
+    """Every value a categorical trial setting may take in ``spec`` (the default if unset)."""
+    for p in spec.space:
+        if p.name == name and p.kind in ("choice", "constant"):
+            return {str(v) for v in p.values}
+    default = TrialConfig.__dataclass_fields__[name].default
+    return {str(spec.trial.get(name, default))}
+
+
+def weight_sources(spec: SearchSpace) -> set[tuple[str, str]]:
+    """Every (arch, weights) pair a trial of ``spec`` may ask for."""
+    return {(a, w) for a in _values(spec, "arch") for w in _values(spec, "weights")}
+
+
+def check_class_weighting(spec: SearchSpace, manifest, *, console) -> None:
+    """Every class weighting a trial may use, on the training split, before Ray starts: a scheme
+    that cannot work on this data raises; where one departs from its formula, say so."""
+    from raysearch.train.losses import weighting_notes
+
+    train = manifest[manifest["split"] == "train"]
+    for scheme in sorted(_values(spec, "class_weighting")):
+        for note in weighting_notes(train, scheme=scheme):
+            console.print(f"[yellow]{note}[/]")
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def run_search(
+    spec: SearchSpace,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    address: str | None = None,
+    verbose: bool = False,
+    trust: bool = False,
+    console=None,
+) -> str:
+    """Run (or resume) the search described by ``spec``. Returns the experiment folder URI.
+
+    Everything that can be checked is checked before anything is deleted and before Ray starts:
+    the experiment's lock, its saved state (intact, and signed by raysearch unless ``trust``),
+    the weights, the dataset, the free space. ``overwrite`` deletes the old experiment only then.
+
+    Raises :class:`ExperimentLockedError` when another run holds the experiment,
+    :class:`ExperimentStateError` for a damaged or unsigned saved state (a search never falls back
+    to a new, smaller one), :class:`StorageError` when the storage fills up,
+    :class:`SearchInterrupted` (exit 130) after Ctrl-C, with the results written so far marked
+    unfinished, and :class:`SearchFailedError` when every trial failed.
+    """
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    exp_dir = spec.experiment_dir
+    spec_yaml = yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    with ExperimentLock(exp_dir, command="tune"):
+        restoring = _check_existing(spec, exp_dir, spec_yaml, resume=resume, overwrite=overwrite)
+        if restoring:
+            saved_root = (yaml.safe_load(read_bytes(join(exp_dir, "search_space.yaml"))) or {})
+            saved_root = (saved_root.get("data") or {}).get("root")
+            if saved_root and saved_root != spec.data.root:
+                console.print(f"[yellow]resuming on the experiment's saved manifest (its data root "
+                              f"was {saved_root}, not {spec.data.root})[/]")
+            check_ray_state_intact(exp_dir)
+            if trust:
+                sign_ray_state(exp_dir)
+            else:
+                verify_ray_state(exp_dir)
+        return _run_locked(
+            spec, exp_dir, spec_yaml, restoring=restoring, overwrite=overwrite, address=address,
+            verbose=verbose, console=console,
+        )
+
+
+def _run_locked(spec, exp_dir, spec_yaml, *, restoring, overwrite, address, verbose, console):
+    from raysearch.data.prepare import check_free_space, prepare_data, read_dataset
+    from raysearch.models.factory import check_weights
+
+    # --- everything knowable, before anything is deleted and before Ray starts
+    check_weights(weight_sources(spec))
+    manifest_uri = join(exp_dir, "manifest.parquet")
+    manifest = None
+    if not (restoring and exists(manifest_uri)):
+        manifest = read_dataset(spec.data, console=console)
+        check_class_weighting(spec, manifest, console=console)
+        check_free_space(
+            manifest=manifest, image_sizes=image_sizes(spec), cache_dir=spec.cache_dir,
+            experiment_dir=exp_dir, archs={a for a, _ in weight_sources(spec)},
+            num_trials=spec.search.num_samples, console=console,
+        )
+    if overwrite:
+        remove_experiment(exp_dir, storage=spec.storage)
+    update_info(
+        exp_dir, kind="search", name=spec.name, state="running", manifest="manifest.parquet",
+        cache_dir=spec.cache_dir,
+        data={"root": spec.data.root, "val_fraction": spec.data.val_fraction, "seed": spec.data.seed},
+    )
+    if manifest is not None:  # data once, on the driver: the manifest and decode-once caches
+        prepare_data(manifest=manifest, experiment_dir=exp_dir, cache_dir=spec.cache_dir,
+                     image_sizes=image_sizes(spec))
+    atomic_write_text(join(exp_dir, "search_space.yaml"), spec_yaml)
+
+    from raysearch.cluster import init_ray
+
+    init_ray(address=address, verbose=verbose)
+    import optuna
+    import ray
+
+    if not verbose:  # Optuna logs every study it creates at INFO
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    plan = plan_resources(spec.resources, ray.cluster_resources(), node_cpus=node_cpus)
+    console.print(
+        f"[bold]{spec.name}[/]: {spec.search.num_samples} trials, {plan.max_concurrent} at a time, "
+        f"{plan.workers} worker(s) x {plan.cpus_per_worker:g} CPU"
+        + (f" + {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else "")
+        + f" per trial -> {exp_dir}"
+    )
+
+    run = {
+        "trial": dict(spec.trial),
+        "space_names": [p.name for p in spec.space],
+        "max_epochs": spec.scheduler.max_epochs,
+        "manifest": manifest_uri,
+        "cache_dir": spec.cache_dir,
+        "experiment_dir": exp_dir,
+        "workers": plan.workers,
+        "gpus_per_worker": plan.gpus_per_worker,
+        "cpus_per_worker": plan.cpus_per_worker,
+        "torch_threads": plan.torch_threads,
+    }
+    progress = SearchProgress(spec, console=console)
+    callbacks = [progress, TrustCallback(exp_dir)]
+    retry_failed = restoring and read_info(exp_dir).get("state") == "no_space"
+    with fail_on_restore_error():
+        tuner = _make_tuner(spec, plan, run, callbacks, restoring=restoring,
+                            retry_failed=retry_failed)
+    sign_ray_state(exp_dir)  # tuner.pkl, written by the Tuner
+    if restoring and spec.scheduler.kind == "asha":
+        from raysearch.search.scheduler import restore_rungs, trial_histories
+
+        # Ray restores the searcher but not ASHA's rungs (ray#30838); rebuild them.
+        histories = trial_histories(exp_dir)
+        n = restore_rungs(tuner._local_tuner._tune_config.scheduler, histories,
+                          metric=OBJECTIVE, mode="min")
+        console.print(f"ASHA rungs rebuilt from the checkpoints of {len(histories)} trial(s): {n} records")
+    t0 = time.time()
+    try:
+        with progress, fail_on_restore_error():
+            grid = tuner.fit()
+    except Exception as e:
+        try:
+            _raise_known(e, storage=exp_dir)
+        except StorageError:
+            _mark_no_space(exp_dir)
+            raise
+        raise
+    sign_ray_state(exp_dir)  # the final state, saved and synced before fit() returned
+    trials, epochs = collect_results(grid, spec, unfinished=unfinished_trials(exp_dir))
+    unfinished = int((trials["status"] == "unfinished").sum()) if len(trials) else 0
+    interrupted = unfinished > 0 or len(trials) < spec.search.num_samples
+    failed = len(trials) > 0 and bool((trials["status"] == "failed").all())
+    state = "interrupted" if interrupted else ("failed" if failed else "finished")
+    atomic_write_parquet(epochs, join(exp_dir, "epochs.parquet"))
+    atomic_write_parquet(trials, join(exp_dir, "trials.parquet"))
+    update_info(exp_dir, state=state, trials=len(trials), num_samples=spec.search.num_samples)
+    from raysearch.report.tables import best_trials_table
+
+    if len(trials) and trials["best_val_loss"].notna().any():
+        console.print(best_trials_table(trials, title=f"{spec.name}: best trials"))
+    n_failed = int((trials["status"] == "failed").sum()) if len(trials) else 0
+    console.print(
+        f"{len(trials)} trials ({n_failed} failed"
+        + (f", {unfinished} unfinished" if unfinished else "")
+        + f"), {int(epochs.shape[0])} epochs in {time.time() - t0:.0f} s. "
+        f"Results: {join(exp_dir, 'trials.parquet')}"
+    )
+    try:
+        _raise_for_trial_errors(trials, storage=exp_dir)
+    except StorageError:
+        _mark_no_space(exp_dir)
+        raise
+    if interrupted:
+        raise SearchInterrupted(
+            f"interrupted; run the same command to resume ({len(trials) - unfinished} of "
+            f"{spec.search.num_samples} trials ended; results so far are marked unfinished)"
+        )
+    if failed:
+        raise SearchFailedError(_failure_summary(trials))
+    return exp_dir
+
+
+NO_SPACE = ("No space left on device", "[Errno 28]", "ENOSPC")
+
+
+def _mark_no_space(exp_dir: str) -> None:
+    """Record that the storage filled up: the next resume retries the trials that failed of it
+    (Ray would otherwise keep them as failed for good)."""
+    with contextlib.suppress(Exception):  # the disk may be too full even for this
+        update_info(exp_dir, state="no_space")
+
+
+def _raise_known(error: BaseException, *, storage: str) -> None:
+    """Turn what Ray raised into raysearch's error when its cause is one a user can act on."""
+    from raysearch.errors import find_os_error, os_error_message
+    from raysearch.experiment import raysearch_error_in
+
+    known = raysearch_error_in(error)
+    if known is not None:
+        raise known from error
+    os_error = find_os_error(error)
+    message = os_error_message(os_error) if os_error is not None else None
+    if message is None and (any(s in str(error) for s in NO_SPACE) or _storage_full(storage)):
+        message = f"no space left on {storage}"
+    if message is not None:
+        raise StorageError(
+            f"{message}; free some space, then run the same command to resume"
+        ) from error
+
+
+def _storage_full(uri: str, *, margin: int = 1 << 20) -> bool:
+    """True when the local file system holding ``uri`` has less than ``margin`` bytes free."""
+    from raysearch.data.prepare import free_bytes
+
+    free = free_bytes(uri)
+    return free is not None and free < margin
+
+
+def _raise_for_trial_errors(trials, *, storage: str) -> None:
+    if not len(trials) or "error" not in trials:
+        return
+    errors = trials["error"].dropna().astype(str)
+    if errors.map(lambda e: any(s in e for s in NO_SPACE)).any() or (
+        len(errors) and _storage_full(storage)
+    ):
+        raise StorageError(
+            f"no space left on {storage}: {len(errors)} trial(s) failed writing there; free some "
+            "space, then run the same command to resume"
+        )
+
+
+def _failure_summary(trials) -> str:
+    errors = trials["error"].fillna("(no error message)").astype(str)
+    counts = errors.value_counts()
+    common, n = counts.index[0], int(counts.iloc[0])
+    return (
+        f"all {len(trials)} trials failed; the most common error ({n} of them): {common}"
+    )
+
+
+def _check_existing(spec, exp_dir, spec_yaml, *, resume, overwrite) -> bool:
+    """True when an existing experiment should be restored. Refuses to overwrite silently, to
+    write into a folder that is not a raysearch experiment, and to mix a search into a
+    ``raysearch train`` experiment. Deletes nothing (``overwrite`` is checked here, done later)."""
+    from ray.tune import Tuner
+
+    if overwrite:
+        remove_experiment(exp_dir, storage=spec.storage, dry_run=True)
+        return False
+    state_exists = Tuner.can_restore(**_restore_path_args(exp_dir))
+    if is_experiment(exp_dir):
+        kind = read_info(exp_dir).get("kind", "search")
+        if kind != "search":
+            raise ExperimentExistsError(
+                f"{exp_dir} holds a `raysearch {kind}` experiment, not a search; use --name to "
+                "start a new one or --overwrite to replace it",
+                experiment_dir=exp_dir,
+            )
+    else:
+        check_writable(exp_dir)
+    if not state_exists:
+        if resume:
+            raise ConfigError(f"--resume: no experiment to resume at {exp_dir}")
+        return False
+    saved = join(exp_dir, "search_space.yaml")
+    if exists(saved) and not _same_space(read_bytes(saved).decode(), spec_yaml):
+        raise ExperimentExistsError(
+            f"experiment {spec.name!r} already exists at {exp_dir} with a different search space; "
+            "use --name to start a new one or --overwrite to replace it",
+            experiment_dir=exp_dir,
+        )
+    return True
+
+
+def _same_space(saved_yaml: str, spec_yaml: str) -> bool:
+    """Whether two resolved search spaces describe the same search. Where the experiment and its
+    data are stored does not count: a moved or copied experiment resumes from its new place, on
+    the manifest (the images and the split) it saved."""
+    saved, now = yaml.safe_load(saved_yaml), yaml.safe_load(spec_yaml)
+    if not isinstance(saved, dict):
+        return False
+    for d in (saved, now):
+        d.pop("storage", None)
+        if isinstance(d.get("data"), dict):
+            for key in ("root", "cache_dir"):
+                d["data"].pop(key, None)
+    return saved == now
+
+
+def _restore_path_args(exp_dir: str) -> dict[str, Any]:
+    args = ray_storage_args(exp_dir)
+    out = {"path": args["storage_path"]}
+    if "storage_filesystem" in args:
+        out["storage_filesystem"] = args["storage_filesystem"]
+    return out
+
+
+def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, callbacks: list, *,
+                restoring: bool, retry_failed: bool = False):
+    from ray import tune
+
+    from raysearch.search.scheduler import make_scheduler
+    from raysearch.search.searcher import DefineByRun, MultiFidelitySearch, make_sampler
+    from raysearch.train.trainer import tune_trial_driver
+
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trial_driver, run=run), {"cpu": DRIVER_CPU}
+    )
+    if restoring:
+        tuner = tune.Tuner.restore(
+            trainable=trainable, resume_unfinished=True, resume_errored=retry_failed,
+            **_restore_path_args(spec.experiment_dir),
+        )
+        # Callbacks are not saved with the experiment; put the live view back.
+        tuner._local_tuner._run_config.callbacks = list(callbacks)
+        return tuner
+    sampler = make_sampler(spec)
+    searcher = MultiFidelitySearch(
+        space=DefineByRun(spec.space), metric=OBJECTIVE, mode="min", sampler=sampler,
+        max_epochs=spec.scheduler.max_epochs,
+        points_to_evaluate=[dict(p) for p in spec.search.points_to_evaluate] or None,
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=OBJECTIVE, mode="min", search_alg=searcher, scheduler=make_scheduler(spec),
+            num_samples=spec.search.num_samples, max_concurrent_trials=plan.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            **ray_storage_args(spec.storage),
+            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+            callbacks=list(callbacks),
+            verbose=0,
+        ),
+    )
