@@ -252,7 +252,7 @@ def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, *, path: str) -
 
 def load_trial_config(path: str) -> tuple[TrialConfig, dict[str, Any]]:
     """Read ``raysearch train`` YAML: trial keys at the top, plus optional data/resources/storage/name."""
-    from raysearch.experiment import check_name
+    from raysearch.storage import check_name
 
     raw = load_yaml(path)
     extra_keys = {"name", "data", "resources", "storage"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,14 @@ import fsspec
 import fsspec.implementations.local
 from fsspec.core import url_to_fs
 
-from raysearch.errors import StorageError, os_error_message
+from raysearch.errors import ConfigError, StorageError, os_error_message
 
 __all__ = [
+    "RESERVED_NAMES",
     "atomic_write_bytes",
     "atomic_write_parquet",
     "atomic_write_text",
+    "check_name",
     "exists",
     "get_fs",
     "is_url",
@@ -30,6 +33,34 @@ __all__ = [
     "read_bytes",
     "read_parquet",
 ]
+
+
+# Folders raysearch itself keeps in a storage root: an experiment may not take their names.
+RESERVED_NAMES = ("cache",)
+_NAME_MAX = 128
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+=@,-]*$")
+
+
+def check_name(name: Any, *, what: str = "experiment name") -> str:
+    """Return ``name`` if it is one safe path component, else raise :class:`ConfigError`.
+
+    Allowed: letters, digits and ``_ . + = @ , -``, not starting with ``.`` or ``-``, at most
+    128 characters, and not a name raysearch keeps for itself (``cache``). This rules out
+    separators, ``.`` and ``..``, control characters, and the glob and URL characters (``* ? [ #``)
+    that fsspec would interpret.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{what} must be a non-empty string, got {name!r}")
+    if len(name) > _NAME_MAX:
+        raise ConfigError(f"{what} must be at most {_NAME_MAX} characters, got {len(name)}")
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            f"{what} must be one folder name of letters, digits and _.+=@,- (not starting with "
+            f"'.' or '-'), got {name!r}"
+        )
+    if name in RESERVED_NAMES:
+        raise ConfigError(f"{what} {name!r} is reserved (raysearch keeps <storage>/{name}/)")
+    return name
 
 
 def is_url(path: str | os.PathLike) -> bool:

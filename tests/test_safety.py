@@ -110,18 +110,19 @@ def test_an_unexpected_oserror_on_a_full_disk_still_names_the_path(capsys, monke
 def test_the_free_space_check_refuses_what_cannot_fit(tmp_path, tiny_root):
     from raysearch.data.mura import read_mura
     from raysearch.data.prepare import check_free_space
+    from raysearch.models import checkpoint_bytes
 
     manifest = read_mura(tiny_root)
     with tmpfs(tmp_path / "disk", 4) as disk:
         with pytest.raises(StorageError, match="not enough space: the image caches need about"):
             check_free_space(manifest=manifest, image_sizes=[256], cache_dir=f"{disk}/cache",
-                             experiment_dir=f"{disk}/exp", archs=set(), num_trials=0)
+                             experiment_dir=f"{disk}/exp", checkpoint_bytes=0, num_trials=0)
         with pytest.raises(StorageError, match="checkpoints of 4 trial.s. need about .* MB"):
             check_free_space(manifest=manifest, image_sizes=[16], cache_dir=f"{disk}/cache",
-                             experiment_dir=f"{disk}/exp", archs={"mobilenet_v3_small"},
-                             num_trials=4)
+                             experiment_dir=f"{disk}/exp",
+                             checkpoint_bytes=checkpoint_bytes("mobilenet_v3_small"), num_trials=4)
         check_free_space(manifest=manifest, image_sizes=[16], cache_dir=f"{disk}/cache",
-                         experiment_dir=f"{disk}/exp", archs=set(), num_trials=0)
+                         experiment_dir=f"{disk}/exp", checkpoint_bytes=0, num_trials=0)
 
 
 def test_a_cache_build_on_a_full_disk_is_one_error_not_a_crash(tmp_path, tiny_root):

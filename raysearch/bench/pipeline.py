@@ -226,8 +226,8 @@ def bench_train(
     import torch
     import torch.nn.functional as F
 
-    from raysearch.config import TrialConfig
-    from raysearch.data.prepare import prepare_data
+    from raysearch.config import DataConfig, TrialConfig
+    from raysearch.data.prepare import prepare_data, read_dataset
     from raysearch.models.factory import create_model
     from raysearch.train.trainer import make_trainer
 
@@ -238,10 +238,9 @@ def bench_train(
     try:
         exp_dir = os.path.join(work.name, "bench")
         cache_dir = os.path.join(work.name, "cache")
-        manifest = prepare_data(
-            root=data_root, val_fraction=0.15, seed=0, skip_bad=False, experiment_dir=exp_dir,
-            cache_dir=cache_dir, image_sizes=[image_size], progress=False,
-        )
+        frame, task = read_dataset(DataConfig(root=data_root, val_fraction=0.15, seed=0))
+        manifest = prepare_data(frame, experiment_dir=exp_dir, cache_dir=cache_dir,
+                                image_sizes=[image_size], progress=False)
         cfg = TrialConfig(
             arch=arch, weights="none", image_size=image_size, batch_size=batch_size,
             max_epochs=epochs, augment="mura", class_weighting="mura", lr=1e-3,
@@ -277,8 +276,8 @@ def bench_train(
 
         init_ray()
         trainer = make_trainer(
-            {"trial": cfg.to_dict(), "manifest": manifest, "cache_dir": cache_dir,
-             "torch_threads": threads},
+            {"trial": cfg.to_dict(), "task": task.to_dict(), "manifest": manifest,
+             "cache_dir": cache_dir, "torch_threads": threads},
             run_name="bench-train", storage=exp_dir, workers=1, gpus_per_worker=0.0,
             cpus_per_worker=1.0,
         )

@@ -49,6 +49,7 @@ from raysearch.storage import atomic_write_bytes, exists, get_fs, is_url, join
 
 __all__ = [
     "PREPROCESS_VERSION",
+    "ArrayStore",
     "ImageCache",
     "build_cache",
     "cache_bytes",
@@ -156,6 +157,30 @@ class ImageCache:
     def __reduce__(self):
         # Pickle as "reopen the memmap", never as a copy of the pixels.
         return (_reopen, (self.path, self.source))
+
+
+class ArrayStore:
+    """An in-memory store with :class:`ImageCache`'s interface: ``images`` ``[n, S, S]`` uint8,
+    ``image_size``, ``rows_for`` by ``paths``. For benches and tests that generate their images
+    instead of decoding a dataset."""
+
+    def __init__(self, images: np.ndarray, paths: Sequence[str] | None = None) -> None:
+        images = np.asarray(images)
+        if images.ndim != 3 or images.shape[1] != images.shape[2] or images.dtype != np.uint8:
+            raise DataError(f"expected uint8 images [n, S, S], got {images.dtype} {images.shape}")
+        self.images = images
+        self.image_size = int(images.shape[1])
+        self.paths = list(paths) if paths is not None else [f"img{i}" for i in range(len(images))]
+        self._lookup = pd.Index(self.paths)
+
+    def rows_for(self, image_paths: Sequence[str]) -> np.ndarray:
+        rows = self._lookup.get_indexer(list(image_paths))
+        if (rows < 0).any():
+            raise DataError(f"{int((rows < 0).sum())} image paths are not in this store")
+        return rows.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
 
 
 def _reopen(path: str, source: str) -> ImageCache:

@@ -14,7 +14,7 @@ from PIL import Image
 from raysearch.errors import ConfigError, DataError
 from raysearch.storage import read_bytes
 
-__all__ = ["PREPROCESS_VERSION", "preprocess_image"]
+__all__ = ["PREPROCESS_VERSION", "letterbox", "preprocess_image"]
 
 
 # Bump whenever preprocess_image changes its output: the version is part of every cache key.
@@ -22,28 +22,41 @@ PREPROCESS_VERSION = 1
 
 _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
-def preprocess_image(data: bytes | str, *, image_size: int) -> np.ndarray:
+def preprocess_image(data: bytes | str | np.ndarray | Image.Image, *, image_size: int) -> np.ndarray:
     """Decode one image to an ``(image_size, image_size)`` uint8 grayscale array.
 
-    ``data`` is encoded bytes or a local path / fsspec URL. Colour and alpha are dropped (ITU-R
-    601 luma); 16-bit, 32-bit and float images are stretched from their own min..max to 0..255
-    (a fixed /257 would leave 12-bit radiographs nearly black). The image is zero-padded to a
-    centred square (letterbox, black bars) and resized with antialiased bilinear filtering.
+    ``data`` is encoded bytes, a local path or fsspec URL, a decoded array (``H x W`` or
+    ``H x W x C``, any integer or float dtype) or a PIL image. Colour and alpha are dropped
+    (ITU-R 601 luma); 16-bit, 32-bit and float images are stretched from their own min..max to
+    0..255 (a fixed /257 would leave 12-bit radiographs nearly black). The image is zero-padded
+    to a centred square (letterbox, black bars) and resized with antialiased bilinear filtering.
+    Raises :class:`DataError` naming the image when it is missing or cannot be decoded.
     """
     if image_size < 1:
         raise ConfigError(f"image_size must be >= 1, got {image_size}")
+    if isinstance(data, np.ndarray):
+        return letterbox(_array_to_gray(data), image_size=image_size)
+    if isinstance(data, Image.Image):
+        return letterbox(_to_gray(data), image_size=image_size)
     name = data if isinstance(data, str) else "<bytes>"
     try:
         raw = read_bytes(data) if isinstance(data, str) else data
     except FileNotFoundError:
         raise DataError(f"image not found: {name}") from None
+    except OSError as e:
+        raise DataError(f"cannot read image {name}: {e.strerror or e}") from None
     try:
         with Image.open(io.BytesIO(raw)) as img:
             img.load()
             gray = _to_gray(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image {name}: {e}") from None
+    return letterbox(gray, image_size=image_size)
 
+
+def letterbox(gray: Image.Image, *, image_size: int) -> np.ndarray:
+    """A grayscale (mode ``L``) image zero-padded to a centred square, then resized to
+    ``image_size`` with antialiased bilinear filtering: ``(image_size, image_size)`` uint8."""
     w, h = gray.size
     side = max(w, h)
     if w != h:
@@ -54,6 +67,26 @@ def preprocess_image(data: bytes | str, *, image_size: int) -> np.ndarray:
         # reducing_gap: box-reduce by an integer factor first, then bilinear; still antialiased.
         gray = gray.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=2.0)
     return np.array(gray, dtype=np.uint8)  # a writable copy: callers may hand it to torch
+
+
+def _array_to_gray(a: np.ndarray) -> Image.Image:
+    """A decoded array as a mode-L image, by the same rules as a decoded file."""
+    if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
+        if a.shape[-1] == 1:
+            a = a[..., 0]
+        elif a.dtype == np.uint8:
+            return Image.fromarray(np.ascontiguousarray(a[..., :3]), mode="RGB").convert("L")
+        else:
+            a = a[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma
+    if a.ndim != 2:
+        raise DataError(f"expected an H x W or H x W x C image array, got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return Image.fromarray(a, mode="L")
+    a = a.astype(np.float64)
+    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+    scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+
 
 def _to_gray(img: Image.Image) -> Image.Image:
     if img.mode == "L":

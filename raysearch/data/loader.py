@@ -30,7 +30,8 @@ _END = object()
 
 
 class BatchLoader:
-    """Training batches from a store: ``(images uint8 [B,1,S,S], labels float32 [B], rows int64 [B])``.
+    """Training batches from a store: ``(images uint8 [B,1,S,S], labels float32 [B] or [B,K],
+    rows int64 [B])`` (labels keep the shape they were given: ``[N]`` or ``[N, K]``).
 
     The order is a function of ``(seed, epoch)`` only (call :meth:`set_epoch`). Each rank takes an
     equal share, padded by wrapping around like ``DistributedSampler``, so DDP ranks run the same
@@ -54,7 +55,8 @@ class BatchLoader:
         pin_memory: bool = False,
     ) -> None:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        labels = np.asarray(labels, dtype=np.float32).reshape(-1)
+        labels = np.asarray(labels, dtype=np.float32)
+        labels = labels.reshape(len(labels), -1) if labels.ndim > 1 else labels.reshape(-1)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:

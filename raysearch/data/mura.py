@@ -33,12 +33,14 @@ import pandas as pd
 from rich.table import Table
 
 from raysearch import storage
+from raysearch.data.dataset import Task
 from raysearch.data.split import split_patients
 from raysearch.errors import ConfigError, DataError, name_some, os_reason
 
 __all__ = [
     "BODY_PARTS",
     "MANIFEST_COLUMNS",
+    "MURA_TASK",
     "find_mura_root",
     "read_mura",
     "skipped_frame",
@@ -48,6 +50,10 @@ __all__ = [
 ]
 
 BODY_PARTS = ("ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST")
+# MURA's task: one binary label per study, metrics per body part, a study's probability the mean
+# of its views' (Rajpurkar et al. 2017, arXiv:1712.06957, sec. 3).
+MURA_TASK = Task(name="mura", labels=("abnormal",), group="body_part", groups=BODY_PARTS,
+                 aggregation="mean")
 MANIFEST_COLUMNS = [
     "image_path", "official_split", "split", "body_part",
     "patient_id", "study_id", "view", "label",

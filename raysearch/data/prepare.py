@@ -9,55 +9,47 @@ import os
 
 import pandas as pd
 
+from raysearch.data.dataset import Task
 from raysearch.storage import atomic_write_parquet, join
 
 __all__ = ["check_free_space", "free_bytes", "prepare_data", "read_dataset"]
 
 
-def read_dataset(data, *, console=None) -> pd.DataFrame:
-    """Read and split the dataset of a :class:`~raysearch.config.DataConfig` (before Ray starts).
+def read_dataset(data, *, console=None) -> tuple[pd.DataFrame, Task]:
+    """Read and split the dataset of a :class:`~raysearch.config.DataConfig` (before Ray starts):
+    the manifest (one row per image, ``split`` train/val/test) and the task it poses.
 
     Every problem with the data raises one :class:`~raysearch.errors.DataError` line, unless
     ``data.skip_bad`` leaves the bad images out; ``console`` is told how many.
     """
-    from raysearch.data.mura import read_mura
+    from raysearch.data.mura import MURA_TASK, read_mura
 
     manifest = read_mura(data.root, val_fraction=data.val_fraction, seed=data.seed,
                          skip_bad=data.skip_bad)
     skipped = manifest.attrs.get("skipped")
     if console is not None and skipped is not None and len(skipped):
         console.print(f"[yellow]left out {len(skipped)} bad images (--skip-bad)[/]")
-    return manifest
+    return manifest, MURA_TASK
+
 
 def prepare_data(
+    manifest: pd.DataFrame,
     *,
     experiment_dir: str,
     cache_dir: str,
     image_sizes: list[int],
-    manifest: pd.DataFrame | None = None,
-    root: str | None = None,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    skip_bad: bool = False,
     progress: bool = True,
-    console=None,
 ) -> str:
-    """Save the manifest into the experiment and build the caches. Returns the manifest URI.
-
-    ``manifest`` is the one :func:`read_dataset` returned; without it the dataset at ``root`` is
-    read here. Runs once on the driver so that trials only open what is already there.
-    """
-    from raysearch.config import DataConfig
+    """Save ``manifest`` into the experiment and build its caches (one per image size). Returns
+    the manifest URI. Runs once on the driver, so that trials only open what is already there."""
     from raysearch.data.cache import build_cache
 
-    if manifest is None:
-        data = DataConfig(root=root or "", val_fraction=val_fraction, seed=seed, skip_bad=skip_bad)
-        manifest = read_dataset(data, console=console)
     uri = join(experiment_dir, "manifest.parquet")
     atomic_write_parquet(manifest, uri)
     for size in sorted(set(image_sizes)):
         build_cache(manifest, image_size=size, cache_dir=cache_dir, progress=progress)
     return uri
+
 
 def free_bytes(uri: str) -> int | None:
     """Free bytes on the local file system that holds (or would hold) ``uri``; None for URLs."""
@@ -84,7 +76,7 @@ def check_free_space(
     image_sizes: list[int],
     cache_dir: str,
     experiment_dir: str,
-    archs: set[str],
+    checkpoint_bytes: int,
     num_trials: int,
     console=None,
 ) -> None:
@@ -93,12 +85,11 @@ def check_free_space(
 
     Estimates: a cache store holds ``n_images * S * S`` bytes per image size S not built yet
     (``raysearch.data.cache``); a trial keeps two checkpoints (best and latest), each its weights and
-    Adam's two moment buffers, ``12 * params + 4 * buffers`` bytes (``models.checkpoint_bytes``),
-    for the largest architecture searched. Buckets (``gs://``) are not checked.
+    Adam's two moment buffers: ``checkpoint_bytes`` (``raysearch.models.checkpoint_bytes`` of the
+    largest architecture searched). Buckets (``gs://``) are not checked.
     """
     from raysearch.data.cache import cache_bytes, cache_key
     from raysearch.errors import StorageError
-    from raysearch.models.factory import checkpoint_bytes
     from raysearch.storage import exists
 
     paths = manifest["image_path"].astype(str).tolist()
@@ -106,7 +97,7 @@ def check_free_space(
         cache_bytes(len(paths), s) for s in sorted(set(image_sizes))
         if not exists(join(cache_dir, cache_key(paths, image_size=s), "meta.json"))
     )
-    ckpt_need = 2 * num_trials * max(checkpoint_bytes(a) for a in archs) if archs else 0
+    ckpt_need = 2 * num_trials * checkpoint_bytes
     needs: dict[int, list[tuple[str, float, str]]] = {}
     for what, n, where in (("the image caches", cache_need, cache_dir),
                            (f"checkpoints of {num_trials} trial(s)", ckpt_need, experiment_dir)):

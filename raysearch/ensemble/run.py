@@ -8,8 +8,14 @@ in training, early stopping or selection. The val metrics are reported too, labe
 ``split == "val"``: they are the selection set and therefore optimistic.
 
 An ensemble's image probability is the weighted mean of its members' (top-k: equal weights;
-greedy: how often each member was picked). A study's probability is the mean of its images'
-probabilities, and the study is abnormal when that mean is > 0.5 (MURA's rule, see ``metrics``).
+greedy: how often each member was picked), computed by the predictor
+(:class:`raysearch.inference.Predictor`), as on new studies. A study's probability aggregates its
+images' by the task's rule (MURA: the mean), and the study is positive when it is > 0.5.
+
+The tables below are MURA's (K = 1 label). For a task of K > 1 labels every prediction and metric
+row is per (image or study, label): a ``label_name`` column follows ``study_id``, ``label`` is
+that label's target, and masked labels have no row. ``<group>`` is the task's group column
+(MURA: ``body_part``).
 
 Outputs, under ``<experiment>/ensemble/`` or ``out`` (every file written atomically, after
 everything has been computed, so a failure leaves no partial file behind)::
@@ -41,8 +47,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysearch.data.mura import BODY_PARTS
-from raysearch.ensemble.members import IMAGE_KEYS, Member, align_val, load_member, predict_test
+from raysearch.data.dataset import Task
+from raysearch.ensemble.members import (
+    Member,
+    align_val,
+    load_member,
+    predict_split,
+    stack_labels,
+)
 from raysearch.ensemble.selection import (
     column_log_losses,
     greedy_picks,
@@ -51,55 +63,32 @@ from raysearch.ensemble.selection import (
     study_matrix,
     usable_trials,
 )
-from raysearch.errors import CheckpointError, ConfigError, DataError
+from raysearch.errors import CheckpointError, ConfigError
 from raysearch.evaluation import metrics as M
-from raysearch.experiment import ExperimentLock, find_experiment, resolve
-from raysearch.storage import (
-    atomic_write_parquet,
-    atomic_write_text,
-    exists,
-    is_url,
-    join,
-    read_bytes,
-    read_parquet,
+from raysearch.experiment import (
+    ExperimentLock,
+    find_experiment,
+    read_info,
+    read_manifest,
+    read_trials,
 )
+from raysearch.storage import atomic_write_parquet, atomic_write_text, is_url, join
+
+__all__ = ["METRIC_COLUMNS", "category_table", "ensemble_frames", "run_ensemble", "select_members", "worklist"]
 
 METHODS = ("top", "greedy")
 SPLITS = ("test", "val")  # the honest estimate first, then the selection set
+# category_metrics.parquet for MURA (K = 1); with several labels ``label_name`` follows ``split``.
 METRIC_COLUMNS = ["model", "split", *M.CATEGORY_COLUMNS, "image_auc"]
 
 
 # ----------------------------------------------------------------------------- finding things
 
 
-def _read_experiment(exp_dir: str) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
-    """experiment.json, trials.parquet and the manifest of a finished search."""
-    info_uri = join(exp_dir, "experiment.json")
-    try:
-        info = json.loads(read_bytes(info_uri))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{info_uri} is not valid JSON ({e})") from e
-    trials_uri = join(exp_dir, "trials.parquet")
-    if not exists(trials_uri):
-        raise DataError(
-            f"{exp_dir} has no trials.parquet: its search has not finished "
-            "(resume it with `raysearch tune SPACE.yaml --resume`)"
-        )
-    trials = read_parquet(trials_uri)
-    missing = [c for c in ("trial_id", "best_val_loss", "best_checkpoint") if c not in trials]
-    if missing:
-        raise DataError(f"{trials_uri} lacks the columns {', '.join(missing)}")
-    trials["trial_id"] = trials["trial_id"].astype(str)
-    # Checkpoints are stored relative to the experiment (older ones as absolute paths, which
-    # resolve re-roots when the experiment has moved).
-    trials["best_checkpoint"] = [resolve(exp_dir, c) for c in trials["best_checkpoint"]]
-    # The folder may have moved since the search: prefer the manifest beside experiment.json.
-    manifest_uri = join(exp_dir, "manifest.parquet")
-    if not exists(manifest_uri):
-        manifest_uri = str(info.get("manifest") or manifest_uri)
-    if not exists(manifest_uri):
-        raise DataError(f"experiment {exp_dir}: its manifest {manifest_uri} is missing")
-    return info, trials, read_parquet(manifest_uri)
+def _read_experiment(exp_dir: str) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame, Task]:
+    """experiment.json, trials.parquet (checkpoints resolved), the manifest and the task."""
+    info = read_info(exp_dir)
+    return info, read_trials(exp_dir), read_manifest(exp_dir), Task.from_dict(info.get("task"))
 
 
 def _cache_dir(exp_dir: str, info: dict[str, Any]) -> str:
@@ -122,25 +111,32 @@ def prob_column(trial_id: str) -> str:
 def ensemble_frames(
     parts: dict[str, tuple[pd.DataFrame, dict[str, np.ndarray]]],
     weights: dict[str, float],
+    task: Task | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Image and study predictions for every split: ensemble ``prob``/``pred`` and one
-    ``prob_<trial_id>`` column per member."""
+    ``prob_<trial_id>`` column per member; one row per (image or study, known label), with a
+    ``label_name`` column when the task has several labels."""
+    task = task or Task.from_dict(None)
     total = sum(weights.values())
     frames = []
     for split, (images, probs) in parts.items():
-        frame = images.assign(split=split)[IMAGE_KEYS].copy()
-        ens = np.zeros(len(frame), dtype=np.float64)
-        for tid, w in weights.items():
-            ens += (w / total) * probs[tid]
-        frame["prob"] = ens
-        frame["pred"] = M.predict(ens)
-        for tid in weights:
-            frame[prob_column(tid)] = probs[tid]
-        frames.append(frame)
+        ens = sum((w / total) * np.asarray(probs[t], np.float64).reshape(len(images), task.k)
+                  for t, w in weights.items())
+        stacked = stack_labels(
+            images.assign(split=split),
+            {"prob": ens, **{prob_column(t): probs[t] for t in weights}}, task,
+        )
+        stacked.insert(stacked.columns.get_loc("prob") + 1, "pred",
+                       M.predict(stacked["prob"], threshold=task.threshold))
+        frames.append(stacked)
     images = pd.concat(frames, ignore_index=True)
     cols = ["prob", *[prob_column(t) for t in weights]]
-    studies = M.aggregate_studies(images, prob_cols=cols)
-    studies.insert(studies.columns.get_loc("prob") + 1, "pred", M.predict(studies["prob"]))
+    studies = M.aggregate_studies(images, prob_cols=cols, group=task.group,
+                                  rule=task.aggregation, keys=["label_name"])
+    studies.insert(studies.columns.get_loc("prob") + 1, "pred",
+                   M.predict(studies["prob"], threshold=task.threshold))
+    if task.k == 1:  # one label: the tables keep MURA's documented columns
+        images, studies = images.drop(columns="label_name"), studies.drop(columns="label_name")
     return images, studies
 
 
@@ -151,46 +147,61 @@ def category_table(
     models: dict[str, str],
     n_boot: int,
     seed: int,
+    task: Task | None = None,
 ) -> pd.DataFrame:
-    """``category_metrics`` for every model (name -> probability column) and split, plus the
-    image-level AUC. The same bootstrap seed for every row keeps models comparable."""
+    """``category_metrics`` for every model (name -> probability column), split and label, plus
+    the image-level AUC. The same bootstrap seed for every row keeps models comparable."""
+    task = task or Task.from_dict(None)
+    by_label = "label_name" in studies.columns
     rows = []
     for split in SPLITS:
-        st = studies[studies["split"] == split]
-        im = images[images["split"] == split]
-        if st.empty:
-            continue
-        for model, col in models.items():
-            cm = _all_parts(M.category_metrics(st, prob_col=col, n_boot=n_boot, seed=seed))
-            cm["image_auc"] = [
-                M.roc_auc(sub["label"], sub[col])
-                for sub in (
-                    im if part == M.ALL else im[im["body_part"] == part] for part in cm["body_part"]
-                )
-            ]
-            cm.insert(0, "split", split)
-            cm.insert(0, "model", model)
-            rows.append(cm)
-    return pd.concat(rows, ignore_index=True)[METRIC_COLUMNS]
+        for label in task.labels:
+            st = studies[studies["split"] == split]
+            im = images[images["split"] == split]
+            if by_label:
+                st, im = st[st["label_name"] == label], im[im["label_name"] == label]
+            if st.empty:
+                continue
+            for model, col in models.items():
+                cm = _all_groups(M.category_metrics(
+                    st, prob_col=col, group=task.group, n_boot=n_boot, seed=seed,
+                    threshold=task.threshold,
+                ), task)
+                cm["image_auc"] = [
+                    M.roc_auc(sub["label"], sub[col])
+                    for sub in (im if g == M.ALL else im[im[task.group] == g] for g in cm[task.group])
+                ]
+                cm.insert(0, "split", split)
+                cm.insert(0, "model", model)
+                if by_label:
+                    cm.insert(2, "label_name", label)
+                rows.append(cm)
+    return pd.concat(rows, ignore_index=True)
 
 
-def _all_parts(cm: pd.DataFrame) -> pd.DataFrame:
-    """Every body part gets a row, so the schema does not depend on the data: a part without
+def _all_groups(cm: pd.DataFrame, task: Task) -> pd.DataFrame:
+    """Every known group gets a row, so the schema does not depend on the data: a group without
     studies has n_studies = 0, zero counts and nan metrics."""
-    parts = [*BODY_PARTS, *sorted(set(cm["body_part"]) - {*BODY_PARTS, M.ALL}), M.ALL]
-    out = cm.set_index("body_part").reindex(parts).reset_index()
+    known = list(task.groups)
+    groups = [*known, *sorted(set(cm[task.group]) - {*known, M.ALL}), M.ALL]
+    out = cm.set_index(task.group).reindex(groups).reset_index()
     for col in ("n_studies", "tp", "fp", "tn", "fn"):
         out[col] = out[col].fillna(0).astype(np.int64)
     return out
 
 
-def worklist(studies: pd.DataFrame) -> pd.DataFrame:
-    """Test studies from most to least likely abnormal (ties by study id): the triage order."""
+def worklist(studies: pd.DataFrame, task: Task | None = None) -> pd.DataFrame:
+    """Test studies from most to least likely positive (ties by study id): the triage order.
+    With several labels a study ranks by its most likely label (``label_name``)."""
+    task = task or Task.from_dict(None)
     test = studies[studies["split"] == "test"]
+    if "label_name" in test.columns:  # several labels: a study's most likely finding
+        test = test.sort_values(["study_id", "prob"], ascending=[True, False], kind="stable")
+        test = test.drop_duplicates("study_id")
     test = test.sort_values(["prob", "study_id"], ascending=[False, True], kind="stable")
-    out = test[["study_id", "patient_id", "body_part", "prob", "pred", "label"]].reset_index(
-        drop=True
-    )
+    cols = ["study_id", "patient_id", task.group,
+            *(["label_name"] if "label_name" in test.columns else []), "prob", "pred", "label"]
+    out = test[cols].reset_index(drop=True)
     out.insert(0, "rank", np.arange(1, len(out) + 1))
     return out
 
@@ -203,32 +214,27 @@ def members_frame(
     val_images: pd.DataFrame,
     val_probs: dict[str, np.ndarray],
     picks: dict[str, int],
+    task: Task,
 ) -> pd.DataFrame:
     by_id = trials.set_index("trial_id")
-    labels, S = study_matrix(val_images, [val_probs[m.trial_id] for m in members])
+    labels, S = study_matrix(val_images, [val_probs[m.trial_id] for m in members], task)
     study_losses = column_log_losses(labels, S)
     rows = []
     for rank, (m, loss) in enumerate(zip(members, study_losses), 1):
         t = by_id.loc[m.trial_id]
-        rows.append(
-            {
-                "rank": rank,
-                "trial_id": m.trial_id,
-                "weight": weights[m.trial_id],
-                "picks": picks[m.trial_id],
-                "best_val_loss": float(t["best_val_loss"]),
-                "best_epoch": int(t["best_epoch"])
-                if "best_epoch" in t and pd.notna(t["best_epoch"])
-                else None,
-                "status": str(t["status"]) if "status" in t else None,
-                "val_study_kappa": float(t["val_study_kappa"])
-                if "val_study_kappa" in t
-                else math.nan,
-                "val_study_log_loss": float(loss),
-                "checkpoint": m.checkpoint,
-                **m.config.to_dict(),
-            }
-        )
+        rows.append({
+            "rank": rank,
+            "trial_id": m.trial_id,
+            "weight": weights[m.trial_id],
+            "picks": picks[m.trial_id],
+            "best_val_loss": float(t["best_val_loss"]),
+            "best_epoch": int(t["best_epoch"]) if pd.notna(t.get("best_epoch")) else None,
+            "status": str(t["status"]) if "status" in t else None,
+            "val_study_kappa": float(t["val_study_kappa"]) if "val_study_kappa" in t else math.nan,
+            "val_study_log_loss": float(loss),
+            "checkpoint": m.checkpoint,
+            **m.config.to_dict(),
+        })
     return pd.DataFrame(rows)
 
 
@@ -236,14 +242,16 @@ def members_frame(
 
 
 def select_members(
-    trials: pd.DataFrame, manifest: pd.DataFrame, *, method: str, top: int, console=None
+    trials: pd.DataFrame, manifest: pd.DataFrame, *, method: str, top: int,
+    task: Task | None = None, console=None,
 ) -> tuple[list[Member], dict[str, int], pd.DataFrame, dict[str, np.ndarray]]:
     """Members (in order), how often each was picked, and the aligned val images and
     probabilities of every candidate that was read."""
+    task = task or Task.from_dict(None)
     if method == "top":
         chosen = select_top(trials, top)
         members = [load_member(r.trial_id, r.best_checkpoint) for r in chosen.itertuples()]
-        val_images, val_probs = align_val(members, manifest)
+        val_images, val_probs = align_val(members, manifest, task)
         n_usable = len(usable_trials(trials))
         if n_usable < top and console is not None:
             console.print(
@@ -255,8 +263,8 @@ def select_members(
     if ok.empty:
         raise CheckpointError(none_usable(trials))
     candidates = {r.trial_id: load_member(r.trial_id, r.best_checkpoint) for r in ok.itertuples()}
-    val_images, val_probs = align_val(list(candidates.values()), manifest)
-    picks = greedy_picks(val_probs, val_images, max_rounds=top)
+    val_images, val_probs = align_val(list(candidates.values()), manifest, task)
+    picks = greedy_picks(val_probs, val_images, max_rounds=top, task=task)
     return [candidates[t] for t in picks], picks, val_images, val_probs
 
 
@@ -301,12 +309,59 @@ def run_ensemble(
 
 
 def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, console) -> str:
-    import torch
+    from raysearch.inference.predictor import Predictor
 
-    from raysearch.report.tables import ensemble_table, members_table
-
-    info, trials, manifest = _read_experiment(exp_dir)
+    info, trials, manifest, task = _read_experiment(exp_dir)
     name = info.get("name") or exp_dir.rstrip("/").rsplit("/", 1)[-1]
+    _warn_unfinished(name, info, trials, console=console)
+
+    # --- select members on the saved val predictions
+    members, picks, val_images, val_probs = select_members(
+        trials, manifest, method=method, top=top, task=task, console=console
+    )
+    weights = {t: n / sum(picks.values()) for t, n in picks.items()}
+    console.print(
+        f"[bold]{name}[/]: {method} ensemble of {len(members)} member(s) from {len(trials)} trials"
+    )
+
+    # --- score every member on test, through the predictor (fail fast on a missing weights
+    # file before any inference)
+    predictor = Predictor(members, weights=[weights[m.trial_id] for m in members], task=task)
+    for m in members:
+        predictor.model(m)
+    test_images, test_probs = predict_split(
+        predictor, manifest, task, split="test", cache_dir=_cache_dir(exp_dir, info), tta=tta,
+        console=console,
+    )
+
+    # --- predictions, metrics, worklist: all in memory before anything is written
+    images, studies = ensemble_frames(
+        {"test": (test_images, test_probs), "val": (val_images, val_probs)}, weights, task
+    )
+    models = {"ensemble": "prob", **{m.trial_id: prob_column(m.trial_id) for m in members}}
+    metrics = category_table(images, studies, models=models, n_boot=n_boot, seed=seed, task=task)
+    members_df = members_frame(members, weights, trials, val_images=val_images,
+                               val_probs=val_probs, picks=picks, task=task)
+    summary = {
+        "experiment": exp_dir, "method": method, "top": top, "tta": tta, "n_boot": n_boot,
+        "seed": seed, "device": predictor.device.type, "weights": weights,
+        "task": task.to_dict(), "n_test_studies": int(studies.loc[studies["split"] == "test",
+                                                                   "study_id"].nunique()),
+    }
+
+    # --- write (each file atomically; ensemble.json last marks a complete run)
+    atomic_write_parquet(members_df, join(out_dir, "members.parquet"))
+    atomic_write_parquet(studies, join(out_dir, "study_predictions.parquet"))
+    atomic_write_parquet(images, join(out_dir, "image_predictions.parquet"))
+    atomic_write_parquet(metrics, join(out_dir, "category_metrics.parquet"))
+    atomic_write_text(join(out_dir, "worklist.csv"), worklist(studies, task).to_csv(index=False))
+    atomic_write_text(join(out_dir, "ensemble.json"), json.dumps(summary, indent=1))
+    _print_tables(name, members_df, metrics, task, console=console)
+    console.print(f"results: {out_dir}")
+    return out_dir
+
+
+def _warn_unfinished(name: str, info: dict[str, Any], trials: pd.DataFrame, *, console) -> None:
     state = info.get("state", "finished")
     unfinished = int((trials["status"] == "unfinished").sum()) if "status" in trials else 0
     if state != "finished" or unfinished:
@@ -317,75 +372,22 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, console) 
             "to finish it[/]"
         )
 
-    # --- select members on the saved val predictions
-    members, picks, val_images, val_probs = select_members(
-        trials, manifest, method=method, top=top, console=console
-    )
-    weights = {t: n / sum(picks.values()) for t, n in picks.items()}
-    console.print(
-        f"[bold]{name}[/]: {method} ensemble of {len(members)} member(s) from {len(trials)} trials"
-    )
 
-    # --- score every member on test (fail fast on a missing file before any inference)
-    for m in members:
-        if not exists(join(m.checkpoint, "model.pt")):
-            raise CheckpointError(
-                f"trial {m.trial_id}: model.pt is missing from its checkpoint {m.checkpoint}"
-            )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cache_dir = _cache_dir(exp_dir, info)
-    test_images, test_probs = predict_test(
-        members, manifest=manifest, cache_dir=cache_dir, tta=tta, device=device, console=console
-    )
+def _print_tables(name: str, members_df, metrics, task: Task, *, console) -> None:
+    """The terminal report: the members, then per group the ensemble against its best single
+    member (lowest best val_loss, chosen on val), on val and on test, per label."""
+    from raysearch.report.tables import ensemble_table, members_table
 
-    # --- predictions, metrics, worklist: all in memory before anything is written
-    images, studies = ensemble_frames(
-        {"test": (test_images, test_probs), "val": (val_images, val_probs)}, weights
-    )
-    models = {"ensemble": "prob", **{m.trial_id: prob_column(m.trial_id) for m in members}}
-    metrics = category_table(images, studies, models=models, n_boot=n_boot, seed=seed)
-    members_df = members_frame(
-        members, weights, trials, val_images=val_images, val_probs=val_probs, picks=picks
-    )
-    work = worklist(studies)
-    summary = {
-        "experiment": exp_dir,
-        "method": method,
-        "top": top,
-        "tta": tta,
-        "n_boot": n_boot,
-        "seed": seed,
-        "device": device.type,
-        "weights": weights,
-        "n_test_studies": int((studies["split"] == "test").sum()),
-    }
-
-    # --- write (each file atomically; ensemble.json last marks a complete run)
-    atomic_write_parquet(members_df, join(out_dir, "members.parquet"))
-    atomic_write_parquet(studies, join(out_dir, "study_predictions.parquet"))
-    atomic_write_parquet(images, join(out_dir, "image_predictions.parquet"))
-    atomic_write_parquet(metrics, join(out_dir, "category_metrics.parquet"))
-    atomic_write_text(join(out_dir, "worklist.csv"), work.to_csv(index=False))
-    atomic_write_text(join(out_dir, "ensemble.json"), json.dumps(summary, indent=1))
-
-    # --- the terminal report: best single member = lowest best val_loss (chosen on val)
     best = members_df.sort_values(["best_val_loss", "trial_id"], kind="stable")["trial_id"].iloc[0]
     console.print(members_table(members_df, title=f"{name}: ensemble members"))
-    console.print(
-        ensemble_table(
-            metrics,
-            best=best,
-            split="val",
-            title="selection set (val): optimistic, the members were chosen on it",
-        )
-    )
-    console.print(
-        ensemble_table(
-            metrics,
-            best=best,
-            split="test",
-            title=f"test (MURA valid): ensemble vs best single member {best}",
-        )
-    )
-    console.print(f"results: {out_dir}")
-    return out_dir
+    for label in task.labels:
+        rows = metrics if task.k == 1 else metrics[metrics["label_name"] == label]
+        suffix = "" if task.k == 1 else f", {label}"
+        console.print(ensemble_table(
+            rows, best=best, split="val", group=task.group,
+            title=f"selection set (val{suffix}): optimistic, the members were chosen on it",
+        ))
+        console.print(ensemble_table(
+            rows, best=best, split="test", group=task.group,
+            title=f"test{suffix}: ensemble vs best single member {best}",
+        ))

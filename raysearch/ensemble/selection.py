@@ -14,6 +14,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from raysearch.data.dataset import Task
+from raysearch.ensemble.members import stack_labels
 from raysearch.errors import CheckpointError, ConfigError
 from raysearch.evaluation import metrics as M
 
@@ -71,6 +73,7 @@ def greedy_select(
     *,
     max_rounds: int,
     init: int = 1,
+    task: Task | None = None,
 ) -> dict[str, float]:
     """Greedy ensemble selection with replacement (Caruana et al., ICML 2004).
 
@@ -82,13 +85,14 @@ def greedy_select(
     first, so the result is never worse than the best single candidate (round one). Ties go to
     the earlier candidate.
     """
-    picks = greedy_picks(val_probs, images, max_rounds=max_rounds, init=init)
+    picks = greedy_picks(val_probs, images, max_rounds=max_rounds, init=init, task=task)
     total = sum(picks.values())
     return {name: n / total for name, n in picks.items()}
 
 
 def greedy_picks(
-    val_probs: dict[str, np.ndarray], images: pd.DataFrame, *, max_rounds: int, init: int = 1
+    val_probs: dict[str, np.ndarray], images: pd.DataFrame, *, max_rounds: int, init: int = 1,
+    task: Task | None = None,
 ) -> dict[str, int]:
     """How often ``greedy_select`` picks each candidate (only those picked, most picked first)."""
     if max_rounds < 1:
@@ -98,7 +102,7 @@ def greedy_picks(
     if not val_probs:
         raise ValueError("greedy_select: no candidates")
     names = list(val_probs)
-    labels, S = study_matrix(images, [val_probs[n] for n in names])
+    labels, S = study_matrix(images, [val_probs[n] for n in names], task)
     single = column_log_losses(labels, S)
     order = np.argsort(single, kind="stable")
 
@@ -120,16 +124,23 @@ def greedy_picks(
     return {names[j]: int(best_picks[j]) for j in chosen}
 
 
-def study_matrix(images: pd.DataFrame, probs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Study labels and a (studies x candidates) matrix of study probabilities (view means)."""
+def study_matrix(
+    images: pd.DataFrame, probs: list[np.ndarray], task: Task | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Targets and a (rows x candidates) matrix of study probabilities, one row per (study,
+    known label), studies aggregated by the task's rule (MURA's view means by default).
+
+    ``images`` holds the task's label columns; each of ``probs`` is ``[N]`` or ``[N, K]``,
+    aligned with its rows."""
+    task = task or Task.from_dict(None)
     cols = [f"_p{i}" for i in range(len(probs))]
-    frame = images[["study_id", "patient_id", "body_part", "label"]].reset_index(drop=True)
-    for col, p in zip(cols, probs):
-        p = np.asarray(p, dtype=np.float64)
-        if len(p) != len(frame):
+    frame = images.reset_index(drop=True)
+    for p in probs:
+        if len(np.asarray(p)) != len(frame):
             raise ValueError(f"probabilities of length {len(p)} for {len(frame)} images")
-        frame[col] = p
-    studies = M.aggregate_studies(frame, prob_cols=cols)
+    stacked = stack_labels(frame, dict(zip(cols, probs)), task)
+    studies = M.aggregate_studies(stacked, prob_cols=cols, group=task.group,
+                                  rule=task.aggregation, keys=["label_name"])
     return studies["label"].to_numpy(np.float64), studies[cols].to_numpy(np.float64)
 
 

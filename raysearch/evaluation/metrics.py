@@ -1,9 +1,10 @@
-"""Ensemble/report stage helper: study-level evaluation in pure numpy (no torch, no ray).
+"""Evaluation: study-level metrics in pure numpy (no torch, no ray).
 
-MURA's protocol (Rajpurkar et al. 2017, arXiv:1712.06957, sec. 3): a study's abnormality
-probability is the arithmetic mean of its views' probabilities, and the study is abnormal when that
-mean is strictly greater than 0.5. Metrics are reported per body part and over all studies
-(``ALL``).
+A study's probability aggregates its images' probabilities by the task's rule: the arithmetic
+mean (MURA's protocol, Rajpurkar et al. 2017, arXiv:1712.06957, sec. 3) or the max (CheXpert,
+Irvin et al. 2019); the study is positive when that probability is strictly greater than the
+threshold (0.5). Metrics are reported per group (MURA: ``body_part``, the default column here) and
+over all studies (``ALL``).
 
 Kappa intervals come from a seeded percentile bootstrap over *patients*: the paper's intervals used
 the variance where the standard error belongs and are far too narrow, and studies of one patient
@@ -25,11 +26,13 @@ import pandas as pd
 THRESHOLD = 0.5
 ALL = "ALL"
 
-STUDY_KEYS = ("patient_id", "body_part", "split")  # must be constant within a study
+GROUP = "body_part"  # MURA's group column, the default of every function here
+STUDY_KEYS = ("patient_id", GROUP, "split")  # must be constant within a study
 CATEGORY_COLUMNS = (
-    "body_part", "n_studies", "accuracy", "kappa", "kappa_low", "kappa_high",
+    GROUP, "n_studies", "accuracy", "kappa", "kappa_low", "kappa_high",
     "sensitivity", "specificity", "auc", "tp", "fp", "tn", "fn",
 )  # fmt: skip
+AGGREGATIONS = ("mean", "max")
 
 # Bootstrap draws are made in chunks of at most this many (replicate, group) cells, which bounds
 # memory at a few tens of MB however many patients there are.
@@ -80,19 +83,30 @@ def _ratio(num: float, den: float) -> float:
 
 
 def aggregate_studies(
-    images: pd.DataFrame, *, prob_cols: Sequence[str] = ("prob",)
+    images: pd.DataFrame,
+    *,
+    prob_cols: Sequence[str] = ("prob",),
+    group: str = GROUP,
+    rule: str = "mean",
+    keys: Sequence[str] = (),
 ) -> pd.DataFrame:
-    """One row per study: the mean of each probability column over the study's images.
+    """One row per study (and per value of each of ``keys``): the ``rule`` (mean or max) of each
+    probability column over the study's images.
 
-    ``images`` has one row per image with the columns ``study_id``, ``patient_id``,
-    ``body_part``, ``label``, optionally ``split``, and every column in ``prob_cols``. The
-    result has ``study_id, patient_id, body_part, [split], label, n_images, *prob_cols``, sorted
-    by ``study_id``. A study whose images disagree on label, patient, body part or split breaks
-    an invariant of the manifest and raises ``ValueError`` naming the study.
+    ``images`` has one row per image with the columns ``study_id``, ``patient_id``, ``group``,
+    ``label``, optionally ``split``, every column in ``prob_cols`` and every column in ``keys``
+    (e.g. ``label_name`` when several labels are stacked). The result has ``study_id, *keys,
+    patient_id, <group>, [split], label, n_images, *prob_cols``, sorted by ``study_id`` then
+    ``keys``. A study whose images disagree on label, patient or split breaks an invariant of
+    the manifest and raises ``ValueError`` naming the study; a group that differs between a
+    study's images (a view) becomes their combination, e.g. ``frontal+lateral``.
     """
+    if rule not in AGGREGATIONS:
+        raise ValueError(f"rule: must be one of {', '.join(AGGREGATIONS)}, got {rule!r}")
     prob_cols = list(prob_cols)
-    keys = [k for k in STUDY_KEYS if k in images.columns]
-    required = ["study_id", "patient_id", "body_part", "label", *prob_cols]
+    by = ["study_id", *keys]
+    study_keys = [k for k in ("patient_id", group, "split") if k in images.columns]
+    required = [*by, "patient_id", group, "label", *prob_cols]
     missing = [c for c in required if c not in images.columns]
     if missing:
         raise ValueError(f"aggregate_studies: missing columns {', '.join(missing)}")
@@ -102,20 +116,25 @@ def aggregate_studies(
     if images["study_id"].isna().any():
         raise ValueError("aggregate_studies: column 'study_id' has missing values")
 
-    grouped = images.groupby("study_id", sort=True)
-    for col in ["label", *keys]:
+    grouped = images.groupby(by, sort=True)
+    for col in ["label", *[k for k in study_keys if k != group]]:
         n_values = grouped[col].nunique(dropna=False)
         bad = n_values.index[n_values.to_numpy() > 1]
         if len(bad):
+            study = bad[0][0] if isinstance(bad[0], tuple) else bad[0]
             raise ValueError(
-                f"study {bad[0]!r}: its images disagree on {col} ({len(bad)} studies affected)"
+                f"study {study!r}: its images disagree on {col} ({len(bad)} studies affected)"
             )
-    out = grouped[[*keys, "label"]].first()
+    out = grouped[[*study_keys, "label"]].first()
+    # A group that is a property of the image, not of the study (CheXpert's view: a study may
+    # hold frontal and lateral views), names the study's combination: "frontal+lateral".
+    if grouped[group].nunique(dropna=False).max() > 1:
+        out[group] = grouped[group].agg(lambda v: "+".join(sorted({str(x) for x in v})))
     out["label"] = out["label"].astype(np.int64)
     out["n_images"] = grouped.size().astype(np.int64)
     for col in prob_cols:
-        out[col] = grouped[col].mean().astype(np.float64)
-    return out.reset_index()[["study_id", *keys, "label", "n_images", *prob_cols]]
+        out[col] = getattr(grouped[col], rule)().astype(np.float64)
+    return out.reset_index()[[*by, *study_keys, "label", "n_images", *prob_cols]]
 
 
 def predict(probs: object, *, threshold: float = THRESHOLD) -> np.ndarray:
@@ -294,40 +313,48 @@ def bootstrap_kappa_ci(
     return (float(low), float(high))
 
 
-# --- per body part -------------------------------------------------------------------------------
+# --- per group -----------------------------------------------------------------------------------
 
 
 def category_metrics(
-    studies: pd.DataFrame, *, prob_col: str, n_boot: int = 1000, seed: int = 0
+    studies: pd.DataFrame,
+    *,
+    prob_col: str,
+    group: str = GROUP,
+    n_boot: int = 1000,
+    seed: int = 0,
+    threshold: float = THRESHOLD,
 ) -> pd.DataFrame:
-    """Metrics per body part (sorted) and over all studies (last row, ``body_part == 'ALL'``).
+    """Metrics per group (sorted) and over all studies (last row, ``<group> == 'ALL'``).
 
-    ``studies`` has one row per study (see ``aggregate_studies``) with the columns ``body_part``,
-    ``patient_id``, ``label`` and ``prob_col``. Columns of the result: ``CATEGORY_COLUMNS``. The
-    kappa interval is a bootstrap over patients with the same ``seed`` for every row.
+    ``studies`` has one row per study (see ``aggregate_studies``) with the columns ``group``,
+    ``patient_id``, ``label`` and ``prob_col``. Columns of the result: ``CATEGORY_COLUMNS``, the
+    first named ``group``. The kappa interval is a bootstrap over patients with the same ``seed``
+    for every row.
     """
-    required = ["body_part", "patient_id", "label", prob_col]
+    required = [group, "patient_id", "label", prob_col]
     missing = [c for c in required if c not in studies.columns]
     if missing:
         raise ValueError(f"category_metrics: missing columns {', '.join(missing)}")
     if "study_id" in studies.columns and studies["study_id"].duplicated().any():
         dup = studies.loc[studies["study_id"].duplicated(), "study_id"].iloc[0]
         raise ValueError(f"category_metrics: study {dup!r} appears more than once (images?)")
-    parts = sorted(studies["body_part"].unique().tolist())
+    parts = sorted(studies[group].unique().tolist())
     if ALL in parts:
-        raise ValueError(f"category_metrics: body part {ALL!r} clashes with the overall row")
+        raise ValueError(f"category_metrics: {group} {ALL!r} clashes with the overall row")
 
     rows = []
     for part in [*parts, ALL]:
-        sub = studies if part == ALL else studies[studies["body_part"] == part]
+        sub = studies if part == ALL else studies[studies[group] == part]
         labels = sub["label"].to_numpy()
         probs = sub[prob_col].to_numpy()
-        m = binary_metrics(labels, probs)
+        m = binary_metrics(labels, probs, threshold=threshold)
         low, high = bootstrap_kappa_ci(
-            labels, predict(probs), sub["patient_id"].to_numpy(), n_boot=n_boot, seed=seed
+            labels, predict(probs, threshold=threshold), sub["patient_id"].to_numpy(),
+            n_boot=n_boot, seed=seed,
         )
-        rows.append({"body_part": part, **m, "kappa_low": low, "kappa_high": high})
-    out = pd.DataFrame(rows, columns=list(CATEGORY_COLUMNS))
+        rows.append({group: part, **m, "kappa_low": low, "kappa_high": high})
+    out = pd.DataFrame(rows, columns=[group, *CATEGORY_COLUMNS[1:]])
     for col in ("n_studies", "tp", "fp", "tn", "fn"):
         out[col] = out[col].astype(np.int64)
     return out

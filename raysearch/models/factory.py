@@ -29,20 +29,30 @@ logger = logging.getLogger(__name__)
 
 
 def create_model(
-    arch: str, *, weights: str = "none", dropout: float = 0.0, cache_dir: str | None = None
+    arch: str,
+    *,
+    weights: str = "none",
+    dropout: float = 0.0,
+    num_labels: int = 1,
+    cache_dir: str | None = None,
 ) -> nn.Module:
-    """Build ``arch`` with a single-logit head and load ``weights`` into it.
+    """Build ``arch`` with a head of ``num_labels`` logits and load ``weights`` into it.
 
-    ``weights`` is ``"none"``, ``"imagenet"``, a local path or an fsspec URL (see module doc).
-    The model's output is ``[B, 1]`` logits of "abnormal".
+    ``weights`` is ``"none"``, ``"imagenet"``, a local path or an fsspec URL (see
+    :mod:`raysearch.models.weights`). The model maps ``[B, 3, H, W]`` float images to ``[B, K]``
+    logits, K = ``num_labels`` (one per label of the task; MURA: 1, "abnormal"). Raises
+    :class:`ConfigError` for an unknown architecture or a bad dropout or label count, and
+    :class:`~raysearch.errors.WeightsError` for weights that are missing or do not fit.
     """
     check_arch(arch)
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not 1 <= num_labels <= 1000:
+        raise ConfigError(f"num_labels must be in [1, 1000], got {num_labels!r}")
     # weights=None: torchvision must never download on its own (no timeout, no clear error).
     model = torchvision.models.get_model(arch, weights=None)
     _standard_batchnorm_momentum(model)
-    head = _replace_head(model, arch, dropout=dropout)
+    head = _replace_head(model, arch, dropout=dropout, num_labels=num_labels)
     if weights != "none":
         path = resolve_weights_file(weights, arch=arch, cache_dir=cache_dir)
         apply_pretrained(model, read_state_dict(path, arch=arch), head=head, source=path)
@@ -142,24 +152,24 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor]) -> int
     return n
 
 
-def _replace_head(model: nn.Module, arch: str, *, dropout: float) -> str:
-    """Swap the final Linear for Dropout + Linear(in, 1); return the head's state-dict prefix."""
+def _replace_head(model: nn.Module, arch: str, *, dropout: float, num_labels: int) -> str:
+    """Swap the final Linear for Dropout + Linear(in, K); return the head's state-dict prefix."""
     where = ARCHITECTURES[arch]
     if where.endswith("[-1]"):
         parent_name = where.removesuffix("[-1]")
         parent: nn.Sequential = getattr(model, parent_name)
         index = len(parent) - 1
         old = parent[index]
-        parent[index] = _single_logit_head(old, dropout)
+        parent[index] = _head(old, dropout, num_labels)
         return f"{parent_name}.{index}"
     old = getattr(model, where)
-    setattr(model, where, _single_logit_head(old, dropout))
+    setattr(model, where, _head(old, dropout, num_labels))
     return where
 
 
-def _single_logit_head(old: nn.Module, dropout: float) -> nn.Sequential:
+def _head(old: nn.Module, dropout: float, num_labels: int) -> nn.Sequential:
     assert isinstance(old, nn.Linear), f"expected a Linear classifier, found {type(old).__name__}"
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(old.in_features, 1))
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(old.in_features, num_labels))
 
 
 # ----------------------------------------------------------------------------- reading files

@@ -113,19 +113,21 @@ def kappa_cell(kappa: Any, low: Any, high: Any) -> str:
 
 
 def ensemble_table(
-    metrics: pd.DataFrame, *, best: str, split: str, title: str | None = None
+    metrics: pd.DataFrame, *, best: str, split: str, group: str = "body_part",
+    title: str | None = None,
 ) -> Table:
-    """Per body part, the ensemble against the single member ``best`` on ``split``:
-    studies, accuracy and kappa with its 95% bootstrap interval (category_metrics.parquet rows)."""
+    """Per group (the task's ``group`` column; MURA: body part), the ensemble against the single
+    member ``best`` on ``split``: studies, accuracy and kappa with its 95% bootstrap interval
+    (category_metrics.parquet rows of one label)."""
     table = Table(title=title, title_justify="left")
-    table.add_column("body part")
+    table.add_column(group.replace("_", " "))
     table.add_column("studies", justify="right")
     for who in ("ensemble", "single"):
         table.add_column(f"{who} acc", justify="right")
         table.add_column(f"{who} kappa [95% CI]", justify="right", min_width=18)
     rows = metrics[metrics["split"] == split]
-    ens = rows[rows["model"] == "ensemble"].set_index("body_part")
-    one = rows[rows["model"] == best].set_index("body_part")
+    ens = rows[rows["model"] == "ensemble"].set_index(group)
+    one = rows[rows["model"] == best].set_index(group)
     for part, e in ens.iterrows():
         s = one.loc[part] if part in one.index else None
         cells = []

@@ -29,7 +29,7 @@ from raysearch.config import (
     typed,
 )
 from raysearch.errors import ConfigError
-from raysearch.experiment import check_name
+from raysearch.storage import check_name
 
 __all__ = [
     "DISTRIBUTIONS",

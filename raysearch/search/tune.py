@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from raysearch.config import TrialConfig
+from raysearch.data.dataset import Task
 from raysearch.errors import (
     ConfigError,
     ExperimentExistsError,
@@ -34,13 +35,13 @@ from raysearch.experiment import (
     unfinished_trials,
     update_info,
     verify_ray_state,
+    write_results,
 )
 from raysearch.search.progress import SearchProgress, TrustCallback
 from raysearch.search.resources import DRIVER_CPU, ResourcePlan, plan_resources
 from raysearch.search.results import collect_results
 from raysearch.search.space import SearchSpace
 from raysearch.storage import (
-    atomic_write_parquet,
     atomic_write_text,
     exists,
     join,
@@ -88,18 +89,18 @@ def weight_sources(spec: SearchSpace) -> set[tuple[str, str]]:
     return {(a, w) for a in _values(spec, "arch") for w in _values(spec, "weights")}
 
 
-def check_class_weighting(spec: SearchSpace, manifest, *, console) -> None:
+def check_class_weighting(spec: SearchSpace, manifest, task, *, console) -> None:
     """Every class weighting a trial may use, on the training split, before Ray starts: a scheme
     that cannot work on this data raises; where one departs from its formula, say so."""
-    from raysearch.train.losses import weighting_notes
+    from raysearch.train.losses import label_weights, weighting_notes
 
     train = manifest[manifest["split"] == "train"]
     for scheme in sorted(_values(spec, "class_weighting")):
-        for note in weighting_notes(train, scheme=scheme):
+        if task.k > 1:
+            label_weights(train, task=task, scheme=scheme)  # raises what cannot work
+            continue
+        for note in weighting_notes(train, scheme=scheme, group=task.group):
             console.print(f"[yellow]{note}[/]")
-
-
-# ----------------------------------------------------------------------------- resources
 
 
 # ----------------------------------------------------------------------------- the search
@@ -135,51 +136,68 @@ def run_search(
     with ExperimentLock(exp_dir, command="tune"):
         restoring = _check_existing(spec, exp_dir, spec_yaml, resume=resume, overwrite=overwrite)
         if restoring:
-            saved_root = (yaml.safe_load(read_bytes(join(exp_dir, "search_space.yaml"))) or {})
-            saved_root = (saved_root.get("data") or {}).get("root")
-            if saved_root and saved_root != spec.data.root:
-                console.print(f"[yellow]resuming on the experiment's saved manifest (its data root "
-                              f"was {saved_root}, not {spec.data.root})[/]")
-            check_ray_state_intact(exp_dir)
-            if trust:
-                sign_ray_state(exp_dir)
-            else:
-                verify_ray_state(exp_dir)
-        return _run_locked(
-            spec, exp_dir, spec_yaml, restoring=restoring, overwrite=overwrite, address=address,
-            verbose=verbose, console=console,
-        )
+            _check_saved_state(spec, exp_dir, trust=trust, console=console)
+        task = _prepare(spec, exp_dir, spec_yaml, restoring=restoring, overwrite=overwrite,
+                        console=console)
+        t0 = time.time()
+        grid = _fit(spec, exp_dir, task, restoring=restoring, address=address, verbose=verbose,
+                    console=console)
+        return _finish(spec, exp_dir, grid, seconds=time.time() - t0, console=console)
 
 
-def _run_locked(spec, exp_dir, spec_yaml, *, restoring, overwrite, address, verbose, console):
+def _check_saved_state(spec: SearchSpace, exp_dir: str, *, trust: bool, console) -> None:
+    """Before a resume: the saved state must be intact and signed by raysearch (``trust`` signs
+    it instead); a moved data root is only noted (the saved manifest is what resumes)."""
+    saved = yaml.safe_load(read_bytes(join(exp_dir, "search_space.yaml"))) or {}
+    saved_root = (saved.get("data") or {}).get("root")
+    if saved_root and saved_root != spec.data.root:
+        console.print(f"[yellow]resuming on the experiment's saved manifest (its data root "
+                      f"was {saved_root}, not {spec.data.root})[/]")
+    check_ray_state_intact(exp_dir)
+    if trust:
+        sign_ray_state(exp_dir)
+    else:
+        verify_ray_state(exp_dir)
+
+
+def _prepare(spec, exp_dir, spec_yaml, *, restoring, overwrite, console) -> Task:
+    """Everything before Ray: weights, dataset, class weighting, free space; then (only then) the
+    overwrite, the experiment's info and the data prepared once. Returns the task."""
     from raysearch.data.prepare import check_free_space, prepare_data, read_dataset
-    from raysearch.models.factory import check_weights
+    from raysearch.models.factory import check_weights, checkpoint_bytes
 
-    # --- everything knowable, before anything is deleted and before Ray starts
     check_weights(weight_sources(spec))
-    manifest_uri = join(exp_dir, "manifest.parquet")
-    manifest = None
-    if not (restoring and exists(manifest_uri)):
-        manifest = read_dataset(spec.data, console=console)
-        check_class_weighting(spec, manifest, console=console)
+    manifest, task = None, None
+    if not (restoring and exists(join(exp_dir, "manifest.parquet"))):
+        manifest, task = read_dataset(spec.data, console=console)
+        check_class_weighting(spec, manifest, task, console=console)
         check_free_space(
             manifest=manifest, image_sizes=image_sizes(spec), cache_dir=spec.cache_dir,
-            experiment_dir=exp_dir, archs={a for a, _ in weight_sources(spec)},
+            experiment_dir=exp_dir,
+            checkpoint_bytes=max(checkpoint_bytes(a) for a, _ in weight_sources(spec)),
             num_trials=spec.search.num_samples, console=console,
         )
+    else:
+        task = Task.from_dict(read_info(exp_dir).get("task"))
     if overwrite:
         remove_experiment(exp_dir, storage=spec.storage)
     update_info(
         exp_dir, kind="search", name=spec.name, state="running", manifest="manifest.parquet",
-        cache_dir=spec.cache_dir,
+        cache_dir=spec.cache_dir, task=task.to_dict(),
         data={"root": spec.data.root, "val_fraction": spec.data.val_fraction, "seed": spec.data.seed},
     )
     if manifest is not None:  # data once, on the driver: the manifest and decode-once caches
-        prepare_data(manifest=manifest, experiment_dir=exp_dir, cache_dir=spec.cache_dir,
+        prepare_data(manifest, experiment_dir=exp_dir, cache_dir=spec.cache_dir,
                      image_sizes=image_sizes(spec))
     atomic_write_text(join(exp_dir, "search_space.yaml"), spec_yaml)
+    return task
 
+
+def _fit(spec, exp_dir, task, *, restoring, address, verbose, console):
+    """Ray: plan the resources, build (or restore) the Tuner, rebuild ASHA's rungs, run it.
+    Returns Tune's result grid; errors a user can act on come out as raysearch's."""
     from raysearch.cluster import init_ray
+    from raysearch.train.trainer import RunSettings
 
     init_ray(address=address, verbose=verbose)
     import optuna
@@ -187,7 +205,6 @@ def _run_locked(spec, exp_dir, spec_yaml, *, restoring, overwrite, address, verb
 
     if not verbose:  # Optuna logs every study it creates at INFO
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-
     node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
     plan = plan_resources(spec.resources, ray.cluster_resources(), node_cpus=node_cpus)
     console.print(
@@ -196,12 +213,12 @@ def _run_locked(spec, exp_dir, spec_yaml, *, restoring, overwrite, address, verb
         + (f" + {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else "")
         + f" per trial -> {exp_dir}"
     )
-
-    run = {
+    run: RunSettings = {
         "trial": dict(spec.trial),
         "space_names": [p.name for p in spec.space],
         "max_epochs": spec.scheduler.max_epochs,
-        "manifest": manifest_uri,
+        "task": task.to_dict(),
+        "manifest": join(exp_dir, "manifest.parquet"),
         "cache_dir": spec.cache_dir,
         "experiment_dir": exp_dir,
         "workers": plan.workers,
@@ -224,7 +241,6 @@ def _run_locked(spec, exp_dir, spec_yaml, *, restoring, overwrite, address, verb
         n = restore_rungs(tuner._local_tuner._tune_config.scheduler, histories,
                           metric=OBJECTIVE, mode="min")
         console.print(f"ASHA rungs rebuilt from the checkpoints of {len(histories)} trial(s): {n} records")
-    t0 = time.time()
     try:
         with progress, fail_on_restore_error():
             grid = tuner.fit()
@@ -236,23 +252,28 @@ def _run_locked(spec, exp_dir, spec_yaml, *, restoring, overwrite, address, verb
             raise
         raise
     sign_ray_state(exp_dir)  # the final state, saved and synced before fit() returned
+    return grid
+
+
+def _finish(spec, exp_dir, grid, *, seconds: float, console) -> str:
+    """Write the results (marked finished, interrupted or failed), show the best trials, and
+    raise for an interrupted, failed or out-of-space search."""
+    from raysearch.report.tables import best_trials_table
+
     trials, epochs = collect_results(grid, spec, unfinished=unfinished_trials(exp_dir))
     unfinished = int((trials["status"] == "unfinished").sum()) if len(trials) else 0
     interrupted = unfinished > 0 or len(trials) < spec.search.num_samples
     failed = len(trials) > 0 and bool((trials["status"] == "failed").all())
     state = "interrupted" if interrupted else ("failed" if failed else "finished")
-    atomic_write_parquet(epochs, join(exp_dir, "epochs.parquet"))
-    atomic_write_parquet(trials, join(exp_dir, "trials.parquet"))
+    write_results(exp_dir, trials, epochs)
     update_info(exp_dir, state=state, trials=len(trials), num_samples=spec.search.num_samples)
-    from raysearch.report.tables import best_trials_table
-
     if len(trials) and trials["best_val_loss"].notna().any():
         console.print(best_trials_table(trials, title=f"{spec.name}: best trials"))
     n_failed = int((trials["status"] == "failed").sum()) if len(trials) else 0
     console.print(
         f"{len(trials)} trials ({n_failed} failed"
         + (f", {unfinished} unfinished" if unfinished else "")
-        + f"), {int(epochs.shape[0])} epochs in {time.time() - t0:.0f} s. "
+        + f"), {int(epochs.shape[0])} epochs in {seconds:.0f} s. "
         f"Results: {join(exp_dir, 'trials.parquet')}"
     )
     try:

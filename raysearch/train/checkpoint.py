@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from raysearch.errors import CheckpointError, first_line
-from raysearch.experiment import checkpoint_damage
+from raysearch.experiment import TASK_FILE, checkpoint_damage
 
 __all__ = ["load_resume_state", "write_checkpoint"]
 
@@ -83,8 +83,12 @@ def _sibling_checkpoints(checkpoint) -> list:
         found.append((epoch, info.path))
     return [ray.train.Checkpoint(path=p, filesystem=fs) for _, p in sorted(found, reverse=True)]
 
-def write_checkpoint(d, model, optimizer, scheduler, augment, cfg, val_frame, probs, *, epoch,
-                      best_val_loss, bad_epochs, history) -> None:
+
+def write_checkpoint(d: str, model, optimizer, scheduler, augment, cfg, task, val_frame,
+                     probs: np.ndarray, *, epoch: int, best_val_loss: float, bad_epochs: int,
+                     history: list[dict]) -> None:
+    """Write one checkpoint into the folder ``d`` (see the module docstring for its files).
+    ``probs`` are the val probabilities ``[N, K]`` in ``val_frame``'s row order."""
     torch.save(model.state_dict(), os.path.join(d, "model.pt"))
     torch.save(
         {
@@ -97,13 +101,13 @@ def write_checkpoint(d, model, optimizer, scheduler, augment, cfg, val_frame, pr
         },
         os.path.join(d, "train_state.pt"),
     )
-    with open(os.path.join(d, "trial.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=1)
-    with open(os.path.join(d, "metrics.json"), "w") as f:
-        json.dump(history[-1], f, indent=1, default=float)
-    with open(os.path.join(d, "history.json"), "w") as f:
-        json.dump(history, f, indent=1, default=float)
-    preds = val_frame[["image_path", "study_id", "patient_id", "body_part", "label"]].assign(
-        prob=probs.astype(np.float32)
-    )
+    for name, value in (("trial.json", cfg.to_dict()), (TASK_FILE, task.to_dict()),
+                        ("metrics.json", history[-1]), ("history.json", history)):
+        with open(os.path.join(d, name), "w") as f:
+            json.dump(value, f, indent=1, default=float)
+    keep = ["image_path", "study_id", "patient_id", task.group, *task.label_columns]
+    preds = val_frame[keep].copy()
+    probs = np.asarray(probs, dtype=np.float32).reshape(len(preds), task.k)
+    for j, col in enumerate(task.prob_columns):
+        preds[col] = probs[:, j]
     preds.to_parquet(os.path.join(d, "val_predictions.parquet"), index=False)

@@ -17,15 +17,16 @@ import pandas as pd
 from raysearch.config import CLASS_WEIGHTINGS, MAX_FP_BIAS
 from raysearch.errors import ConfigError, DataError
 
-__all__ = ["example_weights", "weighting_notes"]
+__all__ = ["example_weights", "label_weights", "weighting_notes"]
 
 
 def example_weights(
-    train: pd.DataFrame, *, scheme: str, fp_bias: float = 0.0
+    train: pd.DataFrame, *, scheme: str, fp_bias: float = 0.0, group: str = "body_part"
 ) -> np.ndarray:
     """Per-image loss weights for the training split: float32, shape ``[len(train)]``, all > 0.
 
-    ``train`` needs the columns ``label``, ``body_part`` and ``study_id``, one row per image.
+    ``train`` needs the columns ``label``, ``study_id`` and the task's ``group`` (MURA:
+    ``body_part``, which ``mura`` weighs by), one row per image.
 
     Schemes:
 
@@ -50,8 +51,8 @@ def example_weights(
     if scheme == "none":
         return np.ones(len(train), dtype=np.float32)
     if scheme == "mura":
-        table = _mura_table(train)
-        parts = train["body_part"].to_numpy()
+        table = _mura_table(train, group=group)
+        parts = train[group].to_numpy()
         w_pos = table.w_pos.reindex(parts).to_numpy()
         w_neg = table.w_neg.reindex(parts).to_numpy()
         out = np.where(labels == 1, w_pos, w_neg)
@@ -68,7 +69,9 @@ def example_weights(
     return out
 
 
-def weighting_notes(train: pd.DataFrame, *, scheme: str, fp_bias: float = 0.0) -> list[str]:
+def weighting_notes(
+    train: pd.DataFrame, *, scheme: str, fp_bias: float = 0.0, group: str = "body_part"
+) -> list[str]:
     """Human-readable notes on where ``scheme`` departs from its plain formula on ``train``.
 
     One line per body part that ``mura`` gives the pooled weights (see :func:`example_weights`),
@@ -80,7 +83,7 @@ def weighting_notes(train: pd.DataFrame, *, scheme: str, fp_bias: float = 0.0) -
     _check_args(scheme, fp_bias)
     notes = []
     if scheme == "mura":
-        table = _mura_table(train)
+        table = _mura_table(train, group=group)
         pooled = (
             f"the pooled weights (abnormal {table.pooled_pos:.2f}, normal {table.pooled_neg:.2f})"
         )
@@ -96,6 +99,23 @@ def weighting_notes(train: pd.DataFrame, *, scheme: str, fp_bias: float = 0.0) -
             f"class_weighting {scheme}: fp_bias {fp_bias:g} has no effect (only `inverse` uses it)"
         )
     return notes
+
+
+def label_weights(
+    train: pd.DataFrame, *, task, scheme: str, fp_bias: float = 0.0
+) -> np.ndarray:
+    """Loss weights ``[len(train), K]`` (float32) for a task of K labels: column j is
+    :func:`example_weights` of label j, computed on the images where that label is known (a
+    masked label, NaN in the manifest, weighs 0: the loss ignores it anyway). For K = 1 it is
+    ``example_weights`` as a column."""
+    out = np.zeros((len(train), task.k), dtype=np.float32)
+    for j, col in enumerate(task.label_columns):
+        known = train[col].notna().to_numpy()
+        if not known.any():
+            raise DataError(f"label {task.labels[j]!r} is unknown for every training image")
+        frame = train.loc[known].assign(label=train.loc[known, col].astype(np.int64))
+        out[known, j] = example_weights(frame, scheme=scheme, fp_bias=fp_bias, group=task.group)
+    return out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -132,13 +152,13 @@ class _MuraTable:
     one_class: list[str]  # body parts with studies of one class only (they use the pooled weights)
 
 
-def _mura_table(train: pd.DataFrame) -> _MuraTable:
+def _mura_table(train: pd.DataFrame, *, group: str = "body_part") -> _MuraTable:
     studies = train.drop_duplicates("study_id")
     n_pos, n_neg = _both_classes(
         studies["label"].to_numpy().astype(np.int64), scheme="mura", unit="studies"
     )
     pooled_pos, pooled_neg = n_neg / (n_pos + n_neg), n_pos / (n_pos + n_neg)
-    counts = studies.groupby("body_part")["label"].agg(["sum", "count"])
+    counts = studies.groupby(group)["label"].agg(["sum", "count"])
     abnormal = counts["sum"].astype(float)
     normal = counts["count"].astype(float) - abnormal
     one_class = (abnormal == 0) | (normal == 0)

@@ -1,44 +1,43 @@
-"""Train stage, the Ray side: the session, the ``TorchTrainer`` of one trial, the Tune driver that
-runs it, and ``raysearch train`` (one trial, no search).
+"""Train stage, the Ray side: the ``TorchTrainer`` of one trial, the Tune driver that runs it, and
+``raysearch train`` (one trial, no search).
 
-The data are read, split and cached once, on the driver (:func:`prepare_data`), before any trial
-starts; each worker then runs :func:`raysearch.train.worker.train_loop_per_worker` on what is already
-there. A worker group that cannot start fails its trial after ``CONTROLLER_FAILURE_LIMIT``
+The data are read, split and cached once, on the driver
+(:func:`~raysearch.data.prepare.prepare_data`), before any trial starts; each worker then runs
+:func:`raysearch.train.worker.train_loop_per_worker` on what is already there. A worker group that cannot start fails its trial after ``CONTROLLER_FAILURE_LIMIT``
 attempts instead of waiting for resources forever.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from typing import Any
+from typing import Any, TypedDict
 
 import pandas as pd
 
 from raysearch.cluster import init_ray
-from raysearch.config import TrialConfig
+from raysearch.config import TrialConfig, norm_path
 from raysearch.data.prepare import check_free_space, prepare_data, read_dataset
 from raysearch.errors import RaysearchError
 from raysearch.storage import join
-from raysearch.train.worker import train_loop_per_worker
+from raysearch.train.worker import LoopConfig, train_loop_per_worker
 
-__all__ = ["CONTROLLER_FAILURE_LIMIT", "make_trainer", "run_single", "tune_trial_driver"]
+__all__ = [
+    "CONTROLLER_FAILURE_LIMIT",
+    "SINGLE_TRIAL",
+    "RunSettings",
+    "make_trainer",
+    "run_single",
+    "tune_trial_driver",
+]
 
 CONTROLLER_FAILURE_LIMIT = 3  # a worker group that cannot start fails the trial instead of hanging
-
-
-# ----------------------------------------------------------------------------- data preparation
-
-
-# ----------------------------------------------------------------------------- Ray session
 
 
 # ----------------------------------------------------------------------------- Ray Train plumbing
 
 
 def make_trainer(
-    loop_config: dict[str, Any],
+    loop_config: LoopConfig,
     *,
     run_name: str,
     storage: str,
@@ -78,7 +77,28 @@ def make_trainer(
     )
 
 
-def tune_trial_driver(config: dict[str, Any], *, run: dict[str, Any]) -> None:
+class RunSettings(TypedDict):
+    """The constants of a search that every trial driver gets (plain data: Tune pickles it).
+
+    ``trial``: the fixed trial settings; ``space_names``: the searched parameters; ``task``: the
+    dataset's task as a dict; ``manifest``, ``cache_dir``, ``experiment_dir``: URIs; the rest is
+    the resource plan of one trial.
+    """
+
+    trial: dict[str, Any]
+    space_names: list[str]
+    max_epochs: int
+    task: dict[str, Any]
+    manifest: str
+    cache_dir: str
+    experiment_dir: str
+    workers: int
+    gpus_per_worker: float
+    cpus_per_worker: float
+    torch_threads: int
+
+
+def tune_trial_driver(config: dict[str, Any], *, run: RunSettings) -> None:
     """The Tune function trainable of one trial: builds and fits the trial's TorchTrainer.
 
     ``config`` holds the sampled parameters; ``run`` the constants of the experiment.
@@ -89,8 +109,9 @@ def tune_trial_driver(config: dict[str, Any], *, run: dict[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     sampled = {k: v for k, v in config.items() if k in run["space_names"]}
     trial = {**run["trial"], **sampled, "max_epochs": run["max_epochs"]}
-    loop_config = {
+    loop_config: LoopConfig = {
         "trial": TrialConfig.from_dict(trial).to_dict(),
+        "task": run.get("task") or {},
         "manifest": run["manifest"],
         "cache_dir": run["cache_dir"],
         "torch_threads": run["torch_threads"],
@@ -107,6 +128,9 @@ def tune_trial_driver(config: dict[str, Any], *, run: dict[str, Any]) -> None:
     trainer.fit()
 
 
+SINGLE_TRIAL = "single"  # the trial id of `raysearch train`: its run folder is train-single
+
+
 def run_single(
     config_path: str,
     *,
@@ -120,87 +144,115 @@ def run_single(
 ) -> pd.DataFrame:
     """``raysearch train CONFIG.yaml``: one trial, no search, through the same Ray Train path.
 
-    Running it again on the same name continues from the latest checkpoint (``fresh`` starts over:
-    the old experiment is deleted only after every other check has passed). Returns the reported
-    epochs. Raises :class:`~raysearch.errors.ExperimentLockedError` when another run holds the
-    experiment, and :class:`~raysearch.errors.ConfigError` for an unsafe name.
+    It writes a complete experiment (``kind: train``): the manifest, the trial's checkpoints
+    under ``train-single/``, ``trials.parquet`` (one row, trial id ``single``) and
+    ``epochs.parquet``, so that the model can be ensembled, predicted with and served like a
+    search's. Running it again on the same name continues from the latest checkpoint (``fresh``
+    starts over: the old experiment is deleted only after every other check has passed). Returns
+    the reported epochs. Raises :class:`~raysearch.errors.ExperimentLockedError` when another run
+    holds the experiment, and :class:`~raysearch.errors.ConfigError` for an unsafe name.
     """
     import dataclasses
 
     from rich.console import Console
 
     from raysearch.config import load_trial_config
-    from raysearch.experiment import (
-        ExperimentLock,
-        check_name,
-        check_writable,
-        is_experiment,
-        read_info,
-        remove_experiment,
-        update_info,
-    )
-    from raysearch.report.tables import epochs_table
+    from raysearch.experiment import ExperimentLock, check_name
 
     console = console or Console(stderr=True)
     cfg, rest = load_trial_config(config_path)
     data = rest["data"]
     if data_root:
-        data = dataclasses.replace(data, root=os.path.abspath(data_root) if "://" not in data_root else data_root)
+        data = dataclasses.replace(data, root=norm_path(data_root))
     storage = storage or rest["storage"]
     name = check_name(name if name is not None else rest["name"])
     exp_dir = join(storage, name)
     cache_dir = data.cache_dir or join(storage, "cache")
     with ExperimentLock(exp_dir, command="train"):
-        if fresh:
-            remove_experiment(exp_dir, storage=storage, dry_run=True)
-        elif is_experiment(exp_dir) and read_info(exp_dir).get("kind", "train") != "train":
-            raise RaysearchError(
-                f"{exp_dir} holds a `raysearch {read_info(exp_dir)['kind']}` experiment; use "
-                "another --name, or --fresh to replace it"
-            )
-        else:
-            check_writable(exp_dir)
-        from raysearch.models.factory import check_weights
-
-        check_weights({(cfg.arch, cfg.weights)})
-        manifest = read_dataset(data, console=console)
-        from raysearch.train.losses import weighting_notes
-
-        train = manifest[manifest["split"] == "train"]
-        for note in weighting_notes(train, scheme=cfg.class_weighting, fp_bias=cfg.fp_bias):
-            console.print(f"[yellow]{note}[/]")
-        check_free_space(manifest=manifest, image_sizes=[cfg.image_size], cache_dir=cache_dir,
-                         experiment_dir=exp_dir, archs={cfg.arch}, num_trials=1, console=console)
-        if fresh:
-            remove_experiment(exp_dir, storage=storage)
-        update_info(exp_dir, kind="train", name=name, state="running",
-                    manifest="manifest.parquet", cache_dir=cache_dir,
-                    data={"root": data.root, "val_fraction": data.val_fraction, "seed": data.seed})
-        manifest_uri = prepare_data(manifest=manifest, experiment_dir=exp_dir, cache_dir=cache_dir,
-                                    image_sizes=[cfg.image_size])
-        init_ray(address=address, verbose=verbose)
-        import ray
-
-        res = rest["resources"]
-        workers = res.workers_per_trial
-        total_cpu = float(ray.cluster_resources().get("CPU", 1))
-        gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (
-            1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
-        cpus = res.cpus_per_worker or max(0.01, math.floor(total_cpu / workers * 100) / 100)
-        trainer = make_trainer(
-            {"trial": cfg.to_dict(), "manifest": manifest_uri, "cache_dir": cache_dir,
-             "torch_threads": max(1, round(cpus))},
-            run_name="train", storage=exp_dir, workers=workers, gpus_per_worker=gpus,
-            cpus_per_worker=cpus, max_failures=res.max_failures,
+        return _run_single_locked(
+            cfg, rest, data, storage=storage, name=name, exp_dir=exp_dir, cache_dir=cache_dir,
+            fresh=fresh, address=address, verbose=verbose, console=console,
         )
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RaysearchError(f"trial {name} reported no checkpoint")
-        with result.checkpoint.as_directory() as d, open(os.path.join(d, "history.json")) as f:
-            epochs = pd.DataFrame(json.load(f))
-        update_info(exp_dir, state="finished")
-        console.print(epochs_table(epochs, title=f"{name}: {cfg.arch} @ {cfg.image_size}px"))
-        best = result.get_best_checkpoint("val_loss", "min")
-        if best is not None:
-            console.print(f"best checkpoint: {best.path}")
-        return epochs
+
+
+def _run_single_locked(cfg, rest, data, *, storage, name, exp_dir, cache_dir, fresh, address,
+                       verbose, console) -> pd.DataFrame:
+    from raysearch.experiment import (
+        check_writable,
+        is_experiment,
+        read_info,
+        remove_experiment,
+        results_tables,
+        trial_summary,
+        update_info,
+        write_results,
+    )
+    from raysearch.models.factory import check_weights, checkpoint_bytes
+    from raysearch.report.tables import epochs_table
+    from raysearch.train.losses import weighting_notes
+
+    # --- everything knowable, before anything is deleted and before Ray starts
+    if fresh:
+        remove_experiment(exp_dir, storage=storage, dry_run=True)
+    elif is_experiment(exp_dir) and read_info(exp_dir).get("kind", "train") != "train":
+        raise RaysearchError(
+            f"{exp_dir} holds a `raysearch {read_info(exp_dir)['kind']}` experiment; use "
+            "another --name, or --fresh to replace it"
+        )
+    else:
+        check_writable(exp_dir)
+    check_weights({(cfg.arch, cfg.weights)})
+    manifest, task = read_dataset(data, console=console)
+    train = manifest[manifest["split"] == "train"]
+    if task.k == 1:
+        for note in weighting_notes(train, scheme=cfg.class_weighting, fp_bias=cfg.fp_bias,
+                                    group=task.group):
+            console.print(f"[yellow]{note}[/]")
+    check_free_space(manifest=manifest, image_sizes=[cfg.image_size], cache_dir=cache_dir,
+                     experiment_dir=exp_dir, checkpoint_bytes=checkpoint_bytes(cfg.arch),
+                     num_trials=1, console=console)
+    if fresh:
+        remove_experiment(exp_dir, storage=storage)
+    update_info(exp_dir, kind="train", name=name, state="running", manifest="manifest.parquet",
+                cache_dir=cache_dir, task=task.to_dict(),
+                data={"root": data.root, "val_fraction": data.val_fraction, "seed": data.seed})
+    manifest_uri = prepare_data(manifest, experiment_dir=exp_dir, cache_dir=cache_dir,
+                                image_sizes=[cfg.image_size])
+
+    # --- the trial, under Ray Train
+    init_ray(address=address, verbose=verbose)
+    import ray
+
+    res = rest["resources"]
+    workers = res.workers_per_trial
+    total_cpu = float(ray.cluster_resources().get("CPU", 1))
+    gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (
+        1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+    cpus = res.cpus_per_worker or max(0.01, math.floor(total_cpu / workers * 100) / 100)
+    loop_config: LoopConfig = {
+        "trial": cfg.to_dict(), "task": task.to_dict(), "manifest": manifest_uri,
+        "cache_dir": cache_dir, "torch_threads": max(1, round(cpus)),
+    }
+    trainer = make_trainer(
+        loop_config, run_name=f"train-{SINGLE_TRIAL}", storage=exp_dir, workers=workers,
+        gpus_per_worker=gpus, cpus_per_worker=cpus, max_failures=res.max_failures,
+    )
+    error = None
+    try:
+        trainer.fit()
+    except Exception as e:  # the trial failed: still write what it left, then raise
+        from raysearch.errors import first_line
+
+        error = first_line(e)[:500]
+        raise
+    finally:
+        row, epochs = trial_summary(exp_dir, SINGLE_TRIAL, config=cfg.to_dict(),
+                                    max_epochs=cfg.max_epochs, error=error)
+        trials, epochs = results_tables([row], [epochs])
+        write_results(exp_dir, trials, epochs)
+        update_info(exp_dir, state="failed" if error else "finished", trials=1, num_samples=1)
+    if row["best_checkpoint"] is None:
+        raise RaysearchError(f"trial {name} reported no checkpoint")
+    console.print(epochs_table(epochs, title=f"{name}: {cfg.arch} @ {cfg.image_size}px"))
+    console.print(f"best checkpoint: {join(exp_dir, row['best_checkpoint'])}")
+    return epochs

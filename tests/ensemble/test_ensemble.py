@@ -442,18 +442,20 @@ def test_broken_checkpoint_names_the_trial_and_writes_nothing(
 
 
 def test_a_model_pt_of_another_architecture_names_trial_file_arch_and_keys(tmp_path):
-    from raysearch.ensemble.members import Member, load_model
+    from raysearch.data.mura import MURA_TASK
+    from raysearch.experiment import TrialCheckpoint
+    from raysearch.inference.predictor import load_member_model
     from raysearch.models.factory import create_model
 
     ckpt = tmp_path / "train-t_x" / "checkpoint_000002"
     ckpt.mkdir(parents=True)
     torch.save(create_model("resnet18").state_dict(), ckpt / "model.pt")
-    member = Member(
-        trial_id="t_x", checkpoint=str(ckpt), val=pd.DataFrame(),
+    member = TrialCheckpoint(
+        trial_id="t_x", checkpoint=str(ckpt), task=MURA_TASK,
         config=TrialConfig(arch="mobilenet_v3_small", weights="none"),
     )  # fmt: skip
     with pytest.raises(CheckpointError) as info:
-        load_model(member, device=torch.device("cpu"))
+        load_member_model(member, k=1, device=torch.device("cpu"))
     assert str(info.value).startswith(
         f"trial t_x: model.pt in {ckpt}: the weights do not fit mobilenet_v3_small: "
         "missing keys features.0.0.weight, features.0.1.weight, features.0.1.bias (+"

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from raysearch.config import TrialConfig
+from raysearch.data.mura import MURA_TASK
 from raysearch.train.loop import lr_lambda, val_metrics
 from raysearch.train.trainer import run_single
 
@@ -54,7 +55,7 @@ def test_val_metrics_study_level():
         }
     )
     probs = np.array([0.9, 0.3, 0.2, 0.6, 0.6, 0.2], dtype=np.float32)
-    m = val_metrics(frame, probs)
+    m = val_metrics(frame, probs, MURA_TASK)
     # Studies: a mean 0.6 -> 1 (correct); b 0.2 -> 0 (correct); c mean 0.467 -> 0 (wrong).
     assert m["val_study_accuracy"] == pytest.approx(2 / 3)
     expected_loss = -np.mean(
