@@ -14,10 +14,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import fsspec
-import fsspec.implementations.local
-from fsspec.core import url_to_fs
-
 from raysearch.errors import ConfigError, StorageError, os_error_message
 
 __all__ = [
@@ -69,7 +65,7 @@ def is_url(path: str | os.PathLike) -> bool:
     return "://" in s and not s.startswith("file://")
 
 
-def get_fs(path: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+def get_fs(path: str | os.PathLike) -> tuple[Any, str]:
     """Return (filesystem, path inside it) for a local path or any fsspec URL.
 
     Raises :class:`StorageError` at once for a ``gs://`` URL whose endpoint does not resolve
@@ -80,6 +76,8 @@ def get_fs(path: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
         s = os.path.abspath(os.path.expanduser(s.removeprefix("file://")))
     elif s.startswith(("gs://", "gcs://")):
         _check_gcs_reachable(s)
+    from fsspec.core import url_to_fs
+
     return url_to_fs(s)
 
 
@@ -88,6 +86,8 @@ _REACHABLE: dict[str, str | None] = {}  # host -> None (resolves) or why it does
 
 def _gcs_host() -> str:
     from urllib.parse import urlparse
+
+    import fsspec
 
     endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or (
         fsspec.config.conf.get("gcs", {}).get("endpoint_url") or "https://storage.googleapis.com"
@@ -131,12 +131,17 @@ def join(base: str | os.PathLike, *parts: str) -> str:
 
 
 def exists(path: str | os.PathLike) -> bool:
+    if not is_url(path):  # local paths need no fsspec (the GPU check runs without it)
+        return os.path.exists(os.path.expanduser(str(path).removeprefix("file://")))
     fs, p = get_fs(path)
     return fs.exists(p)
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
     """The bytes of a file. OS errors pass through: callers name what could not be read."""
+    if not is_url(path):
+        with open(os.path.expanduser(str(path).removeprefix("file://")), "rb") as f:
+            return f.read()
     fs, p = get_fs(path)
     with fs.open(p, "rb") as f:
         return f.read()
@@ -231,7 +236,7 @@ def ray_storage_args(uri: str | os.PathLike) -> dict[str, Any]:
         return {
             "storage_path": os.path.abspath(os.path.expanduser(s)),
             "storage_filesystem": pyarrow.fs.PyFileSystem(
-                pyarrow.fs.FSSpecHandler(AtomicLocalFileSystem())
+                pyarrow.fs.FSSpecHandler(atomic_local_filesystem())
             ),
         }
     fs, path = get_fs(s)
@@ -241,18 +246,40 @@ def ray_storage_args(uri: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-class AtomicLocalFileSystem(fsspec.implementations.local.LocalFileSystem):
-    """The local file system, except that a file opened for writing is written to a temporary
-    sibling and renamed into place when it is closed: a reader (or a resume) sees the old file or
-    the new one, never half of one. A write that fails (no space left) leaves the old file as it
-    was and no temporary file behind."""
+def atomic_local_filesystem():
+    """An fsspec local file system whose files opened for writing are written to a temporary
+    sibling and renamed into place when closed: a reader (or a resume) sees the old file or the
+    new one, never half of one. A write that fails (no space left) leaves the old file as it was
+    and no temporary file behind. (A class made on first use: fsspec is imported lazily.)"""
+    return _atomic_fs_class()()
 
-    def _open(self, path, mode="rb", block_size=None, **kwargs):
-        if "w" not in mode:
-            return super()._open(path, mode, block_size=block_size, **kwargs)
-        path = self._strip_protocol(path)
-        self.makedirs(self._parent(path), exist_ok=True)
-        return _AtomicFile(path, mode)
+
+_ATOMIC_FS: list = []
+
+
+def _atomic_fs_class():
+    if not _ATOMIC_FS:
+        from fsspec.implementations.local import LocalFileSystem
+
+        class AtomicLocalFileSystem(LocalFileSystem):
+            def _open(self, path, mode="rb", block_size=None, **kwargs):
+                if "w" not in mode:
+                    return super()._open(path, mode, block_size=block_size, **kwargs)
+                path = self._strip_protocol(path)
+                self.makedirs(self._parent(path), exist_ok=True)
+                return _AtomicFile(path, mode)
+
+        AtomicLocalFileSystem.__module__ = __name__
+        AtomicLocalFileSystem.__qualname__ = "AtomicLocalFileSystem"
+        _ATOMIC_FS.append(AtomicLocalFileSystem)
+    return _ATOMIC_FS[0]
+
+
+def __getattr__(name: str):
+    # Ray pickles the storage file system into an experiment (tuner.pkl) by this name.
+    if name == "AtomicLocalFileSystem":
+        return _atomic_fs_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _AtomicFile(io.RawIOBase):

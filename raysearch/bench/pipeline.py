@@ -218,6 +218,7 @@ def bench_train(
     batch_size: int = 32,
     threads: int | None = None,
     epochs: int = 2,
+    gpus: float = 0.0,
     console: Console | None = None,
 ) -> dict[str, float]:
     """End-to-end trial throughput (Ray Train worker: cache, augmentation, forward, backward, step)
@@ -278,7 +279,7 @@ def bench_train(
         trainer = make_trainer(
             {"trial": cfg.to_dict(), "task": task.to_dict(), "manifest": manifest,
              "cache_dir": cache_dir, "torch_threads": threads},
-            run_name="bench-train", storage=exp_dir, workers=1, gpus_per_worker=0.0,
+            run_name="bench-train", storage=exp_dir, workers=1, gpus_per_worker=gpus,
             cpus_per_worker=1.0,
         )
         result = trainer.fit()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -82,7 +83,7 @@ def test_two_epochs_lower_the_loss_and_checkpoint_predictions(tmp_path, tiny_roo
     for key in ("val_loss", "val_auc", "val_study_accuracy", "val_study_kappa",
                 "epoch_time_s", "train_images_per_s"):
         assert np.isfinite(epochs[key]).all(), key
-    run_dir = str(tmp_path / "runs" / "t" / "train")
+    run_dir = str(tmp_path / "runs" / "t" / "train-single")
     ckpts = checkpoints(run_dir)
     assert 1 <= len(ckpts) <= 2  # the best by val_loss and the latest
     latest = ckpts[-1]
@@ -105,6 +106,34 @@ def test_two_epochs_lower_the_loss_and_checkpoint_predictions(tmp_path, tiny_roo
     assert list(resumed["epoch"]) == [1, 2, 3, 4]
     # Epochs 1-3 come from the checkpoint, not from training them again.
     pd.testing.assert_series_equal(resumed["train_loss"][:3], epochs["train_loss"])
+
+    # A complete experiment: one trial in trials.parquet, ensembled and predicted with like a
+    # search's.
+    exp = str(tmp_path / "runs" / "t")
+    trials = pd.read_parquet(os.path.join(exp, "trials.parquet"))
+    assert list(trials["trial_id"]) == ["single"] and trials["status"].iloc[0] == "completed"
+    assert trials["best_checkpoint"].iloc[0].startswith("train-single/checkpoint_")
+    assert len(pd.read_parquet(os.path.join(exp, "epochs.parquet"))) == 4
+    with open(os.path.join(exp, "experiment.json")) as f:
+        info = json.load(f)
+    assert info["kind"] == "train" and info["state"] == "finished"
+    assert info["task"]["labels"] == ["abnormal"] and info["task"]["group"] == "body_part"
+    from rich.console import Console
+
+    from raysearch.ensemble.run import run_ensemble
+    from raysearch.inference.predictor import Predictor
+
+    out = run_ensemble(experiment=exp, top=1, n_boot=20,
+                       console=Console(file=io.StringIO(), width=120))
+    members = pd.read_parquet(os.path.join(out, "members.parquet"))
+    assert list(members["trial_id"]) == ["single"]
+    studies = pd.read_parquet(os.path.join(out, "study_predictions.parquet"))
+    predictor = Predictor.from_dir(exp)
+    test = manifest[manifest.split == "test"]
+    _, again = predictor.predict_studies(test)
+    mine = studies[studies.split == "test"].set_index("study_id")["prob"]
+    np.testing.assert_allclose(again.set_index("study_id")["prob"].reindex(mine.index), mine,
+                               atol=1e-6)
 
 
 @pytest.mark.slow

@@ -1,0 +1,115 @@
+"""Benchmark, the epoch step against the model alone, without Ray: how much of a GPU's (or a
+CPU's) speed the training step keeps once it feeds real uint8 batches through the loader,
+on-device augmentation and the masked loss (:func:`raysearch.train.loop.train_epoch`), measured
+side by side with forward + backward + step on tensors already on the device. Both run with the
+same autocast (bf16 on CUDA) and memory format (channels_last on CUDA). Generated data only, so it
+runs on a machine with no dataset and no Ray (``scripts/gpu_check.sh``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["bench_step"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_step(
+    *,
+    arch: str,
+    image_size: int,
+    batch_size: int,
+    steps: int = 30,
+    warmup: int = 5,
+    device: torch.device | str | None = None,
+    num_labels: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Images per second of the pure model step and of the epoch step, and their ratio.
+
+    ``steps`` timed batches of ``batch_size`` images at ``image_size`` px (after ``warmup``
+    untimed ones) for each. Returns ``pure_images_per_s``, ``step_images_per_s``, ``ratio``
+    (step / pure; 1.0 means the input pipeline and the loss cost nothing), the device, the
+    autocast dtype and whether channels_last was used.
+    """
+    import torch.nn.functional as F
+
+    from raysearch.config import TrialConfig
+    from raysearch.data.augment import DeviceAugment
+    from raysearch.data.cache import ArrayStore
+    from raysearch.data.loader import BatchLoader
+    from raysearch.inference.predictor import autocast_for, best_device
+    from raysearch.models.factory import create_model
+    from raysearch.train.loop import make_optimizer, train_epoch
+
+    device = torch.device(device) if device is not None else best_device()
+    cuda = device.type == "cuda"
+    autocast, amp_dtype = autocast_for(device)
+    cfg = TrialConfig(arch=arch, weights="none", image_size=image_size, batch_size=batch_size,
+                      augment="mura", lr=1e-4, max_epochs=1)
+
+    def model_and_optimizer():
+        torch.manual_seed(seed)
+        model = create_model(arch, num_labels=num_labels).to(device)
+        if cuda:
+            model = model.to(memory_format=torch.channels_last)
+        return model, make_optimizer(cfg, model.parameters())
+
+    # 1. The model alone: one batch already on the device, normalised, in the right layout.
+    model, optimizer = model_and_optimizer()
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(batch_size, num_labels, device=device) > 0.5).float()
+    model.train()
+
+    def step() -> None:
+        with autocast:
+            logits = model(x).float()
+        loss = F.binary_cross_entropy_with_logits(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    pure = steps * batch_size / (time.perf_counter() - t0)
+
+    # 2. The epoch step: uint8 images from a store, through the loader, augmented on the device.
+    rng = np.random.default_rng(seed)
+    n = (steps + warmup) * batch_size
+    store = ArrayStore(rng.integers(0, 256, size=(n, image_size, image_size), dtype=np.uint8))
+    labels = (rng.random((n, num_labels)) > 0.5).astype(np.float32)
+    model, optimizer = model_and_optimizer()
+    augment = DeviceAugment(cfg.augment_params(), device=device, seed=seed, channels_last=cuda)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+    weights = torch.ones(n, num_labels)
+    warm = BatchLoader(store, np.arange(warmup * batch_size), labels[: warmup * batch_size],
+                       batch_size=batch_size, shuffle=False, pin_memory=cuda)
+    timed = BatchLoader(store, np.arange(warmup * batch_size, n), labels[warmup * batch_size :],
+                        batch_size=batch_size, shuffle=True, seed=seed, pin_memory=cuda)
+    common = {"augment": augment, "optimizer": optimizer, "scaler": scaler,
+              "weight_by_row": weights, "device": device}
+    train_epoch(model, warm, **common)
+    result = train_epoch(model, timed, **common)  # synchronises the device before timing ends
+    return {
+        "arch": arch, "image_size": image_size, "batch_size": batch_size,
+        "device": str(device), "amp": str(amp_dtype).removeprefix("torch."),
+        "channels_last": cuda,
+        "pure_images_per_s": pure,
+        "step_images_per_s": result.images / result.seconds,
+        "ratio": (result.images / result.seconds) / pure,
+    }
