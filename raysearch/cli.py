@@ -118,6 +118,18 @@ def cmd_bench(args) -> int:
     if args.what == "data":
         bench.bench_data(root=args.root, image_size=args.image_size or 128,
                          n_images=args.n_images, console=console)
+    elif args.what == "step":
+        from raysearch.bench.step import bench_step
+
+        r = bench_step(arch=args.arch, image_size=args.image_size or 64,
+                       batch_size=args.batch_size, steps=args.steps)
+        console.print(
+            f"bench step: {r['arch']} {r['image_size']}px batch {r['batch_size']} on {r['device']} "
+            f"({r['amp']}{', channels_last' if r['channels_last'] else ''}, "
+            f"{os.cpu_count()} cores): model alone {r['pure_images_per_s']:.1f} images/s, "
+            f"epoch step {r['step_images_per_s']:.1f} images/s, ratio {r['ratio']:.2f} "
+            "(target >= 0.9)"
+        )
     elif args.what == "train":
         bench.bench_train(root=args.root, arch=args.arch, image_size=args.image_size or 64,
                           batch_size=args.batch_size, console=console)
@@ -204,12 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_weights_fetch)
 
     s = sub.add_parser("bench", help="measure speed, side by side in one run")
-    s.add_argument("what", choices=["data", "train", "search"])
+    s.add_argument("what", choices=["data", "step", "train", "search"])
     s.add_argument("--root", help="dataset (default: generated demo data)")
     s.add_argument("--image-size", type=int)
     s.add_argument("--n-images", type=int, default=512)
     s.add_argument("--arch", default="resnet18")
     s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--steps", type=int, default=30, help="step: timed batches per measurement")
     s.add_argument("--num-samples", type=int, help="search: trials per search (default 24)")
     s.add_argument("--max-epochs", type=int, help="search: epochs per trial (default 27)")
     s.add_argument("--grace-period", type=int, help="search: ASHA's first rung (default 3)")

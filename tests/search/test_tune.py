@@ -247,7 +247,7 @@ def test_an_experiment_saved_by_an_earlier_release_resumes(tmp_path, tiny_root, 
     from raysearch.search.space import parse_search_space
     from raysearch.search.tune import run_search
 
-    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "saved-v0.2")
+    fixture = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "saved-v0.2")
     exp = tmp_path / "store" / "saved-v0.2"
     shutil.copytree(fixture, exp)
     # The experiment moved, and so did its data: point the saved manifest at this session's copy
