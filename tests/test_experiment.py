@@ -298,11 +298,13 @@ def test_a_forged_trust_file_is_refused(store, monkeypatch):
 def test_the_trust_key_is_made_once_private_and_outside_the_storage(tmp_path, monkeypatch):
     monkeypatch.delenv("RAYSEARCH_TRUST_KEY")
     monkeypatch.setenv("HOME", str(tmp_path))
-    key = X._trust_key()
+    from raysearch.experiment.trust import _trust_key
+
+    key = _trust_key()
     path = tmp_path / ".config" / "raysearch" / "trust.key"
     assert len(key) == 32 and path.read_bytes() == key
     assert oct(path.stat().st_mode & 0o777) == "0o600"
-    assert X._trust_key() == key
+    assert _trust_key() == key
 
 
 def test_damaged_state_is_found_without_unpickling(tmp_path):

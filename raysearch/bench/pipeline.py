@@ -1,4 +1,5 @@
-"""Benchmarks (tooling around the pipeline stages): measured, printed, returned as plain dicts.
+"""Benchmarks, the pipeline: the data cache and a whole trial, measured, printed, returned as
+plain dicts.
 
 ``bench_data`` compares the data stage's decode-once cache with an ImageFolder-style pipeline that
 decodes and resizes every PNG again in every epoch (the CPU bottleneck behind

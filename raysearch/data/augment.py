@@ -1,4 +1,4 @@
-"""Augment stage (inside train): batched, on-device augmentation and normalisation.
+"""Data stage, augmentation: batched, on-device augmentation and normalisation.
 
 The decode-once cache hands the trainer uint8 ``[B, 1, H, W]`` batches. :class:`DeviceAugment`
 turns one into the float32 ``[B, 3, H, W]`` ImageNet-normalised input the backbone expects, on

@@ -1,4 +1,4 @@
-"""Cache (data stage): decode every image once into a compact uint8 store.
+"""Data stage, the cache: decode every image once into a compact uint8 store.
 
 Training batches are served from the store by :class:`raysearch.data.loader.BatchLoader`.
 

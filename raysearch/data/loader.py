@@ -1,4 +1,4 @@
-"""Loader (train stage input): training batches from a decode-once store (see ``cache``).
+"""Data stage, the loader: training batches from a decode-once store (see ``cache``).
 
 Batches are gathered from the memory-mapped store in a background thread, so the next batch is
 ready while the current one trains; every rank of a DDP trial sees an equal-length shard.

@@ -1,4 +1,4 @@
-"""Data stage: MURA reader, image manifest and patient-level split.
+"""Data stage, the MURA reader: the image manifest, its task, and the patient-level split.
 
 ``read_mura`` turns a MURA-v1.1 folder (local path or fsspec URL) into a manifest DataFrame with
 one row per image and these columns, in this order (later stages may rely on them):

@@ -1,8 +1,8 @@
-"""Tune stage, the results: what a search's trials left, read back as tables, and the live view.
+"""Search stage, the results: what a search's trials left, read back as tables.
 
 ``collect_results`` turns a finished (or resumed) search into one row per trial and one per epoch,
 from the checkpoints each trial wrote rather than from Tune's result files, which a restored trial
-rewrites. ``SearchProgress`` is the Tune callback behind the live Rich view on the driver.
+rewrites (see :func:`raysearch.experiment.trial_summary`). The live view is in ``progress``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tune stage, the scheduler: ASHA keyed on epochs, whose rungs survive a killed driver.
+"""Search stage, the scheduler: ASHA keyed on epochs, whose rungs survive a killed driver.
 
 Ray saves the searcher's state with an experiment, but not the scheduler's
 (ray-project/ray#30838): ``Tuner.restore`` gives back the ``ASHAScheduler`` the experiment was

@@ -1,4 +1,4 @@
-"""Tune stage, the searcher: Optuna's TPE told what ASHA did, at the fidelity it was done.
+"""Search stage, the searcher: Optuna's TPE told what ASHA did, at the fidelity it was done.
 
 ASHA judges trials at rungs (3, 9, 27 epochs in a real search) and stops most of them early. Ray's
 ``OptunaSearch`` tells Optuna every trial it stops as COMPLETE, valued at its last epoch, and it

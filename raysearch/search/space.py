@@ -1,4 +1,4 @@
-"""Config, the search-space file (``raysearch tune SPACE.yaml``) -> a :class:`SearchSpace`.
+"""Search stage, the search-space file (``raysearch tune SPACE.yaml``) -> a :class:`SearchSpace`.
 
 The file names the data, the resources, the search, the scheduler, the storage, the trial
 settings every trial shares, and one distribution per searched parameter (``space``), optionally

@@ -1,4 +1,4 @@
-"""Tune stage: many trials under Ray Tune with Optuna (TPE) and ASHA; resumable and fault tolerant.
+"""Search stage, the search: many trials under Ray Tune with Optuna (TPE) and ASHA; resumable and fault tolerant.
 
 ``run_search(spec)`` prepares the data once on the driver, turns the search space into an Optuna
 define-by-run function (conditional parameters allowed), sizes concurrency so that trial drivers

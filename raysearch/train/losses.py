@@ -1,4 +1,4 @@
-"""Train stage helper: class weighting schemes for the binary cross-entropy loss (pure numpy).
+"""Train stage, the losses: class weighting schemes for the binary cross-entropy loss (pure numpy).
 
 Every scheme returns one weight per training image; the loss is ``mean(w_i * bce_i)``. Every
 weight is a positive finite number: a scheme that cannot give one (a class missing from the split)
