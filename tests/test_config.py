@@ -306,10 +306,20 @@ def test_unreadable_config_file_names_the_file_and_the_reason(
             pytest.skip("this user ignores file permissions (root); the simulated case covers it")
         path.chmod(0)
     else:  # what the kernel does for a user without read permission
+        import builtins
+
+        real_open = builtins.open
+
         def denied(self, p, *args, **kwargs):
             raise PermissionError(13, "Permission denied", p)
 
+        def open_(file, *args, **kwargs):
+            if str(file) == str(path):
+                raise PermissionError(13, "Permission denied", str(file))
+            return real_open(file, *args, **kwargs)
+
         monkeypatch.setattr(LocalFileSystem, "_open", denied)
+        monkeypatch.setattr(builtins, "open", open_)
     with pytest.raises(ConfigError) as info:
         load_search_space(str(path))
     assert str(info.value) == f"cannot read {path}: permission denied"

@@ -142,8 +142,8 @@ FULL_SPACE = """
 name: full
 data: {{root: {root}, val_fraction: 0.2, seed: 0}}
 resources: {{workers_per_trial: 1, max_concurrent: 1, max_failures: 0}}
-search: {{algorithm: random, seed: 0, num_samples: 3}}
-scheduler: {{kind: fifo, max_epochs: 2, grace_period: 1}}
+search: {{algorithm: random, seed: 0, num_samples: 2}}
+scheduler: {{kind: fifo, max_epochs: 1, grace_period: 1}}
 storage: {storage}
 trial: {{weights: none, batch_size: 16, image_size: 32, arch: mobilenet_v3_small, augment: none,
          precise_bn_images: 0}}
@@ -192,7 +192,7 @@ def test_a_full_disk_mid_search_then_a_resume_loses_nothing(tmp_path, tiny_root)
                               timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
         trials = pd.read_parquet(os.path.join(exp, "trials.parquet"))
-        assert len(trials) == 3, trials.to_string()
+        assert len(trials) == 2, trials.to_string()
         assert (trials["status"] == "completed").all(), trials[["trial_id", "status", "error"]]
         info = json.loads(Path(exp, "experiment.json").read_text())
         assert info["state"] == "finished"
@@ -262,7 +262,7 @@ def test_ctrl_c_exits_130_marks_results_unfinished_and_ensemble_warns(tmp_path, 
     from raysearch.ensemble.run import run_ensemble
 
     space = tmp_path / "s.yaml"
-    space.write_text(FULL_SPACE.replace("max_epochs: 2", "max_epochs: 6").format(
+    space.write_text(FULL_SPACE.replace("max_epochs: 1", "max_epochs: 4").format(
         root=tiny_root, storage=tmp_path / "S"))
     exp = str(tmp_path / "S" / "full")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -298,8 +298,7 @@ def test_a_search_whose_every_trial_failed_exits_1_with_the_most_common_error(
     from raysearch.search.tune import run_search
 
     raw = yaml.safe_load(FULL_SPACE.format(root=tiny_root, storage=tmp_path / "S"))
-    raw["search"]["num_samples"] = 2
-    raw["scheduler"]["max_epochs"] = 1
+    raw["resources"]["max_concurrent"] = 2  # the session's Ray has 2 CPUs: both at once
     raw["trial"]["fail_at_epoch"] = 1
     with pytest.raises(SearchFailedError) as e:
         run_search(parse_search_space(raw), console=_console())

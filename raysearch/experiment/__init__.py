@@ -67,8 +67,10 @@ from raysearch.experiment.trials import (
     write_results,
 )
 from raysearch.experiment.trust import (
+    RAY_STATE_PATTERNS,
     check_ray_state_intact,
     fail_on_restore_error,
+    raysearch_error_in,
     sign_ray_state,
     unfinished_trials,
     verify_ray_state,

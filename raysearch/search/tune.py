@@ -310,7 +310,9 @@ def _raise_known(error: BaseException, *, storage: str) -> None:
     if known is not None:
         raise known from error
     os_error = find_os_error(error)
-    message = os_error_message(os_error) if os_error is not None else None
+    message = None
+    if os_error is not None:
+        message = os_error_message(os_error, path=os_error.filename or storage)
     if message is None and (any(s in str(error) for s in NO_SPACE) or _storage_full(storage)):
         message = f"no space left on {storage}"
     if message is not None:
