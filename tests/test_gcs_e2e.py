@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -179,3 +180,20 @@ def test_search_and_ensemble_entirely_in_a_bucket(gcs_emulator: GcsEmulator, tmp
     test_studies = manifest.loc[manifest["split"] == "test", "study_id"].nunique()
     assert len(worklist) == test_studies > 0
     assert worklist["prob"].is_monotonic_decreasing
+
+    # --- the same command again: the finished search resumes from the bucket, its Ray state
+    # verified against the hashes raysearch signed (raysearch-trust.json in the bucket); the lock
+    # it held is gone
+    assert "raysearch-trust.json" in top and ".raysearch.lock" not in top
+    with _ray_tmpdir() as ray_tmp:
+        env = _cli_env(ray_tmp, local_cache)
+        _run(["tune", str(space), "--data-root", data, "--storage", runs], env, timeout=600)
+        # A pickle planted in the bucket: refused before Ray reads it, exit 2, one line.
+        planted = next(n for n in _names(fs, exp_path) if n.startswith("searcher-state-"))
+        fs.pipe_file(f"{exp_path}/{planted}", pickle.dumps({"not": "what raysearch wrote"}))
+        refused = subprocess.run(
+            [sys.executable, "-m", "raysearch.cli", "tune", str(space), "--data-root", data,
+             "--storage", runs], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.strip().startswith(f"raysearch: error: refusing to resume {exp}: Ray "
+                                             f"would unpickle {planted}")

@@ -101,13 +101,11 @@ def predict_split(
                 f"{cfg.image_size}px) on {len(images)} {split} images"
                 f"{' with flip TTA' if tta else ''}"
             )
-        one = type(predictor)([m], task=task, device=predictor.device,
-                              batch_size=max(cfg.batch_size, 64))
-        one._models = predictor._models  # share loaded models
-        probs[m.trial_id] = one.predict_preprocessed(
-            {cfg.image_size: cache.images}, rows=cache.rows_for(paths), tta=tta
-        ).probs
-        predictor._models.pop(m.trial_id, None)  # one member in memory at a time
+        probs[m.trial_id] = predictor.predict_member(
+            m, {cfg.image_size: cache.images}, rows=cache.rows_for(paths), tta=tta,
+            batch_size=max(cfg.batch_size, 64),
+        )
+        predictor.unload(m.trial_id)  # one member in memory at a time
     return images, probs
 
 

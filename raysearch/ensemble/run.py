@@ -329,6 +329,7 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, console) 
     predictor = Predictor(members, weights=[weights[m.trial_id] for m in members], task=task)
     for m in members:
         predictor.model(m)
+        predictor.unload(m.trial_id)
     test_images, test_probs = predict_split(
         predictor, manifest, task, split="test", cache_dir=_cache_dir(exp_dir, info), tta=tta,
         console=console,

@@ -243,6 +243,10 @@ class Predictor:
             )
         return self._models[member.trial_id]
 
+    def unload(self, trial_id: str) -> None:
+        """Free a member's loaded network (it is loaded again when next used)."""
+        self._models.pop(trial_id, None)
+
     def _augment(self, member: TrialCheckpoint) -> DeviceAugment:
         return DeviceAugment(member.config.augment_params(), device=self.device, seed=0,
                              channels_last=self.device.type == "cuda")
@@ -285,19 +289,35 @@ class Predictor:
         """Probabilities for images already preprocessed: ``arrays[S]`` is a ``[N, S, S]`` uint8
         array (or an :class:`~raysearch.data.cache.ImageCache`'s ``images``) at every member
         image size S; ``rows`` picks and orders rows of them (default: all, in order)."""
-        members: dict[str, np.ndarray] = {}
-        for i, m in enumerate(self.members):
-            size = m.config.image_size
-            if size not in arrays:
-                raise ConfigError(f"no {size} px images for member {m.trial_id}")
-            images = arrays[size]
-            idx = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
-            members[m.trial_id] = predict_batches(
-                self.model(m), _batches(images, idx, self.batch_size,
-                                        on_batch=on_batch if i == 0 else None),
-                augment=self._augment(m), device=self.device, tta=tta,
-            )
+        members = {
+            m.trial_id: self.predict_member(m, arrays, rows=rows, tta=tta,
+                                            on_batch=on_batch if i == 0 else None)
+            for i, m in enumerate(self.members)
+        }
         return self._combine(members)
+
+    def predict_member(
+        self,
+        member: TrialCheckpoint,
+        arrays: Mapping[int, Any],
+        *,
+        rows: np.ndarray | None = None,
+        tta: bool = False,
+        batch_size: int | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """One member's probabilities ``[N, K]`` on preprocessed images (see
+        :meth:`predict_preprocessed`)."""
+        size = member.config.image_size
+        if size not in arrays:
+            raise ConfigError(f"no {size} px images for member {member.trial_id}")
+        images = arrays[size]
+        idx = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
+        return predict_batches(
+            self.model(member),
+            _batches(images, idx, batch_size or self.batch_size, on_batch=on_batch),
+            augment=self._augment(member), device=self.device, tta=tta,
+        )
 
     def predict_studies(
         self,
