@@ -103,6 +103,14 @@ def cmd_ensemble(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from raysearch.inference.predict import run_predict
+
+    run_predict(args.inputs, ensemble=args.ensemble, storage=args.storage, out=args.out,
+                tta=args.tta, batch_size=args.batch_size, console=_console())
+    return 0
+
+
 def cmd_weights_fetch(args) -> int:
     from raysearch.models.weights import fetch_weights
 
@@ -207,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-boot", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_ensemble)
+
+    s = sub.add_parser("predict", help="run a trained ensemble on new studies (PNG, JPEG, DICOM)")
+    s.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders of studies (any depth), a CSV of image_path and "
+                   "study_id, or URLs of any of these")
+    s.add_argument("--ensemble", help="ensemble or experiment folder (default: the most recent "
+                   "experiment under --storage)")
+    s.add_argument("--storage", default="reports")
+    s.add_argument("--out", default="predictions", help="output folder (default predictions)")
+    s.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("weights", help="pretrained weights")
     ws = s.add_subparsers(dest="weights_command", required=True)

@@ -11,6 +11,7 @@ import io
 import numpy as np
 from PIL import Image
 
+from raysearch.data.dicom import is_dicom, read_dicom
 from raysearch.errors import ConfigError, DataError
 from raysearch.storage import read_bytes
 
@@ -25,7 +26,8 @@ _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 def preprocess_image(data: bytes | str | np.ndarray | Image.Image, *, image_size: int) -> np.ndarray:
     """Decode one image to an ``(image_size, image_size)`` uint8 grayscale array.
 
-    ``data`` is encoded bytes, a local path or fsspec URL, a decoded array (``H x W`` or
+    ``data`` is encoded bytes (PNG, JPEG, ... or DICOM, told by its ``DICM`` magic and read by
+    :mod:`raysearch.data.dicom`), a local path or fsspec URL, a decoded array (``H x W`` or
     ``H x W x C``, any integer or float dtype) or a PIL image. Colour and alpha are dropped
     (ITU-R 601 luma); 16-bit, 32-bit and float images are stretched from their own min..max to
     0..255 (a fixed /257 would leave 12-bit radiographs nearly black). The image is zero-padded
@@ -45,6 +47,8 @@ def preprocess_image(data: bytes | str | np.ndarray | Image.Image, *, image_size
         raise DataError(f"image not found: {name}") from None
     except OSError as e:
         raise DataError(f"cannot read image {name}: {e.strerror or e}") from None
+    if is_dicom(raw):  # PS3.10 files: the standard's grey-level pipeline first (data.dicom)
+        return letterbox(_array_to_gray(read_dicom(raw, name=name).pixels), image_size=image_size)
     try:
         with Image.open(io.BytesIO(raw)) as img:
             img.load()

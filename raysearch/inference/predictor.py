@@ -154,6 +154,7 @@ class Predictor:
         task: Task,
         device: torch.device | str | None = None,
         batch_size: int = 64,
+        threshold: float | None = None,
     ) -> None:
         if not members:
             raise ConfigError("a predictor needs at least one member")
@@ -166,6 +167,8 @@ class Predictor:
         total = float(sum(weights))
         self.weights = {m.trial_id: float(w) / total for m, w in zip(self.members, weights)}
         self.task = task
+        # The decision threshold: the ensemble's (chosen on val) when it has one, else the task's.
+        self.threshold = float(threshold) if threshold is not None else task.threshold
         self.device = torch.device(device) if device is not None else best_device()
         self.batch_size = int(batch_size)
         self._models: dict[str, torch.nn.Module] = {}
@@ -226,13 +229,14 @@ class Predictor:
                                   with_val=False)
             for r in table.itertuples()
         ]
-        task = None
+        task, threshold = None, None
         if exists(join(folder, "ensemble.json")):
-            task = json.loads(read_bytes(join(folder, "ensemble.json"))).get("task")
+            summary = json.loads(read_bytes(join(folder, "ensemble.json")))
+            task, threshold = summary.get("task"), summary.get("threshold")
         if task is None and exists(join(experiment, "experiment.json")):
             task = read_info(experiment).get("task")
         return cls(members, weights=table["weight"].tolist(), task=Task.from_dict(task),
-                   device=device, batch_size=batch_size)
+                   device=device, batch_size=batch_size, threshold=threshold)
 
     # --- running
     def model(self, member: TrialCheckpoint) -> torch.nn.Module:
@@ -352,7 +356,7 @@ class Predictor:
         studies = studies.reset_index()
         if self.task.k == 1:
             studies.insert(studies.columns.get_loc("prob") + 1, "pred",
-                           M.predict(studies["prob"], threshold=self.task.threshold))
+                           M.predict(studies["prob"], threshold=self.threshold))
         return out, studies
 
 
