@@ -111,6 +111,18 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from raysearch.serve.app import Limits
+    from raysearch.serve.run import run_serve
+
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
+                    max_pixels=args.max_pixels)
+    run_serve(ensemble=args.ensemble, storage=args.storage, host=args.host, port=args.port,
+              replicas=args.replicas, max_batch_size=args.max_batch_size, limits=limits,
+              address=args.address, verbose=args.verbose, console=_console())
+    return 0
+
+
 def cmd_weights_fetch(args) -> int:
     from raysearch.models.weights import fetch_weights
 
@@ -227,6 +239,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
     s.add_argument("--batch-size", type=int, default=64)
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("serve", help="serve a trained ensemble over HTTP (Ray Serve)")
+    s.add_argument("--ensemble", help="ensemble or experiment folder (default: the most recent "
+                   "experiment under --storage)")
+    s.add_argument("--storage", default="reports")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--replicas", type=int, default=1)
+    s.add_argument("--max-batch-size", type=int, default=8)
+    s.add_argument("--max-body-mb", type=float, default=64, help="largest request body (MB)")
+    s.add_argument("--max-images", type=int, default=16, help="most images in one study")
+    s.add_argument("--max-pixels", type=int, default=50_000_000,
+                   help="most pixels in one image (read from its header, before decoding)")
+    s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    s.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("weights", help="pretrained weights")
     ws = s.add_subparsers(dest="weights_command", required=True)

@@ -15,7 +15,7 @@ import time
 __all__ = ["LIBRARY_LOGGERS", "log_path", "quiet_libraries"]
 
 LIBRARY_LOGGERS = (
-    "raysearch", "ray", "gcsfs", "google", "google.auth", "urllib3", "fsspec", "optuna", "asyncio",
+    "raysearch", "ray", "ray.serve", "gcsfs", "google", "google.auth", "urllib3", "fsspec", "optuna", "asyncio",
     "aiohttp", "filelock", "pyarrow",
 )  # fmt: skip
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from raysearch.data.dicom import is_dicom, read_dicom
 from raysearch.errors import ConfigError, DataError
@@ -53,6 +53,8 @@ def preprocess_image(data: bytes | str | np.ndarray | Image.Image, *, image_size
         with Image.open(io.BytesIO(raw)) as img:
             img.load()
             gray = _to_gray(img)
+    except UnidentifiedImageError:
+        raise DataError(f"cannot decode image {name}: not a PNG, JPEG or DICOM image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image {name}: {e}") from None
     return letterbox(gray, image_size=image_size)
