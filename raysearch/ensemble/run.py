@@ -343,8 +343,13 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, console) 
     metrics = category_table(images, studies, models=models, n_boot=n_boot, seed=seed, task=task)
     members_df = members_frame(members, weights, trials, val_images=val_images,
                                val_probs=val_probs, picks=picks, task=task)
+    thresholds = val_thresholds(studies, task)
     summary = {
         "experiment": exp_dir, "method": method, "top": top, "tta": tta, "n_boot": n_boot,
+        # The decision threshold for predict and serve, per label, chosen on val studies (the
+        # reports above decide at the task's threshold, the baseline's protocol).
+        "threshold": thresholds[task.labels[0]] if task.k == 1 else thresholds,
+        "threshold_rule": "max Cohen's kappa on val studies",
         "seed": seed, "device": predictor.device.type, "weights": weights,
         "task": task.to_dict(), "n_test_studies": int(studies.loc[studies["split"] == "test",
                                                                    "study_id"].nunique()),
@@ -358,8 +363,35 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, console) 
     atomic_write_text(join(out_dir, "worklist.csv"), worklist(studies, task).to_csv(index=False))
     atomic_write_text(join(out_dir, "ensemble.json"), json.dumps(summary, indent=1))
     _print_tables(name, members_df, metrics, task, console=console)
+    _print_thresholds(studies, thresholds, task, console=console)
     console.print(f"results: {out_dir}")
     return out_dir
+
+
+def val_thresholds(studies: pd.DataFrame, task: Task) -> dict[str, float]:
+    """Per label, the threshold on the ensemble's study probability that maximises Cohen's kappa
+    on the val studies (:func:`raysearch.evaluation.metrics.choose_threshold`)."""
+    val = studies[studies["split"] == "val"]
+    out = {}
+    for label in task.labels:
+        sub = val[val["label_name"] == label] if "label_name" in val.columns else val
+        out[label] = M.choose_threshold(sub["label"], sub["prob"], default=task.threshold)
+    return out
+
+
+def _print_thresholds(studies: pd.DataFrame, thresholds: dict[str, float], task: Task, *,
+                      console) -> None:
+    """One line per label: the val-chosen threshold and test kappa at it and at the default."""
+    test = studies[studies["split"] == "test"]
+    for label, t in thresholds.items():
+        sub = test[test["label_name"] == label] if "label_name" in test.columns else test
+        at = M.cohen_kappa(sub["label"], M.predict(sub["prob"], threshold=t))
+        base = M.cohen_kappa(sub["label"], M.predict(sub["prob"], threshold=task.threshold))
+        console.print(
+            f"decision threshold{f' for {label}' if task.k > 1 else ''}: {t:.3f} (max kappa on "
+            f"val; predict and serve use it); test kappa {at:.3f} at it, {base:.3f} at "
+            f"{task.threshold:g}"
+        )
 
 
 def _warn_unfinished(name: str, info: dict[str, Any], trials: pd.DataFrame, *, console) -> None:

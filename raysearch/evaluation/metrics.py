@@ -180,6 +180,35 @@ def cohen_kappa(y_true: object, y_pred: object) -> float:
     return float(_kappa_from_counts(c["tp"], c["fp"], c["tn"], c["fn"]))
 
 
+
+def choose_threshold(y_true: object, probs: object, *, default: float = THRESHOLD) -> float:
+    """The decision threshold that maximises Cohen's kappa of ``probs > t`` against ``y_true``
+    (both shape ``[N]``; binary labels, probabilities in [0, 1]).
+
+    Meant for validation studies: the ensemble picks its threshold on val, and test is scored
+    with it untouched. Candidates are ``default`` and the midpoints between consecutive distinct
+    probabilities (every distinct decision is reached by one of them); ties go to the candidate
+    nearest ``default``. Returns ``default`` when kappa is undefined for every candidate (one
+    class only, or no studies). The criterion is kappa because it is the MURA benchmark's
+    metric (Rajpurkar et al. 2017, arXiv:1712.06957); the baseline itself decides at 0.5.
+    """
+    t = _binary(y_true, name="y_true")
+    p = _scores(probs, name="probs")
+    _same_length(y_true=t, probs=p)
+    values = np.unique(p)
+    candidates = np.unique(np.r_[default, (values[:-1] + values[1:]) / 2.0])
+    pred = p[None, :] > candidates[:, None]  # [C, N]
+    tp = (pred & (t == 1)).sum(1)
+    fp = (pred & (t == 0)).sum(1)
+    fn = (~pred & (t == 1)).sum(1)
+    tn = (~pred & (t == 0)).sum(1)
+    kappas = _kappa_from_counts(tp, fp, tn, fn)
+    if len(t) == 0 or np.all(np.isnan(kappas)):
+        return float(default)
+    best = np.nanmax(kappas)
+    tied = candidates[np.isclose(kappas, best, rtol=0, atol=1e-12)]
+    return float(tied[np.argmin(np.abs(tied - default))])
+
 def roc_auc(y_true: object, scores: object) -> float:
     """Area under the ROC curve, equal to ``sklearn.metrics.roc_auc_score``.
 

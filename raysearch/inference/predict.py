@@ -145,7 +145,6 @@ def run_predict(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from raysearch.data.images import preprocess_image
-    from raysearch.evaluation import metrics as M
     from raysearch.experiment import find_experiment
     from raysearch.inference.predictor import Predictor
 
@@ -201,10 +200,12 @@ def run_predict(
         studies[hint] = grouped[hint].agg(
             lambda v: "+".join(sorted({str(x) for x in v.dropna() if x})) or None)
     studies = studies.reset_index()
-    threshold = predictor.threshold
-    score = studies[prob_cols].max(axis=1)
+    # A study is flagged when any label's probability passes that label's threshold (the
+    # ensemble's, chosen on val); the worklist ranks by the margin over it.
+    margin = studies[prob_cols].to_numpy() - predictor.thresholds[None, :]
+    score = pd.Series(margin.max(axis=1), index=studies.index)
     studies.insert(studies.columns.get_loc(prob_cols[-1]) + 1, "pred",
-                   M.predict(score, threshold=threshold))
+                   (score > 0).astype(np.int64))
     work = studies.assign(score=score).sort_values(["score", "study_id"], ascending=[False, True],
                                                    kind="stable")
     work = work[["study_id", "patient_id", "n_images", *prob_cols, "pred"]].reset_index(drop=True)
@@ -219,7 +220,8 @@ def run_predict(
     flagged = int(studies["pred"].sum())
     console.print(
         f"{len(studies)} studies ({len(images)} images) -> {out}: {flagged} flagged "
-        f"{'positive' if task.k > 1 else task.labels[0]} at threshold {threshold:g}"
+        f"{'positive' if task.k > 1 else task.labels[0]} at "
+        + (f"threshold {predictor.threshold:.3g}" if task.k == 1 else "the per-label thresholds")
         + (f"; skipped {len(skipped)} input(s)" if skipped else "")
     )
     for _, reason in skipped[:10]:

@@ -154,7 +154,7 @@ class Predictor:
         task: Task,
         device: torch.device | str | None = None,
         batch_size: int = 64,
-        threshold: float | None = None,
+        threshold: float | Mapping[str, float] | None = None,
     ) -> None:
         if not members:
             raise ConfigError("a predictor needs at least one member")
@@ -167,8 +167,21 @@ class Predictor:
         total = float(sum(weights))
         self.weights = {m.trial_id: float(w) / total for m, w in zip(self.members, weights)}
         self.task = task
-        # The decision threshold: the ensemble's (chosen on val) when it has one, else the task's.
-        self.threshold = float(threshold) if threshold is not None else task.threshold
+        # The decision thresholds, one per label: the ensemble's (chosen on val) when it has
+        # them, else the task's. ``threshold`` is the first label's (the one, for K = 1).
+        if threshold is None:
+            threshold = task.threshold
+        if isinstance(threshold, Mapping):
+            missing = [lb for lb in task.labels if lb not in threshold]
+            if missing:
+                raise ConfigError(f"thresholds lack label(s) {', '.join(missing)}")
+            values = [float(threshold[lb]) for lb in task.labels]
+        else:
+            values = [float(threshold)] * task.k
+        if not all(0.0 <= v <= 1.0 for v in values):
+            raise ConfigError(f"thresholds must be in [0, 1], got {values}")
+        self.thresholds = np.asarray(values, dtype=np.float64)  # [K]
+        self.threshold = float(values[0])
         self.device = torch.device(device) if device is not None else best_device()
         self.batch_size = int(batch_size)
         self._models: dict[str, torch.nn.Module] = {}

@@ -237,11 +237,11 @@ def _answer(predictor, info, names, probs, members, *, seconds: float) -> dict[s
     study = getattr(np, task.aggregation)(probs, axis=0)
     return {
         "model_id": info["model_id"],
-        "threshold": predictor.threshold,
+        "threshold": _thresholds(predictor),
         "labels": list(task.labels),
         "aggregation": task.aggregation,
         "study": {label: float(study[j]) for j, label in enumerate(task.labels)},
-        "decision": {label: bool(M.predict([study[j]], threshold=predictor.threshold)[0])
+        "decision": {label: bool(M.predict([study[j]], threshold=predictor.thresholds[j])[0])
                      for j, label in enumerate(task.labels)},
         "images": [
             {"name": name, "probs": {label: float(probs[i, j]) for j, label in enumerate(task.labels)},
@@ -250,6 +250,13 @@ def _answer(predictor, info, names, probs, members, *, seconds: float) -> dict[s
         ],
         "seconds": round(seconds, 4),
     }
+
+
+def _thresholds(predictor) -> float | dict[str, float]:
+    """The decision threshold (one label) or the thresholds per label."""
+    if predictor.task.k == 1:
+        return predictor.threshold
+    return {lb: float(t) for lb, t in zip(predictor.task.labels, predictor.thresholds)}
 
 
 def _model_info(source: str, predictor) -> dict[str, Any]:
@@ -268,7 +275,7 @@ def _model_info(source: str, predictor) -> dict[str, Any]:
         [(m["trial_id"], round(m["weight"], 6), m2.checkpoint) for m, m2 in
          zip(members, predictor.members)], sort_keys=True).encode()).hexdigest()[:12]
     info: dict[str, Any] = {"model_id": model_id, "source": source.rstrip("/").rsplit("/", 1)[-1],
-                            "task": asdict(predictor.task), "threshold": predictor.threshold,
+                            "task": asdict(predictor.task), "threshold": _thresholds(predictor),
                             "members": members}
     folder = source if exists(join(source, "members.parquet")) else join(source, "ensemble")
     if exists(join(folder, "ensemble.json")):

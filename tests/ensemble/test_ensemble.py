@@ -316,6 +316,20 @@ def test_run_top_writes_every_file_with_the_documented_columns(top_run):
         assert json.load(f)["method"] == "top"
 
 
+def test_the_decision_threshold_is_chosen_on_val_studies(top_run):
+    from raysearch.inference.predictor import Predictor
+
+    with open(join(top_run["out"], "ensemble.json")) as f:
+        summary = json.load(f)
+    studies = read_pq(join(top_run["out"], "study_predictions.parquet"))
+    val = studies[studies["split"] == "val"]
+    assert summary["threshold"] == M.choose_threshold(val["label"], val["prob"])
+    assert summary["threshold_rule"] == "max Cohen's kappa on val studies"
+    assert "decision threshold: " in top_run["text"]
+    # The predictor (predict and serve) decides at it.
+    assert Predictor.from_dir(top_run["out"], device="cpu").threshold == summary["threshold"]
+
+
 def test_category_metrics_can_be_recomputed_from_study_predictions(top_run):
     out = top_run["out"]
     studies = pd.read_parquet(join(out, "study_predictions.parquet"))

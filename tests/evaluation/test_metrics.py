@@ -333,3 +333,28 @@ def test_category_metrics_rejects_duplicate_studies() -> None:
     studies = _studies(20)
     with pytest.raises(ValueError, match="study 's0' appears more than once"):
         M.category_metrics(pd.concat([studies, studies.iloc[:1]]), prob_col="prob", n_boot=10)
+
+
+def test_choose_threshold_maximises_kappa_and_prefers_the_default_on_ties() -> None:
+    # Separable at any t in (0.3, 0.6): kappa 1 there; the midpoint nearest 0.5 of the tied
+    # candidates is 0.5 itself (a candidate), so the default is kept.
+    y = np.array([0, 0, 0, 1, 1])
+    assert M.choose_threshold(y, [0.1, 0.2, 0.3, 0.6, 0.9]) == 0.5
+    # Separable only at t in [0.7, 0.8): every candidate in it is 0.75; 0.5 gives kappa < 1.
+    assert M.choose_threshold(y, [0.1, 0.6, 0.7, 0.8, 0.9]) == pytest.approx(0.75)
+    t = M.choose_threshold(y, [0.1, 0.6, 0.7, 0.8, 0.9])
+    assert M.cohen_kappa(y, M.predict([0.1, 0.6, 0.7, 0.8, 0.9], threshold=t)) == 1.0
+    # Undefined kappa everywhere (one class): the default.
+    assert M.choose_threshold([1, 1, 1], [0.2, 0.4, 0.9], default=0.4) == 0.4
+    assert M.choose_threshold([], [], default=0.5) == 0.5
+
+
+def test_choose_threshold_agrees_with_a_brute_force_search() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        y = rng.integers(0, 2, 40)
+        p = np.clip(0.3 * y + rng.random(40) * 0.7, 0, 1).round(2)
+        t = M.choose_threshold(y, p)
+        grid = np.linspace(0, 1, 2001)
+        best = max(M.cohen_kappa(y, M.predict(p, threshold=g)) for g in grid)
+        assert M.cohen_kappa(y, M.predict(p, threshold=t)) == pytest.approx(best)

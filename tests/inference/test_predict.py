@@ -4,6 +4,7 @@ refused with one line."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -69,6 +70,21 @@ def test_a_folder_of_png_studies_at_any_depth(tmp_path, tiny_root, ensemble):
     assert work["prob"].is_monotonic_decreasing
     assert pd.read_csv(os.path.join(out, "skipped.csv")).empty
     assert f"{len(studies)} studies ({len(images)} images)" in console.file.getvalue()
+
+
+def test_studies_are_flagged_at_the_ensembles_threshold(tmp_path, tiny_root, ensemble):
+    valid = os.path.join(tiny_root, "MURA-v1.1", "valid")
+    first = run_predict([valid], ensemble=ensemble, out=str(tmp_path / "a"), console=_console())
+    probs = pd.read_parquet(os.path.join(first, "studies.parquet"))["prob"]
+    t = float(probs.median())  # a threshold that splits these studies in two
+    with open(os.path.join(ensemble, "ensemble.json"), "w") as f:
+        json.dump({"task": MURA_TASK.to_dict(), "threshold": t}, f)
+    console = _console()
+    out = run_predict([valid], ensemble=ensemble, out=str(tmp_path / "b"), console=console)
+    studies = pd.read_parquet(os.path.join(out, "studies.parquet"))
+    assert (studies["pred"] == (studies["prob"] > t)).all()
+    assert 0 < studies["pred"].sum() < len(studies)
+    assert f"at threshold {t:.3g}" in console.file.getvalue()
 
 
 def test_dicom_radiographs_in_three_encodings(tmp_path, ensemble):
