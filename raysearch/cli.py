@@ -150,6 +150,17 @@ def cmd_bench(args) -> int:
             f"epoch step {r['step_images_per_s']:.1f} images/s, ratio {r['ratio']:.2f} "
             "(target >= 0.9)"
         )
+    elif args.what == "predict":
+        from raysearch.bench.predict import bench_predict
+
+        bench_predict(ensemble=args.ensemble, storage=args.storage or "reports",
+                      rounds=args.rounds, batch_size=args.batch_size, console=console)
+    elif args.what == "serve":
+        from raysearch.bench.serve import bench_serve
+
+        bench_serve(ensemble=args.ensemble, storage=args.storage or "reports",
+                    studies=args.studies, clients=args.clients, rounds=args.rounds,
+                    console=console)
     elif args.what == "train":
         bench.bench_train(root=args.root, arch=args.arch, image_size=args.image_size or 64,
                           batch_size=args.batch_size, console=console)
@@ -265,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_weights_fetch)
 
     s = sub.add_parser("bench", help="measure speed, side by side in one run")
-    s.add_argument("what", choices=["data", "step", "train", "search"])
+    s.add_argument("what", choices=["data", "step", "train", "search", "predict", "serve"])
     s.add_argument("--root", help="dataset (default: generated demo data)")
     s.add_argument("--image-size", type=int)
     s.add_argument("--n-images", type=int, default=512)
@@ -280,7 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="search: one pair of searches per seed (default: 0)")
     s.add_argument("--storage", help="search: keep the experiments here and continue them when "
-                   "run again (default: a temp folder)")
+                   "run again (default: a temp folder); predict, serve: where to find the most "
+                   "recent experiment (default: reports)")
+    s.add_argument("--ensemble", help="predict, serve: the ensemble or experiment folder "
+                   "(default: the most recent experiment)")
+    s.add_argument("--rounds", type=int, default=4,
+                   help="predict, serve: paired rounds, the arms alternating (default: 4)")
+    s.add_argument("--studies", type=int, default=300,
+                   help="serve: studies sent per arm, over all rounds (default: 300)")
+    s.add_argument("--clients", type=int, default=16,
+                   help="serve: concurrent clients (default: 16)")
     s.set_defaults(func=cmd_bench)
     return p
 

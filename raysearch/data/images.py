@@ -7,6 +7,7 @@ the same function on new files, so a prediction from the cache and one from the 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -15,7 +16,8 @@ from raysearch.data.dicom import is_dicom, read_dicom
 from raysearch.errors import ConfigError, DataError
 from raysearch.storage import read_bytes
 
-__all__ = ["PREPROCESS_VERSION", "letterbox", "preprocess_image"]
+__all__ = ["PREPROCESS_VERSION", "decode_gray", "letterbox", "preprocess_image",
+           "preprocess_image_sizes"]
 
 
 # Bump whenever preprocess_image changes its output: the version is part of every cache key.
@@ -34,12 +36,27 @@ def preprocess_image(data: bytes | str | np.ndarray | Image.Image, *, image_size
     to a centred square (letterbox, black bars) and resized with antialiased bilinear filtering.
     Raises :class:`DataError` naming the image when it is missing or cannot be decoded.
     """
-    if image_size < 1:
-        raise ConfigError(f"image_size must be >= 1, got {image_size}")
+    return preprocess_image_sizes(data, image_sizes=[image_size])[image_size]
+
+
+def preprocess_image_sizes(
+    data: bytes | str | np.ndarray | Image.Image, *, image_sizes: Sequence[int]
+) -> dict[int, np.ndarray]:
+    """:func:`preprocess_image` at several sizes from one decode: ``{S: (S, S) uint8}``.
+    Raises :class:`ConfigError` for a size < 1 and :class:`DataError` as it does."""
+    if not image_sizes or min(image_sizes) < 1:
+        raise ConfigError(f"image sizes must be >= 1, got {list(image_sizes)}")
+    gray = decode_gray(data)
+    return {s: letterbox(gray, image_size=s) for s in image_sizes}
+
+
+def decode_gray(data: bytes | str | np.ndarray | Image.Image) -> Image.Image:
+    """One image (as :func:`preprocess_image` takes it) decoded to a grayscale PIL image (mode
+    ``L``), before letterboxing. Raises :class:`DataError` naming the image."""
     if isinstance(data, np.ndarray):
-        return letterbox(_array_to_gray(data), image_size=image_size)
+        return _array_to_gray(data)
     if isinstance(data, Image.Image):
-        return letterbox(_to_gray(data), image_size=image_size)
+        return _to_gray(data)
     name = data if isinstance(data, str) else "<bytes>"
     try:
         raw = read_bytes(data) if isinstance(data, str) else data
@@ -48,16 +65,15 @@ def preprocess_image(data: bytes | str | np.ndarray | Image.Image, *, image_size
     except OSError as e:
         raise DataError(f"cannot read image {name}: {e.strerror or e}") from None
     if is_dicom(raw):  # PS3.10 files: the standard's grey-level pipeline first (data.dicom)
-        return letterbox(_array_to_gray(read_dicom(raw, name=name).pixels), image_size=image_size)
+        return _array_to_gray(read_dicom(raw, name=name).pixels)
     try:
         with Image.open(io.BytesIO(raw)) as img:
             img.load()
-            gray = _to_gray(img)
+            return _to_gray(img)
     except UnidentifiedImageError:
         raise DataError(f"cannot decode image {name}: not a PNG, JPEG or DICOM image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image {name}: {e}") from None
-    return letterbox(gray, image_size=image_size)
 
 
 def letterbox(gray: Image.Image, *, image_size: int) -> np.ndarray:

@@ -25,6 +25,7 @@ import io
 import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,7 +145,7 @@ def run_predict(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from raysearch.data.images import preprocess_image
+    from raysearch.data.images import preprocess_image_sizes
     from raysearch.experiment import find_experiment
     from raysearch.inference.predictor import Predictor
 
@@ -158,21 +159,29 @@ def run_predict(
     images, skipped = collected.images, list(collected.skipped)
 
     # --- decode every image once per member image size; a bad one is skipped with its reason
+    # (threads: reading and PIL's decoders release the GIL; results are taken in input order)
     sizes = sorted({m.config.image_size for m in predictor.members})
     arrays = {s: [] for s in sizes}
     hints, keep = [], []
+
+    def read_one(path: str):
+        try:
+            raw = _read(path)
+            return _hints(raw), preprocess_image_sizes(raw, image_sizes=sizes), None
+        except DataError as e:
+            return None, None, str(e)
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=console, transient=not console.is_terminal) as bar:
+                  console=console, transient=not console.is_terminal) as bar, \
+            ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         job = bar.add_task("reading images", total=len(images))
-        for i, path in enumerate(images["image_path"]):
-            try:
-                raw = _read(path)
-                decoded = {s: preprocess_image(raw, image_size=s) for s in sizes}
-            except DataError as e:
-                skipped.append((path, str(e)))
+        for i, (path, (hint, decoded, error)) in enumerate(
+                zip(images["image_path"], pool.map(read_one, images["image_path"]))):
+            if error is not None:
+                skipped.append((path, error))
             else:
                 keep.append(i)
-                hints.append(_hints(raw))
+                hints.append(hint)
                 for s in sizes:
                     arrays[s].append(decoded[s])
             bar.advance(job)

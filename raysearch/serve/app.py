@@ -216,15 +216,16 @@ def build_app(ensemble: str, *, limits: Limits | None = None, max_batch_size: in
 
 def _decode(predictor, names: list[str], raws: list[bytes]) -> dict[int, np.ndarray]:
     """Every image at every member size, or RequestError(422) naming the first bad image."""
-    from raysearch.data.images import preprocess_image
+    from raysearch.data.images import preprocess_image_sizes
     from raysearch.errors import DataError
 
     sizes = sorted({m.config.image_size for m in predictor.members})
     out: dict[int, list] = {s: [] for s in sizes}
     for name, raw in zip(names, raws):
         try:
+            decoded = preprocess_image_sizes(raw, image_sizes=sizes)
             for s in sizes:
-                out[s].append(preprocess_image(raw, image_size=s))
+                out[s].append(decoded[s])
         except DataError as e:
             raise RequestError(422, f"image {name!r}: {str(e).replace('<bytes>', name)}") from None
     return {s: np.stack(v) for s, v in out.items()}
