@@ -16,6 +16,7 @@ from raysearch.config import (
     MAX_EPOCHS,
     MAX_NUM_SAMPLES,
     MAX_SEED,
+    SEARCH_SPACES_DIR,
     DataConfig,
     ResourcesConfig,
     TrialConfig,
@@ -26,6 +27,7 @@ from raysearch.config import (
     mapping,
     no_unknown,
     norm_path,
+    resolve_config_path,
     typed,
 )
 from raysearch.errors import ConfigError
@@ -40,6 +42,7 @@ __all__ = [
     "check_point",
     "load_search_space",
     "parse_search_space",
+    "write_starter_space",
 ]
 
 
@@ -142,9 +145,34 @@ class SearchSpace:
 
 
 def load_search_space(path: str, **overrides: Any) -> SearchSpace:
-    """Read and validate a search-space YAML. ``overrides`` are CLI flags (None = not given)."""
+    """Read and validate a search-space YAML. ``overrides`` are CLI flags (None = not given).
+
+    ``path`` is a file, a URL, or the name of a shipped space (``demo``, ``mura``, also as
+    ``search_spaces/mura.yaml`` from any working directory; see ``config.SEARCH_SPACES_DIR``).
+    """
+    path = resolve_config_path(path, SEARCH_SPACES_DIR)
     raw = load_yaml(path)
     return parse_search_space(raw, source=path, **overrides)
+
+
+def write_starter_space(path: str = "search_space.yaml", *, template: str = "demo",
+                        overwrite: bool = False) -> str:
+    """``raysearch init``: write the shipped search space ``template`` (``demo``: a CPU search
+    on the built-in demo data; ``mura``: the GPU search on MURA) to ``path``, to edit and run.
+
+    Returns ``path``. Raises :class:`ConfigError` for an unknown template, or when ``path``
+    exists and ``overwrite`` is not set (a file is never replaced by surprise).
+    """
+    from raysearch.config import packaged
+    from raysearch.storage import atomic_write_bytes, exists, read_bytes
+
+    names = packaged(SEARCH_SPACES_DIR)
+    if template not in names:
+        raise ConfigError(f"--template: unknown value {template!r}; allowed: {', '.join(names)}")
+    if exists(path) and not overwrite:
+        raise ConfigError(f"{path} exists; pick another path, or --force to replace it")
+    atomic_write_bytes(path, read_bytes(f"{SEARCH_SPACES_DIR}/{template}.yaml"))
+    return path
 
 
 TOP_KEYS = ("name", "data", "resources", "search", "scheduler", "storage", "trial", "space")
