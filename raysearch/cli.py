@@ -91,7 +91,7 @@ def cmd_tune(args) -> int:
         num_samples=args.num_samples, max_concurrent=args.max_concurrent,
     )
     # The data root and resources first: a mistake answers before torch and Ray load.
-    preflight_search(spec, overwrite=args.overwrite, address=args.address)
+    preflight_search(spec, resume=args.resume, overwrite=args.overwrite, address=args.address)
     from raysearch.search.tune import run_search
 
     run_search(

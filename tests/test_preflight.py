@@ -119,6 +119,8 @@ def test_mistakes_known_before_ray_answer_without_torch_or_ray(tmp_path):
          "has")),
         (["tune", str(big_space), *st],
          "raysearch: error: resources.gpus_per_worker: 8 GPUs per worker, but this machine has 1"),
+        (["tune", "demo", "--resume", "--data-root", str(full), *st],
+         f"raysearch: error: --resume: no experiment to resume at {tmp_path}/st/demo"),
         (["weights", "fetch", "resnet9", "--to", str(tmp_path)],
          "raysearch: error: unknown arch 'resnet9'; allowed: densenet121"),
     ]

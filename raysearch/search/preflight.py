@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from raysearch.cluster import check_resources
 from raysearch.data.roots import check_mura_root
+from raysearch.errors import ConfigError
 from raysearch.search.space import SearchSpace
 from raysearch.storage import exists, join
 
@@ -14,15 +15,19 @@ __all__ = ["preflight_search"]
 
 
 def preflight_search(
-    spec: SearchSpace, *, overwrite: bool = False, address: str | None = None
+    spec: SearchSpace, *, resume: bool = False, overwrite: bool = False,
+    address: str | None = None,
 ) -> None:
-    """Check ``spec`` against the world before anything slow: the dataset folder exists and
-    holds a dataset (unless the experiment already has its manifest, which is what a resumed
-    search reads), and one trial's workers fit this machine when Ray will be started here.
+    """Check ``spec`` against the world before anything slow: with ``resume``, there is an
+    experiment to resume; the dataset folder exists and holds the dataset's CSVs (unless the
+    experiment already has its manifest, which is what a resumed search reads); and one trial's
+    workers fit this machine when Ray will be started here.
 
-    Raises :class:`~raysearch.errors.DataError` for the data root and
-    :class:`~raysearch.errors.ConfigError` for the resources, each one line naming the setting.
+    Raises :class:`~raysearch.errors.ConfigError` for ``resume`` and the resources and
+    :class:`~raysearch.errors.DataError` for the data root, each one line naming the setting.
     """
+    if resume and not exists(join(spec.experiment_dir, "experiment.json")):
+        raise ConfigError(f"--resume: no experiment to resume at {spec.experiment_dir}")
     has_manifest = not overwrite and exists(join(spec.experiment_dir, "manifest.parquet"))
     if not has_manifest:
         check_mura_root(spec.data.root)

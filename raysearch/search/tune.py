@@ -132,7 +132,7 @@ def run_search(
     from rich.console import Console
 
     console = console or Console(stderr=True)
-    preflight_search(spec, overwrite=overwrite, address=address)
+    preflight_search(spec, resume=resume, overwrite=overwrite, address=address)
     exp_dir = spec.experiment_dir
     spec_yaml = yaml.safe_dump(spec.to_dict(), sort_keys=False)
     with ExperimentLock(exp_dir, command="tune"):
