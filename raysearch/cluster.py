@@ -122,17 +122,22 @@ def _cgroup_cpu_quota() -> float | None:
 
 
 def check_worker_resources(
-    res, nodes: list[dict[str, float]], *, where: str, gpus_fixed: bool = True
+    res, nodes: list[dict[str, float]], *, where: str, may_grow: bool = False
 ) -> None:
     """Refuse a trial whose workers cannot start on ``nodes``, before anything waits for them.
 
     ``res`` is a :class:`~raysearch.config.ResourcesConfig`; ``nodes`` the CPU and GPU counts of
     each node (``[local_resources()]`` before a local Ray starts, the alive nodes of a cluster
     once connected); ``where`` names the machine or cluster in the message. One worker must fit
-    on one node and all of a trial's workers on the nodes together, or Ray Train waits for them
-    until its controller gives up (minutes later, seen as a ``ControllerError``). GPUs that no
-    node has yet are only refused when ``gpus_fixed`` (a local machine); an autoscaling cluster
-    may still add GPU nodes. The same check serves ``raysearch train`` and ``raysearch tune``.
+    on one node, and all of a trial's workers on the nodes together, or Ray Train waits for them
+    until its controller gives up (minutes later, seen as a ``ControllerError``). The same check
+    serves ``raysearch train`` and ``raysearch tune``.
+
+    ``may_grow``: a cluster whose autoscaler may add nodes it does not show yet. A trial on GPUs
+    is then not checked at all (cluster.yaml's head has 1 CPU and no GPU; its GPU workers start
+    on demand), and a CPU-only trial is held to the nodes there are, as the resource plan holds it
+    (``search.resources.plan_resources``). ``gpus_per_worker`` left out means 1 GPU when some node
+    has one, else none, as in the plan.
 
     Raises :class:`~raysearch.errors.ConfigError` naming the ``resources.*`` key, the amount
     asked for and the amount there is.
@@ -140,11 +145,15 @@ def check_worker_resources(
     from raysearch.errors import ConfigError
 
     workers = res.workers_per_trial
-    checks = [("CPU", "cpus_per_worker", res.cpus_per_worker, True)]
-    checks.append(("GPU", "gpus_per_worker", res.gpus_per_worker, gpus_fixed))
-    for kind, key, per_worker, fixed in checks:
-        if not per_worker or not fixed:
-            continue
+    gpus = res.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if any(float(n.get("GPU", 0)) for n in nodes) else 0.0
+    if may_grow and gpus:
+        return
+    for kind, key, per_worker in (("CPU", "cpus_per_worker", res.cpus_per_worker),
+                                  ("GPU", "gpus_per_worker", res.gpus_per_worker)):
+        if not per_worker:
+            continue  # derived from what there is by the resource plan
         counts = [float(n.get(kind, 0)) for n in nodes] or [0.0]
         largest, total = max(counts), sum(counts)
         if per_worker > largest + 1e-9:
@@ -172,9 +181,10 @@ def check_resources(res, *, address: str | None = None) -> None:
 
 
 def check_cluster_resources(res) -> None:
-    """Once connected: the workers of one trial must fit the alive nodes of the Ray cluster
-    (GPUs excepted, which an autoscaler may still add). Raises ConfigError."""
+    """Once connected: the workers of one trial must fit the alive nodes of the Ray cluster, as
+    far as an autoscaler cannot change that (see :func:`check_worker_resources`, ``may_grow``).
+    Raises ConfigError."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    check_worker_resources(res, nodes, where="the Ray cluster", gpus_fixed=False)
+    check_worker_resources(res, nodes, where="the Ray cluster", may_grow=True)

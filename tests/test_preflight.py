@@ -50,16 +50,22 @@ def test_a_trial_too_big_for_the_machine_is_refused(res, nodes, message):
     assert str(info.value).startswith(message), str(info.value)
 
 
-def test_trials_that_fit_pass_and_a_cluster_may_still_add_gpus():
+def test_trials_that_fit_pass_and_an_autoscaling_cluster_is_trusted_with_gpu_trials():
     fits = [({"workers_per_trial": 2, "cpus_per_worker": 1}, [{"CPU": 2}]),
             ({"workers_per_trial": 2, "cpus_per_worker": 2}, [{"CPU": 2}, {"CPU": 3}]),
             ({"gpus_per_worker": 0.5, "workers_per_trial": 2}, [{"CPU": 4, "GPU": 1}]),
             ({}, [{"CPU": 1}])]  # derived shares are planned later, from what there is
     for res, nodes in fits:
         check_worker_resources(ResourcesConfig(**res), nodes, where="this machine")
-    # An autoscaling cluster with no GPU node up yet: its GPUs are not counted against the file.
-    check_worker_resources(ResourcesConfig(gpus_per_worker=1), [{"CPU": 8}], where="the cluster",
-                           gpus_fixed=False)
+    # cluster.yaml's autoscaling cluster before any GPU worker is up: a 1-CPU head, no GPU.
+    mura = ResourcesConfig(gpus_per_worker=1, cpus_per_worker=4)
+    check_worker_resources(mura, [{"CPU": 1}], where="the cluster", may_grow=True)
+    with pytest.raises(ConfigError, match="resources.gpus_per_worker: 1 GPUs per worker"):
+        check_worker_resources(mura, [{"CPU": 8}], where="this machine")  # a machine: refused
+    # A CPU-only trial is held to the nodes there are, as the resource plan holds it.
+    with pytest.raises(ConfigError, match="resources.cpus_per_worker: 4 CPUs per worker, but the"):
+        check_worker_resources(ResourcesConfig(cpus_per_worker=4), [{"CPU": 1}, {"CPU": 2}],
+                               where="the cluster", may_grow=True)
 
 
 def test_local_resources_count_what_ray_would(monkeypatch):

@@ -150,9 +150,10 @@ def run_single(
     search's. Running it again on the same name continues from the latest checkpoint (``fresh``
     starts over: the old experiment is deleted only after every other check has passed). Returns
     the reported epochs. Raises :class:`~raysearch.errors.ExperimentLockedError` when another run
-    holds the experiment, and :class:`~raysearch.errors.ConfigError` for an unsafe name.
+    holds the experiment, :class:`~raysearch.errors.ConfigError` for an unsafe name or a trial
+    too big for the machine, and :class:`~raysearch.errors.DataError` for a data root without
+    the dataset (these before torch or Ray is used: see :mod:`raysearch.train.preflight`).
     """
-
     from rich.console import Console
 
     from raysearch.experiment import ExperimentLock
