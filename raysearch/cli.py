@@ -68,6 +68,11 @@ def cmd_demo_data(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from raysearch.train.preflight import load_train_config
+
+    # The config, data root and resources first: a mistake answers before torch and Ray load.
+    load_train_config(args.config, data_root=args.data_root, name=args.name,
+                      storage=args.storage, address=args.address)
     from raysearch.train.trainer import run_single
 
     run_single(
@@ -78,13 +83,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    from raysearch.search.preflight import preflight_search
     from raysearch.search.space import load_search_space
-    from raysearch.search.tune import run_search
 
     spec = load_search_space(
         args.space, data_root=args.data_root, name=args.name, storage=args.storage,
         num_samples=args.num_samples, max_concurrent=args.max_concurrent,
     )
+    # The data root and resources first: a mistake answers before torch and Ray load.
+    preflight_search(spec, resume=args.resume, overwrite=args.overwrite, address=args.address)
+    from raysearch.search.tune import run_search
+
     run_search(
         spec, resume=args.resume, overwrite=args.overwrite, address=args.address,
         verbose=args.verbose, trust=args.trust_experiment, console=_stdout_console(),
@@ -93,10 +102,13 @@ def cmd_tune(args) -> int:
 
 
 def cmd_ensemble(args) -> int:
+    from raysearch.experiment import find_experiment
+
+    experiment = find_experiment(args.experiment, storage=args.storage)  # before pandas loads
     from raysearch.ensemble.run import run_ensemble
 
     run_ensemble(
-        experiment=args.experiment, storage=args.storage, top=args.top, method=args.method,
+        experiment=experiment, storage=args.storage, top=args.top, method=args.method,
         tta=args.tta, out=args.out, n_boot=args.n_boot, seed=args.seed,
         console=_stdout_console(),
     )
@@ -124,10 +136,22 @@ def cmd_serve(args) -> int:
 
 
 def cmd_weights_fetch(args) -> int:
+    from raysearch.models.registry import check_arch
+
+    check_arch(args.arch)  # before torch loads
     from raysearch.models.weights import fetch_weights
 
     uri = fetch_weights(args.arch, to=args.to)
     _stdout_console().print(f"{args.arch}: ImageNet weights staged at {uri}")
+    return 0
+
+
+def cmd_init(args) -> int:
+    from raysearch.search.space import write_starter_space
+
+    path = write_starter_space(args.path, template=args.template, overwrite=args.force)
+    _stdout_console().print(f"wrote the {args.template} search space to {path}; edit it, then: "
+                            f"raysearch tune {path}", highlight=False)
     return 0
 
 
@@ -178,110 +202,204 @@ def cmd_bench(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with its default (unless it has none, or says it already), and
+    the description and examples keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings and not any(default is x for x in (None, False, argparse.SUPPRESS))
+            and "%(default)" not in text and "default" not in text
+        ):
+            shown = " ".join(map(str, default)) if isinstance(default, list) else "%(default)s"
+            text += f" (default: {shown})"
+        return text
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _command(sub, name: str, *, help: str, examples: tuple[str, ...], common) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                          epilog=_examples(*examples), formatter_class=_HelpFormatter,
+                          parents=[common])
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from raysearch.config import CONFIGS_DIR, SEARCH_SPACES_DIR, packaged
+    from raysearch.models.registry import ARCHITECTURES
+
+    # --debug is taken before or after the command (`raysearch tune x.yaml --debug`); SUPPRESS
+    # keeps a command's parser from resetting the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error (also: RAYSEARCH_DEBUG=1)")
     p = argparse.ArgumentParser(
-        prog="raysearch",
+        prog="raysearch", formatter_class=_HelpFormatter,
         description="Distributed hyperparameter and ensemble search for radiograph classification.",
+        epilog=_examples("raysearch demo-data demo_data", "raysearch tune demo",
+                         "raysearch ensemble --top 4", "raysearch COMMAND --help"),
     )
     p.add_argument("--version", action="version", version=f"raysearch {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (also: RAYSEARCH_DEBUG=1)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    spaces = ", ".join(packaged(SEARCH_SPACES_DIR))
+    configs = ", ".join(packaged(CONFIGS_DIR))
+    address = "Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)"
+    verbose = "show Ray's own logs"
 
-    s = sub.add_parser("data", help="validate a MURA-v1.1 dataset and summarise it")
+    s = _command(sub, "data", help="validate a MURA-v1.1 dataset and summarise it", common=common,
+                 examples=("raysearch data demo_data", ("raysearch data /data/MURA-v1.1 --skip-bad "
+                            "--out manifest.parquet")))
     s.add_argument("root", help="the MURA-v1.1 folder or its parent (path or URL)")
-    s.add_argument("--val-fraction", type=float, default=0.1)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of the training patients held out for validation")
+    s.add_argument("--seed", type=int, default=0, help="seed of the patient split")
     s.add_argument("--skip-bad", action="store_true", help="leave out bad images and say how many")
     s.add_argument("--out", help="write the manifest to this Parquet file")
     s.set_defaults(func=cmd_data)
 
-    s = sub.add_parser("demo-data", help="write a synthetic dataset in the MURA-v1.1 layout")
-    s.add_argument("dir")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", default="small", choices=["tiny", "small", "medium", "large"])
-    s.add_argument("--label-noise", type=float, default=0.03)
+    s = _command(sub, "demo-data", help="write a synthetic dataset in the MURA-v1.1 layout",
+                 common=common, examples=("raysearch demo-data demo_data",
+                                          "raysearch demo-data /tmp/demo --size tiny --seed 1"))
+    s.add_argument("dir", help="folder to write (MURA-v1.1 is created inside it)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the generated images and labels")
+    s.add_argument("--size", default="small", choices=["tiny", "small", "medium", "large"],
+                   help="how many patients and images")
+    s.add_argument("--label-noise", type=float, default=0.03,
+                   help="fraction of studies whose label is flipped")
     s.set_defaults(func=cmd_demo_data)
 
-    s = sub.add_parser("train", help="run one trial (no search) under Ray Train")
-    s.add_argument("config", help="trial config YAML")
-    s.add_argument("--data-root")
-    s.add_argument("--storage")
-    s.add_argument("--name")
+    s = _command(sub, "init", help="write a starter search-space file to edit", common=common,
+                 examples=("raysearch init", "raysearch init my_space.yaml --template mura"))
+    s.add_argument("path", nargs="?", default="search_space.yaml", help="file to write")
+    s.add_argument("--template", default="demo", choices=packaged(SEARCH_SPACES_DIR),
+                   help="the shipped space to start from (demo: CPU, demo data; mura: GPU, MURA)")
+    s.add_argument("--force", action="store_true", help="replace the file if it exists")
+    s.set_defaults(func=cmd_init)
+
+    s = _command(sub, "train", help="run one trial (no search) under Ray Train", common=common,
+                 examples=("raysearch train demo_trial --data-root demo_data",
+                           ("raysearch train configs/mura_baseline.yaml --data-root /data "
+                            "--storage gs://bucket/runs")))
+    s.add_argument("config", help=f"trial config YAML, or a shipped one by name ({configs})")
+    s.add_argument("--data-root", help="dataset folder or URL (default: the file's data.root)")
+    s.add_argument("--storage", help="local folder or gs://bucket/prefix (default: the file's "
+                   "storage, else reports)")
+    s.add_argument("--name", help="experiment name (default: the file's name, else train)")
     s.add_argument("--fresh", action="store_true", help="start over instead of resuming")
-    s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
-    s.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs")
+    s.add_argument("--address", help=address)
+    s.add_argument("-v", "--verbose", action="store_true", help=verbose)
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("tune", help="run the search described by a search-space YAML")
-    s.add_argument("space", help="search-space YAML, e.g. search_spaces/demo.yaml")
-    s.add_argument("--data-root")
-    s.add_argument("--name")
-    s.add_argument("--storage", help="local folder or gs://bucket/prefix")
-    s.add_argument("--num-samples", type=int)
-    s.add_argument("--max-concurrent", type=int)
+    s = _command(sub, "tune", help="run the search described by a search-space YAML",
+                 common=common, examples=(
+                     "raysearch tune demo                  # the shipped CPU demo space",
+                     ("raysearch tune search_spaces/mura.yaml --data-root gs://b/data "
+                      "--storage gs://b/runs"),
+                     "raysearch tune my_space.yaml --num-samples 16 --resume"))
+    s.add_argument("space", help=f"search-space YAML, or a shipped one by name ({spaces})")
+    s.add_argument("--data-root", help="dataset folder or URL (default: the file's data.root)")
+    s.add_argument("--name", help="experiment name (default: the file's name)")
+    s.add_argument("--storage", help="local folder or gs://bucket/prefix (default: the file's "
+                   "storage, else reports)")
+    s.add_argument("--num-samples", type=int, help="trials in all (default: the file's "
+                   "search.num_samples)")
+    s.add_argument("--max-concurrent", type=int, help="trials at a time (default: the file's, "
+                   "else what the cluster fits)")
     s.add_argument("--resume", action="store_true", help="continue an existing experiment")
     s.add_argument("--overwrite", action="store_true", help="replace an existing experiment")
     s.add_argument("--trust-experiment", action="store_true",
                    help="resume an experiment whose Ray state this machine did not sign (Ray "
                    "unpickles it: only for a folder you trust)")
-    s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
-    s.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs")
+    s.add_argument("--address", help=address)
+    s.add_argument("-v", "--verbose", action="store_true", help=verbose)
     s.set_defaults(func=cmd_tune)
 
-    s = sub.add_parser("ensemble", help="select members, score on test, write reports")
+    s = _command(sub, "ensemble", help="select members, score on test, write reports",
+                 common=common, examples=("raysearch ensemble --top 4",
+                                          ("raysearch ensemble --experiment demo --method "
+                                           "greedy --top 8 --tta")))
     s.add_argument("--experiment", help="name, folder or URL (default: the most recent)")
-    s.add_argument("--storage", default="reports", help="where experiments live (default reports)")
+    s.add_argument("--storage", default="reports", help="where experiments live")
     s.add_argument("--top", type=int, default=4, help="K members (top-k) / max rounds (greedy)")
-    s.add_argument("--method", choices=["top", "greedy"], default="top")
+    s.add_argument("--method", choices=["top", "greedy"], default="top",
+                   help="top: the K best trials by val loss; greedy: forward selection on val")
     s.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
     s.add_argument("--out", help="output folder (default <experiment>/ensemble)")
-    s.add_argument("--n-boot", type=int, default=1000)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n-boot", type=int, default=1000,
+                   help="bootstrap resamples of the test studies for the confidence intervals")
+    s.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     s.set_defaults(func=cmd_ensemble)
 
-    s = sub.add_parser("predict", help="run a trained ensemble on new studies (PNG, JPEG, DICOM)")
+    s = _command(sub, "predict", help="run a trained ensemble on new studies (PNG, JPEG, DICOM)",
+                 common=common, examples=("raysearch predict studies/ --out predictions",
+                                          ("raysearch predict study1/*.png --ensemble "
+                                           "reports/demo/ensemble --tta")))
     s.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, folders of studies (any depth), a CSV of image_path and "
                    "study_id, or URLs of any of these")
     s.add_argument("--ensemble", help="ensemble or experiment folder (default: the most recent "
                    "experiment under --storage)")
-    s.add_argument("--storage", default="reports")
-    s.add_argument("--out", default="predictions", help="output folder (default predictions)")
+    s.add_argument("--storage", default="reports", help="where experiments live")
+    s.add_argument("--out", default="predictions", help="output folder")
     s.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     s.set_defaults(func=cmd_predict)
 
-    s = sub.add_parser("serve", help="serve a trained ensemble over HTTP (Ray Serve)")
+    s = _command(sub, "serve", help="serve a trained ensemble over HTTP (Ray Serve)",
+                 common=common, examples=("raysearch serve",
+                                          ("raysearch serve --ensemble reports/demo/ensemble "
+                                           "--port 8080 --replicas 2")))
     s.add_argument("--ensemble", help="ensemble or experiment folder (default: the most recent "
                    "experiment under --storage)")
-    s.add_argument("--storage", default="reports")
+    s.add_argument("--storage", default="reports", help="where experiments live")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--replicas", type=int, default=1)
-    s.add_argument("--max-batch-size", type=int, default=8)
+    s.add_argument("--port", type=int, default=8000, help="HTTP port")
+    s.add_argument("--replicas", type=int, default=1, help="copies of the model serving at once")
+    s.add_argument("--max-batch-size", type=int, default=8,
+                   help="studies batched into one forward pass, across clients")
     s.add_argument("--max-body-mb", type=float, default=64, help="largest request body (MB)")
     s.add_argument("--max-images", type=int, default=16, help="most images in one study")
     s.add_argument("--max-pixels", type=int, default=50_000_000,
                    help="most pixels in one image (read from its header, before decoding)")
-    s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
-    s.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs")
+    s.add_argument("--address", help=address)
+    s.add_argument("-v", "--verbose", action="store_true", help=verbose)
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("weights", help="pretrained weights")
-    ws = s.add_subparsers(dest="weights_command", required=True)
-    f = ws.add_parser("fetch", help="stage torchvision's ImageNet weights into a folder or bucket")
-    f.add_argument("arch")
+    s = _command(sub, "weights", help="pretrained weights", common=common,
+                 examples=("raysearch weights fetch densenet169 --to gs://bucket/weights/",))
+    ws = s.add_subparsers(dest="weights_command", required=True, metavar="COMMAND")
+    archs = ", ".join(ARCHITECTURES)
+    f = ws.add_parser(
+        "fetch", help="stage torchvision's ImageNet weights into a folder or bucket",
+        description="Stage torchvision's ImageNet weights of one architecture into a folder or\n"
+        "bucket, for trials that run without internet.",
+        epilog=_examples("raysearch weights fetch densenet169 --to gs://bucket/weights/",
+                         "raysearch weights fetch resnet50 --to /data/weights/"),
+        formatter_class=_HelpFormatter, parents=[common])
+    f.add_argument("arch", metavar="ARCH", help=f"the architecture, one of: {archs}")
     f.add_argument("--to", required=True, help="folder or URL (gs://bucket/weights/)")
     f.set_defaults(func=cmd_weights_fetch)
 
-    s = sub.add_parser("bench", help="measure speed, side by side in one run")
-    s.add_argument("what", choices=["data", "step", "train", "search", "predict", "serve"])
+    s = _command(sub, "bench", help="measure speed, side by side in one run", common=common,
+                 examples=("raysearch bench data", "raysearch bench step --arch resnet18",
+                           "raysearch bench search --seeds 0 1",
+                           "raysearch bench predict --ensemble reports/demo",
+                           "raysearch bench serve --studies 300 --clients 16"))
+    s.add_argument("what", choices=["data", "step", "train", "search", "predict", "serve"],
+                   help="what to measure")
     s.add_argument("--root", help="dataset (default: generated demo data)")
-    s.add_argument("--image-size", type=int)
-    s.add_argument("--n-images", type=int, default=512)
-    s.add_argument("--arch", default="resnet18")
-    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--image-size", type=int,
+                   help="pixels (default: 128 for data, 64 for step and train)")
+    s.add_argument("--n-images", type=int, default=512, help="data: images to decode")
+    s.add_argument("--arch", default="resnet18", help="step, train: the architecture")
+    s.add_argument("--batch-size", type=int, default=32, help="step, train: images per step")
     s.add_argument("--steps", type=int, default=30, help="step: timed batches per measurement")
     s.add_argument("--num-samples", type=int, help="search: trials per search (default 24)")
     s.add_argument("--max-epochs", type=int, help="search: epochs per trial (default 27)")
@@ -289,18 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reduction-factor", type=float, help="search: ASHA's rate (default 3)")
     s.add_argument("--space", help="search: the search-space file (default: the demo's)")
     s.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="search: one pair of searches per seed (default: 0)")
+                   help="search: one pair of searches per seed")
     s.add_argument("--storage", help="search: keep the experiments here and continue them when "
                    "run again (default: a temp folder); predict, serve: where to find the most "
                    "recent experiment (default: reports)")
     s.add_argument("--ensemble", help="predict, serve: the ensemble or experiment folder "
                    "(default: the most recent experiment)")
     s.add_argument("--rounds", type=int, default=4,
-                   help="predict, serve: paired rounds, the arms alternating (default: 4)")
+                   help="predict, serve: paired rounds, the arms alternating")
     s.add_argument("--studies", type=int, default=300,
-                   help="serve: studies sent per arm, over all rounds (default: 300)")
+                   help="serve: studies sent per arm, over all rounds")
     s.add_argument("--clients", type=int, default=16,
-                   help="serve: concurrent clients (default: 16)")
+                   help="serve: concurrent clients")
     s.set_defaults(func=cmd_bench)
     return p
 

@@ -135,7 +135,7 @@ class TrialConfig:
 
     def augment_params(self):
         """The resolved :class:`~raysearch.data.augment.AugmentParams`: the preset, then overrides."""
-        from raysearch.data.augment import PRESETS, resolve_augment
+        from raysearch.data.augment_params import PRESETS, resolve_augment
 
         check_choice("augment", self.augment, tuple(PRESETS))
         overrides = {k: getattr(self, k) for k in AUGMENT_KEYS if getattr(self, k) is not None}
@@ -209,6 +209,15 @@ def load_yaml(path: str) -> dict[str, Any]:
         data = yaml.load(raw, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except _DuplicateKeyError as e:
         raise ConfigError(f"{path}: {e}") from None
+    except yaml.MarkedYAMLError as e:  # a syntax error: where it is, as editors count (from 1)
+        mark = e.problem_mark or e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = e.problem or str(e).splitlines()[0]
+        if e.context:  # e.g. "while parsing a flow mapping", with where that began
+            began = e.context_mark
+            at = f" at line {began.line + 1}" if began and began is not mark else ""
+            what += f" ({e.context}{at})"
+        raise ConfigError(f"{path}{where}: not valid YAML: {what}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -250,11 +259,41 @@ def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, *, path: str) -
         _check_unique_keys(loader, value_node, path=where)
 
 
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+SEARCH_SPACES_DIR = os.path.join(PACKAGE_DIR, "search_spaces")  # shipped search spaces
+CONFIGS_DIR = os.path.join(PACKAGE_DIR, "configs")  # shipped trial configs
+
+
+def packaged(folder: str) -> list[str]:
+    """Names (without ``.yaml``) of the files shipped in ``folder`` (SEARCH_SPACES_DIR, ...)."""
+    try:
+        return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+    except OSError:
+        return []
+
+
+def resolve_config_path(path: str, folder: str) -> str:
+    """``path`` itself when it names a file (or a URL); else the file shipped in ``folder`` that
+    it names: ``mura``, ``mura.yaml`` or ``search_spaces/mura.yaml`` from any working directory.
+    A path that is neither stays as given, for :func:`load_yaml` to report as not found."""
+    if is_url(path) or os.path.exists(os.path.expanduser(path)):
+        return path
+    name = os.path.basename(path)
+    name = name.removesuffix(".yaml")
+    parent = os.path.basename(os.path.dirname(os.path.normpath(path)))
+    if name in packaged(folder) and parent in ("", os.path.basename(folder)):
+        return os.path.join(folder, f"{name}.yaml")
+    return path
+
+
 def load_trial_config(path: str) -> tuple[TrialConfig, dict[str, Any]]:
-    """Read ``raysearch train`` YAML: trial keys at the top, plus optional data/resources/storage/name."""
+    """Read ``raysearch train`` YAML: trial keys at the top, plus optional data/resources/storage/name.
+
+    ``path`` is a file, a URL, or the name of a shipped config (``demo_trial``; see CONFIGS_DIR).
+    """
     from raysearch.storage import check_name
 
-    raw = load_yaml(path)
+    raw = load_yaml(resolve_config_path(path, CONFIGS_DIR))
     extra_keys = {"name", "data", "resources", "storage"}
     trial = {k: v for k, v in raw.items() if k not in extra_keys}
     cfg = TrialConfig.from_dict(trial)
@@ -373,6 +412,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CONFIGS_DIR",
+    "SEARCH_SPACES_DIR",
     "DataConfig",
     "ResourcesConfig",
     "TrialConfig",
@@ -384,5 +425,7 @@ __all__ = [
     "mapping",
     "no_unknown",
     "norm_path",
+    "packaged",
+    "resolve_config_path",
     "typed",
 ]

@@ -423,3 +423,76 @@ def test_a_value_that_clashes_with_another_setting_names_both():
     spec["space"]["augment"] = {"choice": ["strong"]}
     cfg = parse_search_space(spec).trial_config({"augment": "strong"})
     assert cfg.augment_params().scale_min == 1.1
+
+
+# ----------------------------------------------------------------------------- starting points
+
+POINTS_BAD = [
+    ({"arch": "densenet169"}, ("search.points_to_evaluate[0].arch: 'densenet169' is not one of "
+     "the choices ('resnet18', 'mobilenet_v3_small')")),
+    ({"image_size": 320}, "search.points_to_evaluate[0].image_size: 320 is not one of the choices"),
+    ({"lr": 1e-5}, ("search.points_to_evaluate[0].lr: 1e-05 is outside `space.lr.loguniform` "
+     "[0.0001, 0.01]")),
+    ({"dropout": 0.9}, "search.points_to_evaluate[0].dropout: 0.9 is outside"),
+    ({"dropout": "high"}, "search.points_to_evaluate[0].dropout must be a number, got 'high'"),
+    ({"batch_size": 12}, ("search.points_to_evaluate[0].batch_size: 12 is not on the grid of "
+     "`space.batch_size` (8 + k * 8)")),
+    ({"batch_size": 16.5}, "search.points_to_evaluate[0].batch_size must be an integer"),
+    ({"augment": "strong"}, ("search.points_to_evaluate[0].augment: 'strong' is not the constant "
+     "('light')")),
+    ({"arch": "mobilenet_v3_small", "fp_bias": 0.5}, ("search.points_to_evaluate[0].fp_bias: set, "
+     "but `space.fp_bias.when` needs arch in ['resnet18'] and this point's arch is "
+     "'mobilenet_v3_small'")),
+]
+
+
+@pytest.mark.parametrize("point, message", POINTS_BAD, ids=[m[27:70] for _, m in POINTS_BAD])
+def test_a_starting_point_the_space_cannot_take_is_refused(point, message):
+    good = {"arch": "resnet18", "lr": 1e-3}
+    with pytest.raises(ConfigError) as info:
+        parse_search_space(spec_with("search.points_to_evaluate", [good, point]))
+    text = str(info.value).replace("points_to_evaluate[1]", "points_to_evaluate[0]")
+    assert "\n" not in text and text.startswith(message), text
+    assert "points_to_evaluate[1]" in str(info.value)  # the index of the bad point
+
+
+def test_starting_points_inside_the_space_pass():
+    points = [{"arch": "mobilenet_v3_small", "image_size": 48, "lr": 1e-4, "dropout": 0.5,
+               "batch_size": 32, "augment": "light"},
+              {"arch": "resnet18", "fp_bias": 0.25}, {"fp_bias": 1.0}]  # arch sampled: may hold
+    spec = parse_search_space(spec_with("search.points_to_evaluate", points))
+    assert spec.search.points_to_evaluate == tuple(points)
+
+
+def _readme_yaml_after(heading: str) -> str:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    found = re.search(rf"^## {re.escape(heading)}\n+```yaml\n(.*?)^```", readme, re.DOTALL | re.MULTILINE)
+    assert found, f"README has no YAML block under `## {heading}`"
+    return found.group(1)
+
+
+def test_the_readme_search_space_example_validates():
+    # The README's own example, as a user would copy it: every key, every point, every `when`.
+    spec = parse_search_space(yaml.safe_load(_readme_yaml_after("The search-space file")),
+                              source="README.md")
+    assert spec.search.points_to_evaluate and {p.name for p in spec.space} >= {"arch", "fp_bias"}
+
+
+@pytest.mark.parametrize("text, where, what", [
+    ("name: x\nspace:\n  lr: {choice: [1, 2]\n  arch: a\n", "line 4, column 3",
+     "expected ',' or '}', but got '<scalar>' (while parsing a flow mapping at line 3)"),
+    ("name: x\n  space: 3\n", "line 2, column 8", "mapping values are not allowed here"),
+    ("name: x\nspace:\n\tlr: 3\n", "line 3, column 1",
+     "found character '\\t' that cannot start any token"),
+])
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path, text, where, what):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_yaml(str(bad))
+    message = str(info.value)
+    assert message.startswith(f"{bad}, {where}: not valid YAML: {what}"), message
+    assert "\n" not in message

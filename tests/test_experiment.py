@@ -164,10 +164,12 @@ def test_overwrite_deletes_only_after_every_other_check(tmp_path, capsys):
     assert main(["tune", str(space), "--overwrite"]) == 2
     assert "dataset folder does not exist" in capsys.readouterr().err
     assert os.path.exists(os.path.join(exp, "train-1", "checkpoint_1", "model.pt"))
-    # A folder that is not an experiment is neither overwritten nor written into.
+    # A folder that is not an experiment is neither overwritten nor written into (the data
+    # root is checked first, before Ray: give it one that passes that check).
     (st / "mine").mkdir()
     (st / "mine" / "notes.txt").write_text("x")
-    space.write_text(space.read_text().replace("name: demo", "name: mine"))
+    space.write_text(space.read_text().replace("name: demo", "name: mine")
+                     .replace(str(tmp_path / "no-such-data"), _csvs_only(tmp_path / "data")))
     assert main(["tune", str(space), "--overwrite"]) == 2
     assert "not a raysearch experiment" in capsys.readouterr().err
     assert main(["tune", str(space)]) == 2
@@ -235,12 +237,22 @@ def test_a_live_lock_in_another_process_refuses(tmp_path):
         holder.communicate("\n", timeout=30)
 
 
+def _csvs_only(folder) -> str:
+    """A data root with MURA's CSVs and nothing else: it passes the checks made before Ray."""
+    from raysearch.data.roots import MURA_CSVS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in MURA_CSVS:
+        (folder / name).write_text("")
+    return str(folder)
+
+
 def test_tune_refuses_while_another_run_holds_the_experiment(tmp_path, capsys):
     from raysearch.cli import main
 
     st = tmp_path / "S"
     space = tmp_path / "s.yaml"
-    space.write_text(f"name: busy\ndata: {{root: {tmp_path}}}\nstorage: {st}\n"
+    space.write_text(f"name: busy\ndata: {{root: {_csvs_only(tmp_path / 'data')}}}\nstorage: {st}\n"
                      "trial: {weights: none}\nspace: {lr: {choice: [0.001]}}\n")
     with X.ExperimentLock(str(st / "busy"), command="tune"):
         assert main(["tune", str(space)]) == 2

@@ -34,6 +34,7 @@ from rich.table import Table
 
 from raysearch import storage
 from raysearch.data.dataset import Task
+from raysearch.data.roots import find_mura_root
 from raysearch.data.split import split_patients
 from raysearch.errors import ConfigError, DataError, name_some, os_reason
 
@@ -73,29 +74,6 @@ _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every comp
 
 # ---------------------------------------------------------------------------------------------
 # Locating the dataset
-
-
-def find_mura_root(root: str) -> str:
-    """Return the MURA folder (the one holding ``train_image_paths.csv``) for ``root``.
-
-    ``root`` may be that folder itself or its parent (the folder that holds ``MURA-v1.1``).
-    """
-    fs, path = storage.get_fs(root)
-    path = path.rstrip("/")
-    if fs.exists(f"{path}/train_image_paths.csv"):
-        return _as_given(root)
-    for name in ("MURA-v1.1", "MURA-v1.0"):
-        if fs.exists(f"{path}/{name}/train_image_paths.csv"):
-            return storage.join(_as_given(root), name)
-    if not fs.exists(path):
-        raise DataError(f"dataset folder does not exist: {root}")
-    raise DataError(
-        f"no MURA dataset at {root}: expected train_image_paths.csv in it or in {root}/MURA-v1.1"
-    )
-
-
-def _as_given(root: str) -> str:
-    return str(root).rstrip("/") if storage.is_url(root) else storage.join(root)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from raysearch.config import (
     MAX_EPOCHS,
     MAX_NUM_SAMPLES,
     MAX_SEED,
+    SEARCH_SPACES_DIR,
     DataConfig,
     ResourcesConfig,
     TrialConfig,
@@ -26,6 +27,7 @@ from raysearch.config import (
     mapping,
     no_unknown,
     norm_path,
+    resolve_config_path,
     typed,
 )
 from raysearch.errors import ConfigError
@@ -37,8 +39,10 @@ __all__ = [
     "SchedulerConfig",
     "SearchConfig",
     "SearchSpace",
+    "check_point",
     "load_search_space",
     "parse_search_space",
+    "write_starter_space",
 ]
 
 
@@ -141,9 +145,34 @@ class SearchSpace:
 
 
 def load_search_space(path: str, **overrides: Any) -> SearchSpace:
-    """Read and validate a search-space YAML. ``overrides`` are CLI flags (None = not given)."""
+    """Read and validate a search-space YAML. ``overrides`` are CLI flags (None = not given).
+
+    ``path`` is a file, a URL, or the name of a shipped space (``demo``, ``mura``, also as
+    ``search_spaces/mura.yaml`` from any working directory; see ``config.SEARCH_SPACES_DIR``).
+    """
+    path = resolve_config_path(path, SEARCH_SPACES_DIR)
     raw = load_yaml(path)
     return parse_search_space(raw, source=path, **overrides)
+
+
+def write_starter_space(path: str = "search_space.yaml", *, template: str = "demo",
+                        overwrite: bool = False) -> str:
+    """``raysearch init``: write the shipped search space ``template`` (``demo``: a CPU search
+    on the built-in demo data; ``mura``: the GPU search on MURA) to ``path``, to edit and run.
+
+    Returns ``path``. Raises :class:`ConfigError` for an unknown template, or when ``path``
+    exists and ``overwrite`` is not set (a file is never replaced by surprise).
+    """
+    from raysearch.config import packaged
+    from raysearch.storage import atomic_write_bytes, exists, read_bytes
+
+    names = packaged(SEARCH_SPACES_DIR)
+    if template not in names:
+        raise ConfigError(f"--template: unknown value {template!r}; allowed: {', '.join(names)}")
+    if exists(path) and not overwrite:
+        raise ConfigError(f"{path} exists; pick another path, or --force to replace it")
+    atomic_write_bytes(path, read_bytes(f"{SEARCH_SPACES_DIR}/{template}.yaml"))
+    return path
 
 
 TOP_KEYS = ("name", "data", "resources", "search", "scheduler", "storage", "trial", "space")
@@ -388,12 +417,74 @@ def _check_space_consistency(spec: SearchSpace) -> None:
                 f"{where}: unknown parameter `{unknown[0]}`; "
                 f"the space defines: {', '.join(sorted(names))}"
             )
+        check_point(spec.space, point, where=where)
         try:
             check({**spec.trial, **point})
         except ConfigError as e:
             if e.key in point:
                 raise e.under(where) from None
             raise ConfigError(f"{where}: {e}") from None
+
+
+def check_point(space: tuple[Param, ...], point: dict[str, Any], *, where: str) -> None:
+    """Check one starting point (``search.points_to_evaluate[i]``) against the space.
+
+    Each value must be one its parameter can take: one of a ``choice``'s values, the
+    ``constant`` itself, or a number within ``[low, high]`` of a range (an integer for ``int``,
+    on the ``step`` grid when one is given). A parameter set by the point must also apply: its
+    ``when`` must hold for the values the point (or a constant) gives its parents, or Optuna would
+    drop the value without a word. A parent the point leaves out is sampled, so it may still hold.
+    Raises :class:`ConfigError` naming ``where`` and the key, e.g.
+    ``search.points_to_evaluate[0].arch: 'densenet169' is not one of the choices (...)``.
+    """
+    by_name = {p.name: p for p in space}
+    known = {q.name: q.values[0] for q in space if q.kind == "constant" and not q.when}
+    known.update(point)
+    for name, value in point.items():
+        p = by_name[name]
+        key = f"{where}.{name}"
+        if p.kind in ("choice", "constant"):
+            if isinstance(value, (dict, list)) or not _in_values(value, p.values):
+                what = "one of the choices" if p.kind == "choice" else "the constant"
+                raise ConfigError(
+                    f"{key}: {value!r} is not {what} ({', '.join(map(repr, p.values))})", key=key
+                )
+        else:
+            _check_in_range(p, value, key)
+        # the parameter must be sampled for this point: every `when` that the point decides
+        for parent, allowed in p.when:
+            if parent in known and not _in_values(known[parent], allowed):
+                raise ConfigError(
+                    f"{key}: set, but `space.{name}.when` needs {parent} in "
+                    f"[{', '.join(map(repr, allowed))}] and this point's {parent} is "
+                    f"{known[parent]!r}; the value would be ignored", key=key
+                )
+
+
+def _in_values(value: Any, values: tuple) -> bool:
+    """``value in values`` where True is not 1 and 1 is not True (YAML keeps them apart too)."""
+    return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in values)
+
+
+def _check_in_range(p: Param, value: Any, key: str) -> None:
+    """A starting point's value of a range parameter: a number in [low, high], on the grid."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}", key=key)
+    if p.kind == "int" and not float(value).is_integer():
+        raise ConfigError(f"{key} must be an integer (`space.{p.name}` is int), got {value!r}",
+                          key=key)
+    if not p.low <= value <= p.high:
+        raise ConfigError(
+            f"{key}: {value!r} is outside `space.{p.name}.{p.kind}` [{p.low!r}, {p.high!r}]",
+            key=key,
+        )
+    if p.step is not None:
+        k = (value - p.low) / p.step
+        if abs(k - round(k)) > 1e-9 * max(1.0, abs(k)):
+            raise ConfigError(
+                f"{key}: {value!r} is not on the grid of `space.{p.name}` ({p.low!r} + k * "
+                f"{p.step!r})", key=key
+            )
 
 
 def _candidates(p: Param) -> list[Any]:

@@ -37,6 +37,7 @@ from raysearch.experiment import (
     verify_ray_state,
     write_results,
 )
+from raysearch.search.preflight import preflight_search
 from raysearch.search.progress import SearchProgress, TrustCallback
 from raysearch.search.resources import DRIVER_CPU, ResourcePlan, plan_resources
 from raysearch.search.results import collect_results
@@ -131,6 +132,7 @@ def run_search(
     from rich.console import Console
 
     console = console or Console(stderr=True)
+    preflight_search(spec, resume=resume, overwrite=overwrite, address=address)
     exp_dir = spec.experiment_dir
     spec_yaml = yaml.safe_dump(spec.to_dict(), sort_keys=False)
     with ExperimentLock(exp_dir, command="tune"):
@@ -196,12 +198,15 @@ def _prepare(spec, exp_dir, spec_yaml, *, restoring, overwrite, console) -> Task
 def _fit(spec, exp_dir, task, *, restoring, address, verbose, console):
     """Ray: plan the resources, build (or restore) the Tuner, rebuild ASHA's rungs, run it.
     Returns Tune's result grid; errors a user can act on come out as raysearch's."""
-    from raysearch.cluster import init_ray
+    from raysearch.cluster import check_cluster_resources, init_ray, ray_address
     from raysearch.train.trainer import RunSettings
 
     init_ray(address=address, verbose=verbose)
     import optuna
     import ray
+
+    if ray_address(address):  # a local machine was checked before Ray started
+        check_cluster_resources(spec.resources)
 
     if not verbose:  # Optuna logs every study it creates at INFO
         optuna.logging.set_verbosity(optuna.logging.WARNING)

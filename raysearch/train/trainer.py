@@ -14,8 +14,8 @@ from typing import Any, TypedDict
 
 import pandas as pd
 
-from raysearch.cluster import init_ray
-from raysearch.config import TrialConfig, norm_path
+from raysearch.cluster import check_cluster_resources, init_ray, ray_address
+from raysearch.config import TrialConfig
 from raysearch.data.prepare import check_free_space, prepare_data, read_dataset
 from raysearch.errors import RaysearchError
 from raysearch.storage import join
@@ -150,22 +150,19 @@ def run_single(
     search's. Running it again on the same name continues from the latest checkpoint (``fresh``
     starts over: the old experiment is deleted only after every other check has passed). Returns
     the reported epochs. Raises :class:`~raysearch.errors.ExperimentLockedError` when another run
-    holds the experiment, and :class:`~raysearch.errors.ConfigError` for an unsafe name.
+    holds the experiment, :class:`~raysearch.errors.ConfigError` for an unsafe name or a trial
+    too big for the machine, and :class:`~raysearch.errors.DataError` for a data root without
+    the dataset (these before torch or Ray is used: see :mod:`raysearch.train.preflight`).
     """
-    import dataclasses
-
     from rich.console import Console
 
-    from raysearch.config import load_trial_config
-    from raysearch.experiment import ExperimentLock, check_name
+    from raysearch.experiment import ExperimentLock
+    from raysearch.train.preflight import load_train_config
 
     console = console or Console(stderr=True)
-    cfg, rest = load_trial_config(config_path)
-    data = rest["data"]
-    if data_root:
-        data = dataclasses.replace(data, root=norm_path(data_root))
-    storage = storage or rest["storage"]
-    name = check_name(name if name is not None else rest["name"])
+    cfg, rest, data = load_train_config(config_path, data_root=data_root, name=name,
+                                        storage=storage, address=address)
+    storage, name = rest["storage"], rest["name"]
     exp_dir = join(storage, name)
     cache_dir = data.cache_dir or join(storage, "cache")
     with ExperimentLock(exp_dir, command="train"):
@@ -223,6 +220,8 @@ def _run_single_locked(cfg, rest, data, *, storage, name, exp_dir, cache_dir, fr
     init_ray(address=address, verbose=verbose)
     import ray
 
+    if ray_address(address):  # a local machine was checked before Ray started
+        check_cluster_resources(rest["resources"])
     res = rest["resources"]
     workers = res.workers_per_trial
     total_cpu = float(ray.cluster_resources().get("CPU", 1))

@@ -223,6 +223,10 @@ def test_missing_weights_fail_before_ray_starts(tmp_path, monkeypatch, capsys):
         raise URLError("network is unreachable (test)")
 
     monkeypatch.setattr(weights_mod, "_download_url", no_network)
+    from raysearch.data.roots import MURA_CSVS
+
+    for name in MURA_CSVS:  # a data root that passes the checks made before the weights'
+        (tmp_path / name).write_text("")
     space = tmp_path / "s.yaml"
     space.write_text(
         f"name: w\ndata: {{root: {tmp_path}}}\nstorage: {tmp_path / 'r'}\n"

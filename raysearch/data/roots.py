@@ -1,0 +1,52 @@
+"""Data stage, where a dataset lives: find its folder and check that it is there, with
+nothing but the file system (no pandas, torch or ray), so that a wrong ``--data-root`` fails at
+once, before anything slow is imported or started.
+"""
+
+from __future__ import annotations
+
+from raysearch import storage
+from raysearch.errors import DataError
+
+__all__ = ["MURA_CSVS", "check_mura_root", "find_mura_root"]
+
+# The CSVs of a MURA release (data.mura reads them): studies with labels, and image paths.
+MURA_CSVS = tuple(f"{split}_{kind}.csv" for split in ("train", "valid")
+                  for kind in ("labeled_studies", "image_paths"))
+
+
+def check_mura_root(root: str) -> str:
+    """:func:`find_mura_root`, and every CSV of :data:`MURA_CSVS` is there: what can be known
+    about a dataset without reading it. Returns the MURA folder; raises DataError naming the
+    first missing file."""
+    found = find_mura_root(root)
+    fs, path = storage.get_fs(found)
+    for name in MURA_CSVS:
+        if not fs.exists(f"{path.rstrip('/')}/{name}"):
+            raise DataError(f"missing MURA CSV: {storage.join(found, name)}")
+    return found
+
+
+def find_mura_root(root: str) -> str:
+    """Return the MURA folder (the one holding ``train_image_paths.csv``) for ``root``.
+
+    ``root`` may be that folder itself or its parent (the folder that holds ``MURA-v1.1``), a
+    path or a URL. Raises :class:`~raysearch.errors.DataError` naming ``root`` when it does not
+    exist or holds no dataset; reading the CSVs and images is left to the reader.
+    """
+    fs, path = storage.get_fs(root)
+    path = path.rstrip("/")
+    if fs.exists(f"{path}/train_image_paths.csv"):
+        return _as_given(root)
+    for name in ("MURA-v1.1", "MURA-v1.0"):
+        if fs.exists(f"{path}/{name}/train_image_paths.csv"):
+            return storage.join(_as_given(root), name)
+    if not fs.exists(path):
+        raise DataError(f"dataset folder does not exist: {root}")
+    raise DataError(
+        f"no MURA dataset at {root}: expected train_image_paths.csv in it or in {root}/MURA-v1.1"
+    )
+
+
+def _as_given(root: str) -> str:
+    return str(root).rstrip("/") if storage.is_url(root) else storage.join(root)

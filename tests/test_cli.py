@@ -1,0 +1,102 @@
+"""The command line as a newcomer meets it: help that says what each option means, its default and
+an example; --debug anywhere; the shipped spaces by name; `raysearch init`."""
+
+from __future__ import annotations
+
+import argparse
+import io
+from contextlib import redirect_stdout
+
+import pytest
+import yaml
+
+from raysearch.cli import build_parser, main
+from raysearch.config import SEARCH_SPACES_DIR, packaged
+from raysearch.models.registry import ARCHITECTURES
+from raysearch.search.space import load_search_space, parse_search_space
+
+
+def _commands(parser: argparse.ArgumentParser, prefix=()):
+    """(argv prefix, parser) of every command and sub-command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*prefix, name))
+    if prefix:
+        yield prefix, parser
+
+
+def _help(argv) -> str:
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    assert info.value.code == 0
+    return out.getvalue()
+
+
+COMMANDS = [argv for argv, _ in _commands(build_parser())]
+
+
+def test_every_command_is_covered():
+    assert {" ".join(c) for c in COMMANDS} >= {"tune", "train", "ensemble", "init", "weights fetch",
+                                               "predict", "serve", "bench", "data", "demo-data"}
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_help_gives_each_option_a_meaning_a_default_and_an_example(argv):
+    parser = dict(_commands(build_parser()))[argv]
+    text = " ".join(_help(argv).split())  # argparse wraps lines: compare with spaces folded
+    assert "examples: raysearch " + argv[0] in text, text
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        name = action.option_strings[-1] if action.option_strings else action.dest
+        assert action.help, f"`raysearch {' '.join(argv)} {name}` has no help"
+        default = action.default
+        if action.option_strings and not any(default is x for x in (None, False, argparse.SUPPRESS)):
+            shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+            assert f"default: {shown}" in text or f"default {shown}" in text, (name, text)
+
+
+def test_weights_fetch_help_lists_the_architectures():
+    text = " ".join(_help(["weights", "fetch"]).split())
+    missing = [a for a in ARCHITECTURES if a not in text]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("argv", [["--debug", "tune", "x.yaml"], ["tune", "x.yaml", "--debug"],
+                                  ["weights", "fetch", "resnet18", "--to", "d", "--debug"]])
+def test_debug_is_taken_before_or_after_the_command(argv):
+    assert build_parser().parse_args(argv).debug is True
+
+
+def test_debug_after_the_command_shows_the_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("space: {lr: [1, 2\n")
+    assert main(["tune", str(bad)]) == 2  # one line without it
+    with pytest.raises(Exception, match="not valid YAML"):
+        main(["tune", str(bad), "--debug"])
+
+
+def test_shipped_spaces_by_name_from_any_folder(tmp_path, monkeypatch):
+    assert set(packaged(SEARCH_SPACES_DIR)) >= {"demo", "mura"}
+    monkeypatch.chdir(tmp_path)  # not the repository: the package's own copies are found
+    for given in ("mura", "mura.yaml", "search_spaces/mura.yaml"):
+        assert load_search_space(given).name == "mura"
+    from raysearch.config import load_trial_config
+
+    assert load_trial_config("configs/demo_trial.yaml")[0].arch == "resnet18"
+
+
+def test_init_writes_a_starter_space_that_validates(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["init"]) == 0
+    written = tmp_path / "search_space.yaml"
+    spec = parse_search_space(yaml.safe_load(written.read_text()))
+    assert spec.name == "demo" and "raysearch tune search_space.yaml" in capsys.readouterr().out
+    # Never replaced by surprise; --force replaces it.
+    written.write_text("# mine\n")
+    assert main(["init"]) == 2
+    assert "exists" in capsys.readouterr().err and written.read_text() == "# mine\n"
+    assert main(["init", "--template", "mura", "--force"]) == 0
+    assert load_search_space(str(written)).name == "mura"

@@ -1,0 +1,143 @@
+"""The checks before Ray: a wrong data root, a missing experiment or a trial too big for the
+machine fails with one line and exit 2, before torch, Ray or pandas are imported (the reported
+cases answered after 5 s to 6 minutes, once Ray had started). Also the shared resource check
+(``cluster.check_worker_resources``) that ``train`` and ``tune`` both use."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raysearch.cluster import check_worker_resources, local_resources
+from raysearch.config import ResourcesConfig
+from raysearch.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+@pytest.mark.parametrize(
+    "res, nodes, message",
+    [
+        ({"cpus_per_worker": 64}, [{"CPU": 2}],
+         "resources.cpus_per_worker: 64 CPUs per worker, but this machine has 2 CPUs"),
+        ({"cpus_per_worker": 3}, [{"CPU": 2}, {"CPU": 2}],
+         ("resources.cpus_per_worker: 3 CPUs per worker, but this machine has 2 CPUs on its "
+         "largest node")),
+        ({"workers_per_trial": 3, "cpus_per_worker": 1}, [{"CPU": 2}],
+         ("resources.workers_per_trial: 3 workers x 1 CPUs, but this machine has 2 CPUs (room "
+         "for 2 such workers)")),
+        # 1.5 CPUs on each of two 2-CPU nodes: one worker per node, not 4 / 1.5 = 2.67 of them
+        ({"workers_per_trial": 3, "cpus_per_worker": 1.5}, [{"CPU": 2}, {"CPU": 2}],
+         ("resources.workers_per_trial: 3 workers x 1.5 CPUs, but this machine has 4 CPUs (room "
+         "for 2 such workers)")),
+        ({"gpus_per_worker": 1}, [{"CPU": 8, "GPU": 0}],
+         "resources.gpus_per_worker: 1 GPUs per worker, but this machine has 0 GPUs"),
+        ({"workers_per_trial": 2, "gpus_per_worker": 1}, [{"CPU": 8, "GPU": 1}],
+         "resources.workers_per_trial: 2 workers x 1 GPUs, but this machine has 1 GPUs"),
+    ],
+)
+def test_a_trial_too_big_for_the_machine_is_refused(res, nodes, message):
+    with pytest.raises(ConfigError) as info:
+        check_worker_resources(ResourcesConfig(**res), nodes, where="this machine")
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_trials_that_fit_pass_and_an_autoscaling_cluster_is_trusted_with_gpu_trials():
+    fits = [({"workers_per_trial": 2, "cpus_per_worker": 1}, [{"CPU": 2}]),
+            ({"workers_per_trial": 2, "cpus_per_worker": 2}, [{"CPU": 2}, {"CPU": 3}]),
+            ({"gpus_per_worker": 0.5, "workers_per_trial": 2}, [{"CPU": 4, "GPU": 1}]),
+            ({}, [{"CPU": 1}])]  # derived shares are planned later, from what there is
+    for res, nodes in fits:
+        check_worker_resources(ResourcesConfig(**res), nodes, where="this machine")
+    # cluster.yaml's autoscaling cluster before any GPU worker is up: a 1-CPU head, no GPU.
+    mura = ResourcesConfig(gpus_per_worker=1, cpus_per_worker=4)
+    check_worker_resources(mura, [{"CPU": 1}], where="the cluster", may_grow=True)
+    with pytest.raises(ConfigError, match="resources.gpus_per_worker: 1 GPUs per worker"):
+        check_worker_resources(mura, [{"CPU": 8}], where="this machine")  # a machine: refused
+    # A CPU-only trial is held to the nodes there are, as the resource plan holds it.
+    with pytest.raises(ConfigError, match="resources.cpus_per_worker: 4 CPUs per worker, but the"):
+        check_worker_resources(ResourcesConfig(cpus_per_worker=4), [{"CPU": 1}, {"CPU": 2}],
+                               where="the cluster", may_grow=True)
+
+
+def test_local_resources_count_what_ray_would(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
+    assert local_resources()["GPU"] == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert local_resources()["GPU"] == 0
+    monkeypatch.setenv("RAY_USE_MULTIPROCESSING_CPU_COUNT", "1")
+    assert local_resources()["CPU"] == os.cpu_count()
+
+
+# ----------------------------------------------------------------------------- the CLI, before Ray
+
+# One interpreter runs every case (so the test costs one start-up), then says which heavy
+# libraries any of them imported.
+SCRIPT = r"""
+import contextlib, io, json, sys
+from raysearch.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    out.append([code, err.getvalue()])
+heavy = sorted(m for m in ("torch", "torchvision", "ray", "pandas", "optuna") if m in sys.modules)
+print(json.dumps({"results": out, "heavy": heavy}))
+"""
+
+
+def test_mistakes_known_before_ray_answer_without_torch_or_ray(tmp_path):
+    from raysearch.data.roots import MURA_CSVS
+
+    partial, full = tmp_path / "partial", tmp_path / "full"  # MURA CSVs: one, and all four
+    (partial / "MURA-v1.1").mkdir(parents=True)
+    (partial / "MURA-v1.1" / "train_image_paths.csv").write_text("")
+    full.mkdir()
+    for name in MURA_CSVS:
+        (full / name).write_text("")
+    big = tmp_path / "big.yaml"
+    big.write_text(f"arch: resnet18\nweights: none\ndata: {{root: {full}}}\n"
+                   "resources: {cpus_per_worker: 256}\n")
+    big_space = tmp_path / "big_space.yaml"
+    big_space.write_text(f"data: {{root: {full}}}\nresources: {{gpus_per_worker: 8}}\n"
+                         "trial: {weights: none}\nspace: {lr: {choice: [0.001]}}\n")
+    st = ["--storage", str(tmp_path / "st")]
+    cases = [
+        (["tune", "demo", "--data-root", "/nonexistent", *st],
+         "raysearch: error: dataset folder does not exist: /nonexistent"),
+        (["train", "demo_trial", "--data-root", "/nonexistent", *st],
+         "raysearch: error: dataset folder does not exist: /nonexistent"),
+        (["tune", "demo", "--data-root", str(partial), *st],
+         f"raysearch: error: missing MURA CSV: {partial}/MURA-v1.1/train_labeled_studies.csv"),
+        (["ensemble", "--experiment", "/nonexistent", *st],
+         "raysearch: error: no experiment at /nonexistent (no experiment.json)"),
+        (["train", str(big), *st],
+         ("raysearch: error: resources.cpus_per_worker: 256 CPUs per worker, but this machine "
+         "has")),
+        (["tune", str(big_space), *st],
+         "raysearch: error: resources.gpus_per_worker: 8 GPUs per worker, but this machine has 1"),
+        (["tune", "demo", "--resume", "--data-root", str(full), *st],
+         f"raysearch: error: --resume: no experiment to resume at {tmp_path}/st/demo"),
+        (["weights", "fetch", "resnet9", "--to", str(tmp_path)],
+         "raysearch: error: unknown arch 'resnet9'; allowed: densenet121"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps([argv for argv, _ in cases])],
+        check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (argv, message), (code, err) in zip(cases, report["results"]):
+        assert code == 2 and err.count("\n") == 1 and err.startswith(message), (argv, err)
+    assert report["heavy"] == [], f"validation imported {report['heavy']}"
