@@ -132,8 +132,10 @@ def test_unlisted_files_are_counted_not_errors(root):
     extra.mkdir(parents=True)
     shutil.copy(next(root.rglob("*.png")), extra / "image1.png")
     (root / "notes.txt").write_text("x")
+    (root / "train_image_paths_old.csv").write_text("x\n")  # only PNGs count as unlisted
+    (extra / "labels.csv").write_text("x\n")
     m = read_mura(str(root))
-    assert m.attrs["unlisted"] == 2
+    assert m.attrs["unlisted"] == 1
     assert "patient99999" not in set(m["patient_id"])
 
 
@@ -302,6 +304,18 @@ def test_bad_image_files(root, damage, reason):
     total = len(lines(root, "train_image_paths.csv")) + len(lines(root, "valid_image_paths.csv"))
     study_dropped = len(skipped) - 1  # a one-view study goes too, and is reported as well
     assert len(m) == total - 1 and study_dropped in (0, 1)
+
+
+@pytest.mark.parametrize("padding", [b"\x00" * 4096, b"\x00" * 200_000, b"garbage"])
+def test_png_with_bytes_after_iend_is_complete(root, padding):
+    """Padding after IEND (common in recovered files) is no truncation: the decoder reads it."""
+    from raysearch.data.images import preprocess_image
+
+    _, path = _first_image(root)
+    path.write_bytes(path.read_bytes() + padding)
+    m = read_mura(str(root))
+    assert str(path) in set(m["image_path"]) and m.attrs["skipped"].empty
+    assert preprocess_image(str(path), image_size=16).shape == (16, 16)
 
 
 def test_check_images_false_skips_the_png_check(root):
