@@ -296,7 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RaysearchError as e:
         if debug:
             raise
-        print(f"raysearch: error: {e}", file=sys.stderr)
+        from raysearch.errors import plain  # messages may quote a library's coloured text
+
+        print(f"raysearch: error: {plain(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("raysearch: interrupted; run the same command to resume", file=sys.stderr)

@@ -330,6 +330,39 @@ def test_an_error_with_an_empty_message_prints_its_cause(capsys, monkeypatch):
     assert err.count("\n") == 0
 
 
+class _Pickled:  # a class torch's weights_only unpickler refuses, with a coloured message
+    pass
+
+
+def test_error_lines_carry_no_terminal_colour_codes(tmp_path, capsys, monkeypatch):
+    """torch's weights_only refusal colours part of its message (ESC [1m ... ESC [0m); neither a
+    raysearch error nor the CLI line may carry the escapes."""
+    import torch
+
+    from raysearch import cli
+    from raysearch.errors import first_line, plain
+    from raysearch.models.weights import load_weights_file
+
+    path = tmp_path / "pickled.pth"
+    torch.save({"a": _Pickled()}, path)
+    with pytest.raises(WeightsError) as info:
+        load_weights_file(str(path), arch="resnet18")
+    assert "weights_only" in str(info.value) and "\x1b" not in str(info.value)
+    assert "do those steps only if you trust" in str(info.value)  # the words stay, the codes go
+
+    coloured = "\x1b[1m\x1b[31mbad\x1b[0m value \x1b]8;;https://x\x1b\\link\x1b]8;;\x1b\\ here\r"
+    assert plain(coloured) == "bad value link here"
+    assert first_line(RuntimeError("\x1b[0m\n" + coloured)) == "bad value link here"
+    for raised, code in ((WeightsError(coloured), 2), (RuntimeError(coloured), 1)):
+        def boom(args, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(cli, "cmd_data", boom)
+        assert cli.main(["data", "x"]) == code
+        err = capsys.readouterr().err
+        assert "bad value link here" in err and "\x1b" not in err and "\r" not in err
+
+
 # ----------------------------------------------------------------------------- quiet by default
 
 

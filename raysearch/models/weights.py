@@ -36,7 +36,7 @@ import torch
 import torchvision
 from torch import nn
 
-from raysearch.errors import CheckpointError, ConfigError, WeightsError, name_some
+from raysearch.errors import CheckpointError, ConfigError, WeightsError, first_line, name_some
 from raysearch.models.registry import check_arch
 from raysearch.storage import atomic_write_bytes, get_fs, is_url, join
 
@@ -83,10 +83,9 @@ def read_state_dict(path: str, *, arch: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickled modules, garbage bytes, truncated zips all land here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise WeightsError(
             f"weights file {path} is not a state dict readable with weights_only=True "
-            f"({type(e).__name__}: {first[:200]})"
+            f"({type(e).__name__}: {first_line(e)[:200]})"
         ) from None
     state = _unwrap(obj, path)
     if arch.startswith("densenet"):
@@ -249,8 +248,7 @@ def load_checkpoint_weights(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # e.g. a dtype torch cannot copy; keys and shapes matched above
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{source}: the weights do not fit {arch}: {first}") from None
+        raise CheckpointError(f"{source}: the weights do not fit {arch}: {first_line(e)}") from None
 
 def torchvision_weights_info(arch: str) -> tuple[str, str]:
     """(download URL, file name) of torchvision's DEFAULT ImageNet weights for ``arch``."""
