@@ -14,8 +14,8 @@ one row per image and these columns, in this order (later stages may rely on the
 
 Rows are sorted by (official_split, study_id, view). ``manifest.attrs`` carries what was not
 used: ``"unlisted"`` (number of PNG files on disk that no CSV lists; other files are not counted)
-and ``"skipped"`` (a DataFrame with columns path, reason: what ``skip_bad=True`` left out,
-paths as written in the CSVs).
+and ``"skipped"`` (a DataFrame with columns path, reason, entry: what ``skip_bad=True`` left
+out, paths as written in the CSVs, entry "image" or "study" for the CSV row it is).
 pandas cannot store a DataFrame in Parquet metadata, so clear ``attrs`` before ``to_parquet``.
 
 The CSVs are the source of truth and every disagreement with the files is reported: by default
@@ -45,6 +45,7 @@ __all__ = [
     "MURA_TASK",
     "find_mura_root",
     "read_mura",
+    "skipped_counts",
     "skipped_frame",
     "split_patients",
     "summarize",
@@ -127,10 +128,12 @@ def read_mura(
 
     problems: list[tuple[str, str]] = []  # (path as written in the CSV, reason)
     images, studies = [], []
+    study_rows: set[str] = set()  # problems that are rows of a labeled_studies CSV, not images
     for official in OFFICIAL_SPLITS:
         s, p = _read_studies(fs, root_path, official)
         studies.append(s)
         problems += p
+        study_rows |= {path for path, _ in p}
         i, p = _read_images(fs, root_path, official)
         images.append(i)
         problems += p
@@ -147,6 +150,7 @@ def read_mura(
         images = images.drop(index=images.index[[i for i, _ in bad]])
     images, studies, p = _drop_empty_studies(images, studies)
     problems += p
+    study_rows |= {path for path, _ in p}
 
     if problems and not skip_bad:
         raise DataError(_problem_line(root, problems))
@@ -162,7 +166,9 @@ def read_mura(
     manifest.attrs["unlisted"] = sum(
         rel not in listed for rel in sizes if rel.lower().endswith(".png")
     )
-    manifest.attrs["skipped"] = pd.DataFrame(problems, columns=["path", "reason"])
+    skipped = pd.DataFrame(problems, columns=["path", "reason"])
+    skipped["entry"] = ["study" if p in study_rows else "image" for p in skipped["path"]]
+    manifest.attrs["skipped"] = skipped
     return manifest
 
 
@@ -382,11 +388,30 @@ def _build_manifest(root, images, studies, *, val_fraction: float, seed: int) ->
 
 
 def skipped_frame(manifest: pd.DataFrame) -> pd.DataFrame:
-    """What ``read_mura(skip_bad=True)`` left out, as a DataFrame with columns path, reason."""
+    """What ``read_mura(skip_bad=True)`` left out, as a DataFrame with columns path, reason,
+    entry ("image" or "study": which CSV's row it is)."""
     skipped = manifest.attrs.get("skipped")
     if skipped is None:
-        return pd.DataFrame(columns=["path", "reason"])
-    return pd.DataFrame(skipped, columns=["path", "reason"])
+        return pd.DataFrame(columns=["path", "reason", "entry"])
+    out = pd.DataFrame(skipped)
+    if "entry" not in out:  # a frame from before the entry column: paths tell images apart
+        out["entry"] = ["image" if str(p).lower().endswith(".png") else "study" for p in out["path"]]
+    return out[["path", "reason", "entry"]]
+
+
+def skipped_counts(manifest: pd.DataFrame) -> str:
+    """What ``skip_bad`` left out, in words: "3 images and 1 study", "" when nothing.
+
+    Images and studies are counted apart: a left-out study is one row of a labeled_studies
+    CSV, not an image (its images, if any, are counted as images).
+    """
+    entries = skipped_frame(manifest)["entry"]
+    parts = []
+    for entry, plural in (("image", "images"), ("study", "studies")):
+        n = int((entries == entry).sum())
+        if n:
+            parts.append(f"{n} {entry if n == 1 else plural}")
+    return " and ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,8 +474,8 @@ def summary_table(manifest: pd.DataFrame, *, title: str = "MURA manifest") -> Ta
             end_section=total,
         )  # fmt: skip
     notes = []
-    if len(skipped := skipped_frame(manifest)):
-        notes.append(f"left out {len(skipped)} bad entr{'ies' if len(skipped) != 1 else 'y'}")
+    if counts := skipped_counts(manifest):
+        notes.append(f"left out {counts}")
     if manifest.attrs.get("unlisted"):
         notes.append(f"{manifest.attrs['unlisted']} PNG files on disk are in no CSV")
     if notes:
