@@ -241,6 +241,16 @@ def members_frame(
 # ----------------------------------------------------------------------------- the command
 
 
+def _top_shortfall(top: int, n_usable: int, n_trials: int) -> str:
+    """The line for ``--top`` larger than the trials with a usable checkpoint: what was asked,
+    what there is, and what is used; trials without one are counted only when there are any."""
+    none = n_trials - n_usable
+    lacking = (f" ({none} of the {n_trials} trials {'has' if none == 1 else 'have'} none)"
+               if none else "")  # fmt: skip
+    return (f"--top {top} asks for more members than the {n_usable} trial"
+            f"{'s' if n_usable != 1 else ''} with a usable checkpoint{lacking}; using {n_usable}")
+
+
 def select_members(
     trials: pd.DataFrame, manifest: pd.DataFrame, *, method: str, top: int,
     task: Task | None = None, console=None,
@@ -254,10 +264,7 @@ def select_members(
         val_images, val_probs = align_val(members, manifest, task)
         n_usable = len(usable_trials(trials))
         if n_usable < top and console is not None:
-            console.print(
-                f"[yellow]only {n_usable} of {len(trials)} trials have a usable checkpoint: "
-                f"the ensemble has {n_usable} members, not {top}[/]"
-            )
+            console.print(f"[yellow]{_top_shortfall(top, n_usable, len(trials))}[/]")
         return members, {m.trial_id: 1 for m in members}, val_images, val_probs
     ok = usable_trials(trials)
     if ok.empty:

@@ -469,7 +469,18 @@ def test_fewer_usable_trials_than_k_says_so(tmp_path, manifest, model_bytes, cac
     console = _quiet()
     out = run_ensemble(experiment="exp", storage=storage, top=8, n_boot=20, console=console)
     assert len(pd.read_parquet(join(out, "members.parquet"))) == 5
-    assert "only 5 of 6 trials have a usable checkpoint" in console.file.getvalue()
+    assert ("--top 8 asks for more members than the 5 trials with a usable checkpoint (1 of the "
+            "6 trials has none); using 5") in " ".join(console.file.getvalue().split())
+
+
+def test_top_beyond_the_trials_says_what_is_true():
+    from raysearch.ensemble.run import _top_shortfall
+
+    # not "only 8 of 8 trials have a usable checkpoint": every trial has one, --top is too big
+    assert _top_shortfall(100, 8, 8) == (
+        "--top 100 asks for more members than the 8 trials with a usable checkpoint; using 8")
+    assert _top_shortfall(4, 1, 3) == ("--top 4 asks for more members than the 1 trial with a "
+                                       "usable checkpoint (2 of the 3 trials have none); using 1")
 
 
 # ----------------------------------------------------------------------------- end to end
