@@ -32,6 +32,7 @@ from raysearch.errors import (
     StorageError,
     WeightsError,
 )
+from tests.faults import inject_faults
 
 
 def _console() -> Console:
@@ -299,12 +300,12 @@ def test_a_search_whose_every_trial_failed_exits_1_with_the_most_common_error(
 
     raw = yaml.safe_load(FULL_SPACE.format(root=tiny_root, storage=tmp_path / "S"))
     raw["resources"]["max_concurrent"] = 2  # the session's Ray has 2 CPUs: both at once
-    raw["trial"]["fail_at_epoch"] = 1
-    with pytest.raises(SearchFailedError) as e:
+    raw["trial"]["seed"] = 4242  # the mark of this test's trials for the injected fault
+    with inject_faults({"when": {"seed": 4242}, "epoch": 1}), pytest.raises(SearchFailedError) as e:
         run_search(parse_search_space(raw), console=_console())
     assert e.value.exit_code == 1
     assert str(e.value) == ("all 2 trials failed; the most common error (2 of them): "
-                            "RuntimeError: injected failure at epoch 1 (fail_at_epoch)")
+                            "RuntimeError: injected failure at epoch 1 (RAYSEARCH_FAULTS_FILE)")
     info = json.loads((tmp_path / "S" / "full" / "experiment.json").read_text())
     assert info["state"] == "failed"
 

@@ -122,7 +122,7 @@ def read_trial_checkpoint(trial_id: str, checkpoint: str, *, with_val: bool = Tr
 
     raw = _checkpoint_bytes(trial_id, checkpoint, "trial.json")
     try:
-        config = TrialConfig.from_dict(json.loads(raw), path="trial.json")
+        config = TrialConfig.from_saved(json.loads(raw), path="trial.json")
     except (ValueError, UnicodeDecodeError, RaysearchError) as e:
         raise CheckpointError(
             f"trial {trial_id}: trial.json in {checkpoint} is corrupt ({first_line(e)[:200]})"

@@ -60,7 +60,7 @@ def test_define_by_run_honours_conditions(small_space):
     spec = load_search_space(small_space)
     sample = DefineByRun(spec.space)
     t = FakeTrial({"lr": 0.03})
-    assert sample(t) == {"fail_at_epoch": 1}
+    assert sample(t) == {"fp_bias": 1.0}
     t = FakeTrial({"lr": 0.001})
     assert sample(t) == {} and t.asked == ["lr", "dropout"]
 
