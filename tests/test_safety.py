@@ -418,7 +418,7 @@ def test_a_moved_experiment_can_be_ensembled(small_experiment, tmp_path):
     assert trials["best_checkpoint"].dropna().str.startswith("train-").all()
     out = run_ensemble(experiment=str(moved), top=2, n_boot=10, console=_console())
     members = pd.read_parquet(os.path.join(out, "members.parquet"))
-    assert members["checkpoint"].str.startswith(str(moved)).all()
+    assert members["best_checkpoint"].str.startswith(str(moved)).all()
 
     # An experiment written before paths were relative: absolute paths into a folder that is gone.
     trials["best_checkpoint"] = [
@@ -428,7 +428,7 @@ def test_a_moved_experiment_can_be_ensembled(small_experiment, tmp_path):
     out = run_ensemble(experiment=str(moved), top=2, n_boot=10, out=str(tmp_path / "e2"),
                        console=_console())
     members = pd.read_parquet(os.path.join(out, "members.parquet"))
-    assert members["checkpoint"].str.startswith(str(moved)).all()
+    assert members["best_checkpoint"].str.startswith(str(moved)).all()
 
 
 # ----------------------------------------------------------------------------- trusted state

@@ -21,7 +21,7 @@ Outputs, under ``<experiment>/ensemble/`` or ``out`` (every file written atomica
 everything has been computed, so a failure leaves no partial file behind)::
 
     members.parquet            rank, trial_id, weight, picks, best_val_loss, best_epoch, status,
-                               val_study_kappa, val_study_log_loss, checkpoint, then every
+                               val_study_kappa, val_study_log_loss, best_checkpoint, then every
                                TrialConfig field (from the checkpoint's trial.json)
     study_predictions.parquet  study_id, patient_id, body_part, split, label, n_images,
                                prob, pred (the ensemble), prob_<trial_id> per member
@@ -34,6 +34,9 @@ everything has been computed, so a failure leaves no partial file behind)::
     worklist.csv               the test studies, most likely abnormal first: rank, study_id,
                                patient_id, body_part, prob, pred, label
     ensemble.json              the settings of the run and the member weights (written last)
+
+Every column's type, and ensemble.json's keys, are in :mod:`raysearch.experiment.schema`
+(rendered in docs/SCHEMAS.md); the files are written through it.
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ from raysearch.experiment import (
     read_manifest,
     read_trials,
 )
-from raysearch.storage import atomic_write_parquet, atomic_write_text, is_url, join
+from raysearch.experiment import schema as S
+from raysearch.experiment.schema import write_parquet
+from raysearch.storage import atomic_write_text, is_url, join
 
 __all__ = ["METRIC_COLUMNS", "category_table", "ensemble_frames", "run_ensemble", "select_members", "worklist"]
 
@@ -232,7 +237,7 @@ def members_frame(
             "status": str(t["status"]) if "status" in t else None,
             "val_study_kappa": float(t["val_study_kappa"]) if "val_study_kappa" in t else math.nan,
             "val_study_log_loss": float(loss),
-            "checkpoint": m.checkpoint,
+            "best_checkpoint": m.checkpoint,
             **m.config.to_dict(),
         })
     return pd.DataFrame(rows)
@@ -358,10 +363,11 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, console) 
     }
 
     # --- write (each file atomically; ensemble.json last marks a complete run)
-    atomic_write_parquet(members_df, join(out_dir, "members.parquet"))
-    atomic_write_parquet(studies, join(out_dir, "study_predictions.parquet"))
-    atomic_write_parquet(images, join(out_dir, "image_predictions.parquet"))
-    atomic_write_parquet(metrics, join(out_dir, "category_metrics.parquet"))
+    g = task.group
+    write_parquet(members_df, join(out_dir, "members.parquet"), S.MEMBERS)
+    write_parquet(studies, join(out_dir, "study_predictions.parquet"), S.STUDY_PREDICTIONS, group=g)
+    write_parquet(images, join(out_dir, "image_predictions.parquet"), S.IMAGE_PREDICTIONS, group=g)
+    write_parquet(metrics, join(out_dir, "category_metrics.parquet"), S.CATEGORY_METRICS, group=g)
     atomic_write_text(join(out_dir, "worklist.csv"), worklist(studies, task).to_csv(index=False))
     atomic_write_text(join(out_dir, "ensemble.json"), json.dumps(summary, indent=1))
     _print_tables(name, members_df, metrics, task, console=console)

@@ -286,8 +286,9 @@ def results_tables(rows: list[dict[str, Any]], frames: list):
 
 def write_results(exp_dir: str, trials, epochs) -> None:
     """Write ``epochs.parquet`` and then ``trials.parquet`` (atomically each; trials last, as
-    readers take its presence to mean the results are there)."""
-    from raysearch.storage import atomic_write_parquet
+    readers take its presence to mean the results are there), each column with the Arrow type
+    :mod:`raysearch.experiment.schema` gives it."""
+    from raysearch.experiment.schema import EPOCHS, TRIALS, write_parquet
 
-    atomic_write_parquet(epochs, join(exp_dir, "epochs.parquet"))
-    atomic_write_parquet(trials, join(exp_dir, "trials.parquet"))
+    write_parquet(epochs, join(exp_dir, "epochs.parquet"), EPOCHS)
+    write_parquet(trials, join(exp_dir, "trials.parquet"), TRIALS)

@@ -21,6 +21,7 @@ from raysearch.evaluation import metrics as M
 from raysearch.experiment import find_experiment
 from raysearch.storage import atomic_write_bytes, atomic_write_parquet, atomic_write_text, join
 from raysearch.storage import read_parquet as read_pq
+from tests.test_schema import assert_matches_schema
 
 # trial id -> best val_loss; "t_failed" never wrote a checkpoint
 LOSSES = {"t_a": 0.52, "t_b": 0.31, "t_c": 0.70, "t_d": 0.44, "t_e": 0.61}
@@ -253,8 +254,10 @@ def test_run_top_writes_every_file_with_the_documented_columns(top_run):
     members = pd.read_parquet(join(out, "members.parquet"))
     assert members["trial_id"].tolist() == ["t_b", "t_d", "t_a"]  # the 3 lowest val_loss
     assert np.allclose(members["weight"], 1 / 3)
-    for col in ("trial_id", "weight", "best_val_loss", "arch", "image_size", "lr", "checkpoint"):
+    for col in ("trial_id", "weight", "best_val_loss", "arch", "image_size", "lr",
+                "best_checkpoint"):  # trials.parquet's name for the checkpoint column
         assert col in members.columns
+    assert_matches_schema(out)
     member_cols = ["prob_t_b", "prob_t_d", "prob_t_a"]
     studies = pd.read_parquet(join(out, "study_predictions.parquet"))
     assert list(studies.columns) == [
