@@ -65,7 +65,7 @@ def _fake_run(exp: Path, trial_id: str, *, epochs: int, cfg: TrialConfig) -> Non
             "val_study_accuracy": 0.5, "val_study_kappa": 0.1 * epoch, "val_kappa_WRIST": 0.2,
             "val_auc_WRIST": 0.6, "best_val_loss": 0.7 - 0.1 * epoch, "lr": 1e-3,
             "epoch_time_s": 1.0, "val_time_s": 0.5, "train_images_per_s": 10.0,
-            "early_stopped": False, "reported_at": 1.7e9 + epoch, "node_id": "n1",
+            "early_stopped": False, "reported_at": 1796102459.222519636 + epoch, "node_id": "n1",
         })
         d = exp / f"train-{trial_id}" / f"checkpoint_{epoch - 1:06d}"
         d.mkdir(parents=True)
@@ -92,7 +92,8 @@ def test_trials_and_epochs_have_fixed_types_whether_or_not_a_trial_failed(tmp_pa
     assert trials.field("error").type == pa.string() and trials.field("rotation").type == pa.float64()
     epochs = pd.read_parquet(tmp_path / "epochs.parquet")
     assert str(epochs["reported_at"].dtype) == "datetime64[us, UTC]"
-    assert epochs["reported_at"].iloc[-1] == pd.Timestamp(1.7e9 + 2, unit="s", tz="UTC")
+    # time.time() seconds, to the microsecond
+    assert epochs["reported_at"].iloc[-1] == pd.Timestamp("2026-12-01 05:21:01.222519", tz="UTC")
     # the last epoch's checkpoint carries its own write time (it was empty on every last epoch)
     assert epochs["checkpoint_write_s"].notna().all() and (epochs["checkpoint_write_s"] > 0).all()
     last = json.loads((tmp_path / "train-t1" / "checkpoint_000001" / "metrics.json").read_text())

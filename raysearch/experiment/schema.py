@@ -128,10 +128,13 @@ def conform(df, schema: FileSchema, *, group: str | None = None, required: bool 
             if "<" not in col.name and col.name != "label_name" and col.name not in out:
                 out[col.name] = pd.Series([None] * len(out), dtype=object)
     for col in schema.all_columns():
-        if col.name in out and pa.types.is_timestamp(col.type) and not isinstance(
-            out[col.name].dtype, pd.DatetimeTZDtype
-        ):
-            out[col.name] = pd.to_datetime(out[col.name], unit="s", utc=True)
+        if col.name in out and pa.types.is_timestamp(col.type):
+            values = out[col.name]
+            if not pd.api.types.is_datetime64_any_dtype(values):
+                values = pd.to_datetime(values, unit="s", utc=True)  # time.time() seconds
+            # whole microseconds, the column's unit (time.time() carries sub-µs float noise)
+            out[col.name] = pd.to_datetime(values, utc=True).dt.floor("us").astype(
+                "datetime64[us, UTC]")
     return out, arrow_schema(schema, list(out.columns), group=group)
 
 
