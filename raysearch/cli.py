@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from raysearch import __version__
-from raysearch.errors import RaysearchError
+from raysearch.errors import ConfigError, RaysearchError
 
 
 def _console():
@@ -33,18 +33,28 @@ def _stdout_console():
 
 
 def cmd_data(args) -> int:
-    from raysearch.data.mura import read_mura, summary_table
+    from raysearch.config import DataConfig
+    from raysearch.data.mura import read_mura, skipped_counts, skipped_frame, summary_table
     from raysearch.storage import atomic_write_parquet
 
-    manifest = read_mura(
-        args.root, val_fraction=args.val_fraction, seed=args.seed, skip_bad=args.skip_bad
-    )
+    data, source = DataConfig(root=args.root or ""), ""
+    if args.space:  # the split the search will use: its root, val_fraction, seed, skip_bad
+        from raysearch.search.space import load_search_space
+
+        data, source = load_search_space(args.space, data_root=args.root).data, f" ({args.space})"
+    elif not args.root:
+        raise ConfigError("data: give the dataset folder, or --space SPACE to read it from a space")
+    val_fraction = data.val_fraction if args.val_fraction is None else args.val_fraction
+    seed = data.seed if args.seed is None else args.seed
+    manifest = read_mura(data.root, val_fraction=val_fraction, seed=seed,
+                         skip_bad=args.skip_bad or data.skip_bad)  # fmt: skip
     out = _stdout_console()
     out.print(summary_table(manifest))
-    skipped = manifest.attrs.get("skipped")
-    if skipped is not None and len(skipped):
-        _console().print(f"[yellow]left out {len(skipped)} bad image(s) (--skip-bad)[/]")
-        for reason, n in skipped["reason"].value_counts().items():
+    out.print(f"split: val_fraction {val_fraction:g} of the official train patients, "
+              f"seed {seed}{source}")  # fmt: skip
+    if counts := skipped_counts(manifest):
+        _console().print(f"[yellow]left out {counts} (--skip-bad)[/]")
+        for reason, n in skipped_frame(manifest)["reason"].value_counts().items():
             _console().print(f"  {n} x {reason}")
     unlisted = manifest.attrs.get("unlisted", 0)
     if unlisted:
@@ -253,12 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     verbose = "show Ray's own logs"
 
     s = _command(sub, "data", help="validate a MURA-v1.1 dataset and summarise it", common=common,
-                 examples=("raysearch data demo_data", ("raysearch data /data/MURA-v1.1 --skip-bad "
-                            "--out manifest.parquet")))
-    s.add_argument("root", help="the MURA-v1.1 folder or its parent (path or URL)")
-    s.add_argument("--val-fraction", type=float, default=0.1,
-                   help="fraction of the training patients held out for validation")
-    s.add_argument("--seed", type=int, default=0, help="seed of the patient split")
+                 examples=("raysearch data demo_data", "raysearch data --space demo",
+                           "raysearch data /data/MURA-v1.1 --skip-bad --out manifest.parquet"))
+    s.add_argument("root", nargs="?", help="the MURA-v1.1 folder or its parent (path or URL); "
+                   "with --space, overrides the space's data.root")
+    s.add_argument("--space", help="read root, val_fraction, seed and skip_bad from this search "
+                   "space's `data:` section, so the split shown is the one `tune` uses")
+    s.add_argument("--val-fraction", type=float, default=None,
+                   help="patients of official train held out for val (default: the space's, "
+                   "else 0.1)")
+    s.add_argument("--seed", type=int, default=None, help="split seed (default: the space's, else 0)")
     s.add_argument("--skip-bad", action="store_true", help="leave out bad images and say how many")
     s.add_argument("--out", help="write the manifest to this Parquet file")
     s.set_defaults(func=cmd_data)
@@ -434,7 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RaysearchError as e:
         if debug:
             raise
-        print(f"raysearch: error: {e}", file=sys.stderr)
+        from raysearch.errors import plain  # messages may quote a library's coloured text
+
+        print(f"raysearch: error: {plain(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("raysearch: interrupted; run the same command to resume", file=sys.stderr)

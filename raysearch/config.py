@@ -58,6 +58,12 @@ MAX_FAILURES = 100  # retries of one trial
 MAX_FP_BIAS = 1e6
 
 
+# Keys that earlier releases wrote into every saved trial config and that are no longer settings:
+# fail_at_epoch and fail_mode were test hooks (faults are now injected by the worker's
+# RAYSEARCH_FAULTS_FILE, see raysearch.train.worker), never meant for users.
+RETIRED_TRIAL_KEYS = ("fail_at_epoch", "fail_mode")
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     """Everything one trial needs to train; travels inside every checkpoint.
@@ -94,16 +100,12 @@ class TrialConfig:
     brightness: float | None = None
     contrast: float | None = None
     seed: int = 0
-    # Fault injection for testing fault tolerance: raise at this epoch ("nan" makes the loss NaN).
-    fail_at_epoch: int | None = None
-    fail_mode: str = "raise"
 
     def __post_init__(self) -> None:
         check_choice("arch", self.arch, _architectures())
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
-        check_choice("fail_mode", self.fail_mode, ("raise", "nan"))
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}", key="dropout")
         check_range("image_size", self.image_size, 16, MAX_IMAGE_SIZE)
@@ -126,8 +128,6 @@ class TrialConfig:
             )
         check_range("precise_bn_images", self.precise_bn_images, 0, MAX_PRECISE_BN_IMAGES)
         check_range("seed", self.seed, 0, MAX_SEED)
-        if self.fail_at_epoch is not None:
-            check_range("fail_at_epoch", self.fail_at_epoch, 1, MAX_EPOCHS)
         self.augment_params()  # validates the preset and overrides
         if self.weights not in ("none", "imagenet") and not is_url(self.weights):
             # Trials run in another working directory: a relative weights path must be absolute.
@@ -151,7 +151,15 @@ class TrialConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, path: str = "") -> TrialConfig:
+        """A config from user input (YAML, CLI, a space's sample): unknown keys are refused."""
         return build(cls, data, path=path)
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any], *, path: str = "") -> TrialConfig:
+        """A config saved by raysearch (a checkpoint's ``trial.json``, a resumed trial): as
+        :meth:`from_dict`, but keys that earlier releases saved and this one retired
+        (:data:`RETIRED_TRIAL_KEYS`) are dropped, so that old experiments stay readable."""
+        return build(cls, {k: v for k, v in data.items() if k not in RETIRED_TRIAL_KEYS}, path=path)
 
 
 @dataclass(frozen=True)

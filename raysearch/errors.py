@@ -8,6 +8,7 @@ thing (a path, a key, a trial).
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Sequence
 
 
@@ -115,9 +116,25 @@ def name_some(items: Sequence[object], *, limit: int = 3) -> str:
     return f"{shown} (+{rest} more)" if rest > 0 else shown
 
 
+# Terminal escape sequences (ECMA-48): CSI (colours, cursor moves: ESC [ ... final byte), OSC
+# (titles, hyperlinks: ESC ] ... BEL or ESC \\), and two-byte escapes; then C0 controls other
+# than tab and newline, and DEL. torch and Ray colour some messages (e.g. "\x1b[31mERROR\x1b[0m").
+_ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|[\x00-\x08\x0b-\x1f\x7f]"
+)
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal escape sequences (ANSI colours, cursor moves, OSC links) or
+    control characters other than tab and newline, so that an error line reads the same in a
+    terminal, a log file and a Parquet column."""
+    return _ESCAPES.sub("", text)
+
+
 def first_line(error: BaseException) -> str:
     """The first non-empty line of ``error``'s message, or of the first exception in its cause
     (``__cause__``, then ``__context__``) chain that has one; the type name when none has.
+    Terminal escapes (colour codes) are removed (:func:`plain`).
 
     Ray's ``ControllerError`` and many wrappers carry an empty message and keep the real reason in
     their cause.
@@ -126,7 +143,7 @@ def first_line(error: BaseException) -> str:
     e: BaseException | None = error
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        for line in str(e).splitlines():
+        for line in plain(str(e)).splitlines():
             if line.strip():
                 return line.strip()
         e = e.__cause__ or e.__context__

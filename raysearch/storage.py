@@ -199,8 +199,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_parquet(df: Any, path: str | os.PathLike) -> str:
-    """Write a pandas DataFrame as Parquet, atomically.
+def atomic_write_parquet(df: Any, path: str | os.PathLike, *, schema: Any = None) -> str:
+    """Write a pandas DataFrame as Parquet, atomically; ``schema`` (a ``pyarrow.Schema``) fixes
+    each column's type (see :mod:`raysearch.experiment.schema`), else pandas infers them.
 
     ``DataFrame.attrs`` (e.g. the reader's list of skipped images) is run-time information, not
     part of any file schema, and pandas cannot always serialise it: it is left out.
@@ -209,7 +210,7 @@ def atomic_write_parquet(df: Any, path: str | os.PathLike) -> str:
     if df.attrs:
         df = df.copy(deep=False)
         df.attrs = {}
-    df.to_parquet(buf, index=False)
+    df.to_parquet(buf, index=False, schema=schema)
     return atomic_write_bytes(path, buf.getvalue())
 
 

@@ -17,6 +17,9 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("RAYSEARCH_TRUST_KEY", "raysearch-test-session")
 os.environ.setdefault("RAYSEARCH_LOG_DIR", tempfile.mkdtemp(prefix="raysearch-logs-"))
 
+# Fault injection (tests/faults.py) sets its environment variable on import: before Ray starts.
+import tests.faults  # noqa: F401
+
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> str:
@@ -80,8 +83,9 @@ trial: {{weights: none, batch_size: 16, augment: light, image_size: 32, arch: mo
 space:
   lr: {{choice: [0.001, 0.003, 0.01, 0.03]}}
   dropout: {{uniform: [0.0, 0.3]}}
-  # Fault injection: every trial with lr 0.03 raises in its first epoch; the search must go on.
-  fail_at_epoch: {{constant: 1, when: {{lr: [0.03]}}}}
+  # A conditional parameter (the search space's `when`). Fault injection: every trial with lr 0.03
+  # raises in its first epoch (tests/faults.py); the search must go on.
+  fp_bias: {{constant: 1.0, when: {{lr: [0.03]}}}}
 """
 
 

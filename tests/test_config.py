@@ -121,6 +121,42 @@ def test_trial_config_errors():
         TrialConfig.from_dict({"colour": 1})
 
 
+@pytest.mark.parametrize("hook", ["fail_at_epoch", "fail_mode"])
+def test_internal_test_hooks_are_not_user_parameters(hook):
+    """fail_at_epoch / fail_mode were fault-injection hooks in the trial config: listed among the
+    allowed keys and written to trials.parquet. They are no settings now, anywhere."""
+    from dataclasses import fields
+
+    assert hook not in {f.name for f in fields(TrialConfig)}
+    assert hook not in TrialConfig().to_dict()  # so not a trials.parquet column either
+    for raw in (spec_with(f"trial.{hook}", 1), spec_with(f"space.{hook}", {"constant": 1})):
+        with pytest.raises(ConfigError) as info:
+            parse_search_space(raw)
+        assert "unknown" in str(info.value) and hook not in str(info.value).split("allowed", 1)[1]
+    # a config saved by an earlier release, which wrote both keys, still reads
+    saved = {**TrialConfig(lr=0.01).to_dict(), "fail_at_epoch": None, "fail_mode": "raise"}
+    assert TrialConfig.from_saved(saved) == TrialConfig(lr=0.01)
+    with pytest.raises(ConfigError, match=f"unknown key `{hook}`"):
+        TrialConfig.from_dict({hook: 1})
+
+
+def test_faults_are_injected_by_the_worker_environment(tmp_path, monkeypatch):
+    import json
+
+    from raysearch.train.worker import FAULTS_ENV, injected_fault
+
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps([{"when": {"lr": 0.03}, "epoch": 2, "mode": "nan"},
+                                  {"epoch": 1}]))  # fmt: skip
+    monkeypatch.setenv(FAULTS_ENV, str(faults))
+    assert injected_fault({"lr": 0.03, "arch": "resnet18"}) == (2, "nan")
+    assert injected_fault({"lr": 0.01}) == (1, "raise")
+    faults.write_text("[]")
+    assert injected_fault({"lr": 0.03}) is None
+    monkeypatch.delenv(FAULTS_ENV)
+    assert injected_fault({"lr": 0.03}) is None
+
+
 def test_yaml_scientific_notation_without_dot_is_a_float():
     # PyYAML reads `1e-4` as a string; the config must still accept it for float fields.
     assert TrialConfig.from_dict({"lr": "1e-4"}).lr == 1e-4
@@ -217,7 +253,6 @@ TOO_BIG_TRIAL = [
     ({"weight_decay": 10.0}, "weight_decay must be <= 1.0, got 10.0"),
     ({"seed": -1}, "seed must be >= 0, got -1"),
     ({"seed": 2**40}, "seed must be <= 4294967295, got 1099511627776"),
-    ({"fail_at_epoch": 0}, "fail_at_epoch must be >= 1, got 0"),
 ]  # fmt: skip
 
 
@@ -351,8 +386,6 @@ BAD_FIELD = {
     "brightness": "bright",
     "contrast": 2.0,
     "seed": -1,
-    "fail_at_epoch": 0,
-    "fail_mode": "explode",
 }
 
 

@@ -32,6 +32,7 @@ from raysearch.errors import (
     StorageError,
     WeightsError,
 )
+from tests.faults import inject_faults
 
 
 def _console() -> Console:
@@ -299,12 +300,12 @@ def test_a_search_whose_every_trial_failed_exits_1_with_the_most_common_error(
 
     raw = yaml.safe_load(FULL_SPACE.format(root=tiny_root, storage=tmp_path / "S"))
     raw["resources"]["max_concurrent"] = 2  # the session's Ray has 2 CPUs: both at once
-    raw["trial"]["fail_at_epoch"] = 1
-    with pytest.raises(SearchFailedError) as e:
+    raw["trial"]["seed"] = 4242  # the mark of this test's trials for the injected fault
+    with inject_faults({"when": {"seed": 4242}, "epoch": 1}), pytest.raises(SearchFailedError) as e:
         run_search(parse_search_space(raw), console=_console())
     assert e.value.exit_code == 1
     assert str(e.value) == ("all 2 trials failed; the most common error (2 of them): "
-                            "RuntimeError: injected failure at epoch 1 (fail_at_epoch)")
+                            "RuntimeError: injected failure at epoch 1 (RAYSEARCH_FAULTS_FILE)")
     info = json.loads((tmp_path / "S" / "full" / "experiment.json").read_text())
     assert info["state"] == "failed"
 
@@ -328,6 +329,39 @@ def test_an_error_with_an_empty_message_prints_its_cause(capsys, monkeypatch):
     assert err.startswith("raysearch: unexpected ControllerError: worker group could not start: "
                           "0 of 1 GPUs available (run with --debug")
     assert err.count("\n") == 0
+
+
+class _Pickled:  # a class torch's weights_only unpickler refuses, with a coloured message
+    pass
+
+
+def test_error_lines_carry_no_terminal_colour_codes(tmp_path, capsys, monkeypatch):
+    """torch's weights_only refusal colours part of its message (ESC [1m ... ESC [0m); neither a
+    raysearch error nor the CLI line may carry the escapes."""
+    import torch
+
+    from raysearch import cli
+    from raysearch.errors import first_line, plain
+    from raysearch.models.weights import load_weights_file
+
+    path = tmp_path / "pickled.pth"
+    torch.save({"a": _Pickled()}, path)
+    with pytest.raises(WeightsError) as info:
+        load_weights_file(str(path), arch="resnet18")
+    assert "weights_only" in str(info.value) and "\x1b" not in str(info.value)
+    assert "do those steps only if you trust" in str(info.value)  # the words stay, the codes go
+
+    coloured = "\x1b[1m\x1b[31mbad\x1b[0m value \x1b]8;;https://x\x1b\\link\x1b]8;;\x1b\\ here\r"
+    assert plain(coloured) == "bad value link here"
+    assert first_line(RuntimeError("\x1b[0m\n" + coloured)) == "bad value link here"
+    for raised, code in ((WeightsError(coloured), 2), (RuntimeError(coloured), 1)):
+        def boom(args, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(cli, "cmd_data", boom)
+        assert cli.main(["data", "x"]) == code
+        err = capsys.readouterr().err
+        assert "bad value link here" in err and "\x1b" not in err and "\r" not in err
 
 
 # ----------------------------------------------------------------------------- quiet by default
@@ -384,7 +418,7 @@ def test_a_moved_experiment_can_be_ensembled(small_experiment, tmp_path):
     assert trials["best_checkpoint"].dropna().str.startswith("train-").all()
     out = run_ensemble(experiment=str(moved), top=2, n_boot=10, console=_console())
     members = pd.read_parquet(os.path.join(out, "members.parquet"))
-    assert members["checkpoint"].str.startswith(str(moved)).all()
+    assert members["best_checkpoint"].str.startswith(str(moved)).all()
 
     # An experiment written before paths were relative: absolute paths into a folder that is gone.
     trials["best_checkpoint"] = [
@@ -394,7 +428,7 @@ def test_a_moved_experiment_can_be_ensembled(small_experiment, tmp_path):
     out = run_ensemble(experiment=str(moved), top=2, n_boot=10, out=str(tmp_path / "e2"),
                        console=_console())
     members = pd.read_parquet(os.path.join(out, "members.parquet"))
-    assert members["checkpoint"].str.startswith(str(moved)).all()
+    assert members["best_checkpoint"].str.startswith(str(moved)).all()
 
 
 # ----------------------------------------------------------------------------- trusted state

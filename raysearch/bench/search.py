@@ -25,6 +25,7 @@ from rich.table import Table
 
 from raysearch.bench.pipeline import demo_root
 from raysearch.errors import ConfigError, ExperimentExistsError
+from raysearch.experiment.schema import unix_seconds
 from raysearch.storage import join, read_parquet
 
 __all__ = ["BENCH_SCHEDULER", "BENCH_TRIALS", "bench_search"]
@@ -107,7 +108,7 @@ def _trial_curves(epochs) -> tuple[list, int]:
         # The time inside each epoch (reported_at gaps would also hold a killed driver's downtime).
         seconds = (g["epoch_time_s"] + g["val_time_s"]
                    + g.get("checkpoint_write_s", 0.0)).to_numpy(float)
-        at = g["reported_at"].to_numpy(float)  # time.time() of each report
+        at = unix_seconds(g["reported_at"])  # time.time() of each report
         curves.append((at[0] - seconds[0], tid, g["val_loss"].to_numpy(float), seconds))
         spans += [(at[0] - seconds[0], 1), (at[-1], -1)]
     curves.sort(key=lambda c: c[0])

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raysearch.errors import DataError
+from raysearch.errors import DataError, first_line
 
 __all__ = ["MAX_PIXELS", "DicomImage", "dicom_hints", "is_dicom", "read_dicom"]
 
@@ -61,18 +61,18 @@ def read_dicom(raw: bytes, *, name: str = "<bytes>") -> DicomImage:
     try:
         header = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True, force=False)
     except Exception as e:  # noqa: BLE001 - pydicom raises many types on a broken header
-        raise DataError(f"cannot read DICOM {name}: {str(e).splitlines()[0][:200]}") from None
+        raise DataError(f"cannot read DICOM {name}: {first_line(e)[:200]}") from None
     _check_header(header, name=name)
     try:
         ds = pydicom.dcmread(io.BytesIO(raw))
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"cannot read DICOM {name}: {str(e).splitlines()[0][:200]}") from None
+        raise DataError(f"cannot read DICOM {name}: {first_line(e)[:200]}") from None
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise DataError(f"DICOM {name} holds no pixel data")
     try:
         arr = ds.pixel_array
     except Exception as e:  # noqa: BLE001 - decoder plugins raise many types
-        text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        text = first_line(e)[:200]
         if "plugin" in text.lower() or "decod" in text.lower() or "handler" in text.lower():
             raise DataError(
                 f"cannot decode DICOM {name} ({ds.file_meta.TransferSyntaxUID.name}): {text}; "

@@ -13,8 +13,9 @@ one row per image and these columns, in this order (later stages may rely on the
     label           int, 1 abnormal / 0 normal (per study, copied to each of its images)
 
 Rows are sorted by (official_split, study_id, view). ``manifest.attrs`` carries what was not
-used: ``"unlisted"`` (number of files on disk that no CSV lists) and ``"skipped"`` (a DataFrame
-with columns path, reason: what ``skip_bad=True`` left out, paths as written in the CSVs).
+used: ``"unlisted"`` (number of PNG files on disk that no CSV lists; other files are not counted)
+and ``"skipped"`` (a DataFrame with columns path, reason, entry: what ``skip_bad=True`` left
+out, paths as written in the CSVs, entry "image" or "study" for the CSV row it is).
 pandas cannot store a DataFrame in Parquet metadata, so clear ``attrs`` before ``to_parquet``.
 
 The CSVs are the source of truth and every disagreement with the files is reported: by default
@@ -34,6 +35,7 @@ from rich.table import Table
 
 from raysearch import storage
 from raysearch.data.dataset import Task
+from raysearch.data.integrity import image_problem
 from raysearch.data.roots import find_mura_root
 from raysearch.data.split import split_patients
 from raysearch.errors import ConfigError, DataError, name_some, os_reason
@@ -44,6 +46,7 @@ __all__ = [
     "MURA_TASK",
     "find_mura_root",
     "read_mura",
+    "skipped_counts",
     "skipped_frame",
     "split_patients",
     "summarize",
@@ -68,8 +71,6 @@ _STUDY_RE = re.compile(
     r"(?P<study>study\d+)_(?P<folder_label>positive|negative)$"
 )
 _IMAGE_RE = re.compile(r"^(?P<study_dir>.+)/image(?P<view>\d+)\.png$")
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every complete PNG
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,8 +92,8 @@ def read_mura(
     """Read a MURA-v1.1 dataset into an image manifest (see the module docstring).
 
     Official valid becomes ``test``; official train is split by patient into ``train`` and
-    ``val`` (``val_fraction`` of the patients, stratified, seeded). ``check_images`` reads the
-    first and last bytes of every PNG to catch empty or truncated files. Problems raise one
+    ``val`` (``val_fraction`` of the patients, stratified, seeded). ``check_images`` finds the IEND
+    chunk of every PNG to catch empty or truncated files (bytes after IEND are fine). Problems raise one
     ``DataError`` line, unless ``skip_bad`` leaves the offending images (and studies) out and
     records them in ``manifest.attrs["skipped"]``.
     """
@@ -105,10 +106,12 @@ def read_mura(
 
     problems: list[tuple[str, str]] = []  # (path as written in the CSV, reason)
     images, studies = [], []
+    study_rows: set[str] = set()  # problems that are rows of a labeled_studies CSV, not images
     for official in OFFICIAL_SPLITS:
         s, p = _read_studies(fs, root_path, official)
         studies.append(s)
         problems += p
+        study_rows |= {path for path, _ in p}
         i, p = _read_images(fs, root_path, official)
         images.append(i)
         problems += p
@@ -125,6 +128,7 @@ def read_mura(
         images = images.drop(index=images.index[[i for i, _ in bad]])
     images, studies, p = _drop_empty_studies(images, studies)
     problems += p
+    study_rows |= {path for path, _ in p}
 
     if problems and not skip_bad:
         raise DataError(_problem_line(root, problems))
@@ -136,11 +140,13 @@ def read_mura(
 
     manifest = _build_manifest(root, images, studies, val_fraction=val_fraction, seed=seed)
     listed = set(images["rel"]) | {_strip_first(path) for path, _ in problems}
-    listed |= {
-        f"{o}_{kind}.csv" for o in OFFICIAL_SPLITS for kind in ("image_paths", "labeled_studies")
-    }
-    manifest.attrs["unlisted"] = sum(rel not in listed for rel in sizes)
-    manifest.attrs["skipped"] = pd.DataFrame(problems, columns=["path", "reason"])
+    # Only PNGs count: CSVs, notes and .DS_Store files are not images a CSV could have listed.
+    manifest.attrs["unlisted"] = sum(
+        rel not in listed for rel in sizes if rel.lower().endswith(".png")
+    )
+    skipped = pd.DataFrame(problems, columns=["path", "reason"])
+    skipped["entry"] = ["study" if p in study_rows else "image" for p in skipped["path"]]
+    manifest.attrs["skipped"] = skipped
     return manifest
 
 
@@ -305,23 +311,18 @@ def _drop_empty_studies(images: pd.DataFrame, studies: pd.DataFrame):
 def _check_pngs(
     fs, root_path: str, rels: list[str], sizes: dict[str, int]
 ) -> list[tuple[int, str]]:
-    """(row index, reason) for files that are not complete PNGs; reads only head and tail bytes."""
+    """(row index, reason) for files that are not complete PNGs, judged by finding the IEND
+    chunk (:mod:`raysearch.data.integrity`): head and tail bytes, the whole file only when the
+    tail is not IEND (padding after it is fine, as it is for the decoder)."""
 
     def check(i: int) -> tuple[int, str] | None:
-        rel, size = rels[i], sizes[rels[i]]
-        if size < len(_PNG_SIGNATURE) + len(_PNG_IEND):
-            return i, f"not a readable PNG ({size} bytes)"
-        path = f"{root_path}/{rel}"
+        path = f"{root_path}/{rels[i]}"
         try:
-            head = fs.cat_file(path, start=0, end=len(_PNG_SIGNATURE))
-            tail = fs.cat_file(path, start=size - len(_PNG_IEND), end=size)
+            reason = image_problem(lambda a, b: fs.cat_file(path, start=a, end=b),
+                                   sizes[rels[i]], expect="PNG")  # fmt: skip
         except OSError as e:
             return i, f"cannot read image: {e}"
-        if head != _PNG_SIGNATURE:
-            return i, "not a PNG (bad signature)"
-        if tail != _PNG_IEND:
-            return i, "truncated PNG (no IEND chunk at the end)"
-        return None
+        return None if reason is None else (i, reason)
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         return [r for r in pool.map(check, range(len(rels)), chunksize=64) if r is not None]
@@ -365,11 +366,30 @@ def _build_manifest(root, images, studies, *, val_fraction: float, seed: int) ->
 
 
 def skipped_frame(manifest: pd.DataFrame) -> pd.DataFrame:
-    """What ``read_mura(skip_bad=True)`` left out, as a DataFrame with columns path, reason."""
+    """What ``read_mura(skip_bad=True)`` left out, as a DataFrame with columns path, reason,
+    entry ("image" or "study": which CSV's row it is)."""
     skipped = manifest.attrs.get("skipped")
     if skipped is None:
-        return pd.DataFrame(columns=["path", "reason"])
-    return pd.DataFrame(skipped, columns=["path", "reason"])
+        return pd.DataFrame(columns=["path", "reason", "entry"])
+    out = pd.DataFrame(skipped)
+    if "entry" not in out:  # a frame from before the entry column: paths tell images apart
+        out["entry"] = ["image" if str(p).lower().endswith(".png") else "study" for p in out["path"]]
+    return out[["path", "reason", "entry"]]
+
+
+def skipped_counts(manifest: pd.DataFrame) -> str:
+    """What ``skip_bad`` left out, in words: "3 images and 1 study", "" when nothing.
+
+    Images and studies are counted apart: a left-out study is one row of a labeled_studies
+    CSV, not an image (its images, if any, are counted as images).
+    """
+    entries = skipped_frame(manifest)["entry"]
+    parts = []
+    for entry, plural in (("image", "images"), ("study", "studies")):
+        n = int((entries == entry).sum())
+        if n:
+            parts.append(f"{n} {entry if n == 1 else plural}")
+    return " and ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,8 +452,8 @@ def summary_table(manifest: pd.DataFrame, *, title: str = "MURA manifest") -> Ta
             end_section=total,
         )  # fmt: skip
     notes = []
-    if len(skipped := skipped_frame(manifest)):
-        notes.append(f"left out {len(skipped)} bad entr{'ies' if len(skipped) != 1 else 'y'}")
+    if counts := skipped_counts(manifest):
+        notes.append(f"left out {counts}")
     if manifest.attrs.get("unlisted"):
         notes.append(f"{manifest.attrs['unlisted']} PNG files on disk are in no CSV")
     if notes:

@@ -22,13 +22,12 @@ def read_dataset(data, *, console=None) -> tuple[pd.DataFrame, Task]:
     Every problem with the data raises one :class:`~raysearch.errors.DataError` line, unless
     ``data.skip_bad`` leaves the bad images out; ``console`` is told how many.
     """
-    from raysearch.data.mura import MURA_TASK, read_mura
+    from raysearch.data.mura import MURA_TASK, read_mura, skipped_counts
 
     manifest = read_mura(data.root, val_fraction=data.val_fraction, seed=data.seed,
                          skip_bad=data.skip_bad)
-    skipped = manifest.attrs.get("skipped")
-    if console is not None and skipped is not None and len(skipped):
-        console.print(f"[yellow]left out {len(skipped)} bad images (--skip-bad)[/]")
+    if console is not None and (counts := skipped_counts(manifest)):
+        console.print(f"[yellow]left out {counts} (--skip-bad)[/]")
     return manifest, MURA_TASK
 
 

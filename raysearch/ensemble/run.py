@@ -21,7 +21,7 @@ Outputs, under ``<experiment>/ensemble/`` or ``out`` (every file written atomica
 everything has been computed, so a failure leaves no partial file behind)::
 
     members.parquet            rank, trial_id, weight, picks, best_val_loss, best_epoch, status,
-                               val_study_kappa, val_study_log_loss, checkpoint, then every
+                               val_study_kappa, val_study_log_loss, best_checkpoint, then every
                                TrialConfig field (from the checkpoint's trial.json)
     study_predictions.parquet  study_id, patient_id, body_part, split, label, n_images,
                                prob, pred (the ensemble), prob_<trial_id> per member
@@ -34,6 +34,9 @@ everything has been computed, so a failure leaves no partial file behind)::
     worklist.csv               the test studies, most likely abnormal first: rank, study_id,
                                patient_id, body_part, prob, pred, label
     ensemble.json              the settings of the run and the member weights (written last)
+
+Every column's type, and ensemble.json's keys, are in :mod:`raysearch.experiment.schema`
+(rendered in docs/SCHEMAS.md); the files are written through it.
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ from raysearch.experiment import (
     read_manifest,
     read_trials,
 )
-from raysearch.storage import atomic_write_parquet, atomic_write_text, is_url, join
+from raysearch.experiment import schema as S
+from raysearch.experiment.schema import write_parquet
+from raysearch.storage import atomic_write_text, is_url, join
 
 __all__ = ["METRIC_COLUMNS", "category_table", "ensemble_frames", "run_ensemble", "select_members", "worklist"]
 
@@ -232,13 +237,23 @@ def members_frame(
             "status": str(t["status"]) if "status" in t else None,
             "val_study_kappa": float(t["val_study_kappa"]) if "val_study_kappa" in t else math.nan,
             "val_study_log_loss": float(loss),
-            "checkpoint": m.checkpoint,
+            "best_checkpoint": m.checkpoint,
             **m.config.to_dict(),
         })
     return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- the command
+
+
+def _top_shortfall(top: int, n_usable: int, n_trials: int) -> str:
+    """The line for ``--top`` larger than the trials with a usable checkpoint: what was asked,
+    what there is, and what is used; trials without one are counted only when there are any."""
+    none = n_trials - n_usable
+    lacking = (f" ({none} of the {n_trials} trials {'has' if none == 1 else 'have'} none)"
+               if none else "")  # fmt: skip
+    return (f"--top {top} asks for more members than the {n_usable} trial"
+            f"{'s' if n_usable != 1 else ''} with a usable checkpoint{lacking}; using {n_usable}")
 
 
 def select_members(
@@ -254,10 +269,7 @@ def select_members(
         val_images, val_probs = align_val(members, manifest, task)
         n_usable = len(usable_trials(trials))
         if n_usable < top and console is not None:
-            console.print(
-                f"[yellow]only {n_usable} of {len(trials)} trials have a usable checkpoint: "
-                f"the ensemble has {n_usable} members, not {top}[/]"
-            )
+            console.print(f"[yellow]{_top_shortfall(top, n_usable, len(trials))}[/]")
         return members, {m.trial_id: 1 for m in members}, val_images, val_probs
     ok = usable_trials(trials)
     if ok.empty:
@@ -356,10 +368,11 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, console) 
     }
 
     # --- write (each file atomically; ensemble.json last marks a complete run)
-    atomic_write_parquet(members_df, join(out_dir, "members.parquet"))
-    atomic_write_parquet(studies, join(out_dir, "study_predictions.parquet"))
-    atomic_write_parquet(images, join(out_dir, "image_predictions.parquet"))
-    atomic_write_parquet(metrics, join(out_dir, "category_metrics.parquet"))
+    g = task.group
+    write_parquet(members_df, join(out_dir, "members.parquet"), S.MEMBERS)
+    write_parquet(studies, join(out_dir, "study_predictions.parquet"), S.STUDY_PREDICTIONS, group=g)
+    write_parquet(images, join(out_dir, "image_predictions.parquet"), S.IMAGE_PREDICTIONS, group=g)
+    write_parquet(metrics, join(out_dir, "category_metrics.parquet"), S.CATEGORY_METRICS, group=g)
     atomic_write_text(join(out_dir, "worklist.csv"), worklist(studies, task).to_csv(index=False))
     atomic_write_text(join(out_dir, "ensemble.json"), json.dumps(summary, indent=1))
     _print_tables(name, members_df, metrics, task, console=console)

@@ -122,7 +122,7 @@ def read_trial_checkpoint(trial_id: str, checkpoint: str, *, with_val: bool = Tr
 
     raw = _checkpoint_bytes(trial_id, checkpoint, "trial.json")
     try:
-        config = TrialConfig.from_dict(json.loads(raw), path="trial.json")
+        config = TrialConfig.from_saved(json.loads(raw), path="trial.json")
     except (ValueError, UnicodeDecodeError, RaysearchError) as e:
         raise CheckpointError(
             f"trial {trial_id}: trial.json in {checkpoint} is corrupt ({first_line(e)[:200]})"
@@ -286,8 +286,9 @@ def results_tables(rows: list[dict[str, Any]], frames: list):
 
 def write_results(exp_dir: str, trials, epochs) -> None:
     """Write ``epochs.parquet`` and then ``trials.parquet`` (atomically each; trials last, as
-    readers take its presence to mean the results are there)."""
-    from raysearch.storage import atomic_write_parquet
+    readers take its presence to mean the results are there), each column with the Arrow type
+    :mod:`raysearch.experiment.schema` gives it."""
+    from raysearch.experiment.schema import EPOCHS, TRIALS, write_parquet
 
-    atomic_write_parquet(epochs, join(exp_dir, "epochs.parquet"))
-    atomic_write_parquet(trials, join(exp_dir, "trials.parquet"))
+    write_parquet(epochs, join(exp_dir, "epochs.parquet"), EPOCHS)
+    write_parquet(trials, join(exp_dir, "trials.parquet"), TRIALS)

@@ -233,12 +233,13 @@ class Predictor:
         import json
 
         from raysearch.experiment import read_info, resolve
+        from raysearch.experiment.schema import normalize_members
         from raysearch.storage import exists, read_parquet
 
-        table = read_parquet(join(folder, "members.parquet"))
+        table = normalize_members(read_parquet(join(folder, "members.parquet")))
         experiment = folder.rsplit("/", 1)[0]
         members = [
-            read_trial_checkpoint(str(r.trial_id), resolve(experiment, str(r.checkpoint)),
+            read_trial_checkpoint(str(r.trial_id), resolve(experiment, str(r.best_checkpoint)),
                                   with_val=False)
             for r in table.itertuples()
         ]

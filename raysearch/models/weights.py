@@ -36,14 +36,16 @@ import torch
 import torchvision
 from torch import nn
 
-from raysearch.errors import CheckpointError, ConfigError, WeightsError, name_some
+from raysearch.errors import CheckpointError, ConfigError, WeightsError, first_line, name_some
 from raysearch.models.registry import check_arch
 from raysearch.storage import atomic_write_bytes, get_fs, is_url, join
 
 __all__ = [
     "fetch_weights",
+    "find_state_dict",
     "load_checkpoint_weights",
     "load_weights_file",
+    "strip_wrapper_prefixes",
     "torchvision_weights_info",
 ]
 
@@ -65,8 +67,11 @@ def load_weights_file(
 ) -> dict[str, torch.Tensor]:
     """Resolve ``source`` ("imagenet", a path or a URL) to a local file and read its state dict.
 
-    Wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and ``module.`` prefixes are removed,
-    and DenseNet's old key names are remapped, so the result matches torchvision's key names.
+    Checkpoint wrappers (``{"epoch": ..., "model_state_dict": ...}``, ``{"state_dict": ...}``,
+    ``{"model": ...}``: :data:`STATE_DICT_KEYS`) and wrapper prefixes (``module.``,
+    ``_orig_mod.``, any order and nesting) are removed, and DenseNet's old key names are
+    remapped, so the result matches torchvision's key names. Raises :class:`WeightsError` naming
+    the file, and the keys it holds when none of them holds a state dict.
     """
     check_arch(arch)
     if source == "none":
@@ -78,36 +83,93 @@ def read_state_dict(path: str, *, arch: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickled modules, garbage bytes, truncated zips all land here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise WeightsError(
             f"weights file {path} is not a state dict readable with weights_only=True "
-            f"({type(e).__name__}: {first[:200]})"
+            f"({type(e).__name__}: {first_line(e)[:200]})"
         ) from None
     state = _unwrap(obj, path)
     if arch.startswith("densenet"):
         state = {_DENSENET_OLD_KEY.sub(r"\1\2", k): v for k, v in state.items()}
     return state
 
-def _unwrap(obj: object, path: str) -> dict[str, torch.Tensor]:
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, Mapping) or not obj:
-        kind = "an empty mapping" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
-        raise WeightsError(f"weights file {path} holds {kind}, not a state dict")
-    not_tensors = [k for k, v in obj.items() if not (isinstance(k, str) and torch.is_tensor(v))]
-    if not_tensors:
-        raise WeightsError(
-            f"weights file {path} is not a state dict: entries {name_some(not_tensors)} "
-            "are not named tensors"
-        )
+# Keys under which checkpoints commonly keep the model's state dict: PyTorch's "saving a general
+# checkpoint" tutorial (model_state_dict), Lightning and timm (state_dict), torchvision's
+# references and DeiT (model), and others (net, network, model_state, state, weights, params).
+STATE_DICT_KEYS = (
+    "state_dict", "model_state_dict", "model", "model_state", "net", "network", "state",
+    "weights", "params",
+)  # fmt: skip
+# Prefixes that wrappers add to every key: DistributedDataParallel / DataParallel (module.) and
+# torch.compile (_orig_mod.), nested in any order (a compiled DDP model saves _orig_mod.module.).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every leading wrapper prefix (``module.``, ``_orig_mod.``, any order and
+    nesting, e.g. ``_orig_mod.module.module.layer1.0.conv1.weight``) removed from each key."""
     out = {}
-    for key, value in obj.items():
-        for prefix in ("module.", "_orig_mod."):  # DDP / DataParallel and torch.compile wrappers
-            key = key.removeprefix(prefix)
+    for key, value in state.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
         out[key] = value
     return out
+
+
+def _is_state_dict(obj: object) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+    )
+
+
+def _find_state_dict(obj: object, depth: int = 0) -> Mapping | None:
+    if _is_state_dict(obj):
+        return obj
+    if not isinstance(obj, Mapping) or depth >= 3:
+        return None
+    for key in STATE_DICT_KEYS:
+        found = _find_state_dict(obj.get(key), depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def find_state_dict(obj: object) -> dict[str, torch.Tensor]:
+    """The state dict inside what ``torch.load`` returned, with wrapper prefixes stripped.
+
+    ``obj`` may be the state dict itself or a checkpoint holding it under one of
+    :data:`STATE_DICT_KEYS` (``{"epoch": 3, "model_state_dict": {...}, "optimizer_state_dict":
+    ...}``), nested up to three levels. Raises ``ValueError`` with a phrase that says what ``obj``
+    holds instead ("not a state dict: it holds a dict with keys epoch, loss, optimizer and no state dict under any of
+    state_dict, model_state_dict, ..."), for the caller to prefix with the file's name.
+    """
+    found = _find_state_dict(obj)
+    if found is not None:
+        return strip_wrapper_prefixes(found)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"holds a {type(obj).__name__}, not a state dict")  # noqa: TRY004 - a message, not a type check for the caller
+    if not obj:
+        raise ValueError("holds an empty mapping, not a state dict")
+    if any(torch.is_tensor(v) for v in obj.values()):  # a state dict with stray entries
+        bad = [str(k) for k, v in obj.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+        raise ValueError(f"not a state dict: entries {name_some(bad)} are not named tensors")
+    raise ValueError(
+        f"not a state dict: it holds a dict with keys {name_some([str(k) for k in obj])} and "
+        f"no state dict under any of {', '.join(STATE_DICT_KEYS)}"
+    )
+
+
+def _unwrap(obj: object, path: str) -> dict[str, torch.Tensor]:
+    try:
+        return find_state_dict(obj)
+    except ValueError as e:
+        raise WeightsError(f"weights file {path}: {e}") from None
+
 
 def apply_pretrained(
     model: nn.Module, state: dict[str, torch.Tensor], *, head: str, source: str
@@ -154,20 +216,17 @@ def load_checkpoint_weights(
     """Load a trained checkpoint's full state dict into ``model`` (``create_model(arch)``), strictly.
 
     Unlike pretrained weights, a trial's own checkpoint must fit exactly, its single-logit head
-    included: nothing is dropped or remapped. ``state`` is what ``torch.load`` returned, ``source``
+    included: nothing is dropped or remapped. As for any weights file, a general-checkpoint
+    wrapper and wrapper prefixes are removed first (:func:`find_state_dict`). ``state`` is what ``torch.load`` returned, ``source``
     names it in errors (e.g. ``"trial t1: model.pt in gs://b/exp/train-t1/checkpoint_000002"``).
     Raises CheckpointError ``"<source>: the weights do not fit resnet18: missing keys a, b, c
     (+N more); unexpected keys ...; shape mismatch in k (2, 512) != (1, 512)"`` on any mismatch,
-    or when ``state`` is not a mapping of names to tensors.
+    or when ``state`` holds no mapping of names to tensors (naming the keys it holds).
     """
-    if not isinstance(state, Mapping) or not state:
-        kind = "an empty mapping" if isinstance(state, Mapping) else f"a {type(state).__name__}"
-        raise CheckpointError(f"{source}: holds {kind}, not a state dict")
-    not_tensors = [k for k, v in state.items() if not (isinstance(k, str) and torch.is_tensor(v))]
-    if not_tensors:
-        raise CheckpointError(
-            f"{source}: not a state dict: entries {name_some(not_tensors)} are not named tensors"
-        )
+    try:
+        state = find_state_dict(state)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -189,8 +248,7 @@ def load_checkpoint_weights(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # e.g. a dtype torch cannot copy; keys and shapes matched above
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{source}: the weights do not fit {arch}: {first}") from None
+        raise CheckpointError(f"{source}: the weights do not fit {arch}: {first_line(e)}") from None
 
 def torchvision_weights_info(arch: str) -> tuple[str, str]:
     """(download URL, file name) of torchvision's DEFAULT ImageNet weights for ``arch``."""

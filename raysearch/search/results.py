@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from raysearch.errors import plain
 from raysearch.experiment import results_tables, trial_summary
 from raysearch.search.space import SearchSpace
 
@@ -55,7 +56,7 @@ def _error_line(error: BaseException | None) -> str | None:
     characters; None for no error."""
     if not error:
         return None
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line.strip() for line in plain(str(error)).splitlines() if line.strip()]
     return (lines[-1] if lines else type(error).__name__)[:500]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import torch
@@ -88,7 +89,13 @@ def write_checkpoint(d: str, model, optimizer, scheduler, augment, cfg, task, va
                      probs: np.ndarray, *, epoch: int, best_val_loss: float, bad_epochs: int,
                      history: list[dict]) -> None:
     """Write one checkpoint into the folder ``d`` (see the module docstring for its files).
-    ``probs`` are the val probabilities ``[N, K]`` in ``val_frame``'s row order."""
+    ``probs`` are the val probabilities ``[N, K]`` in ``val_frame``'s row order.
+
+    ``history[-1]`` (this epoch's report) gets ``checkpoint_write_s``, the seconds spent writing
+    the other files, before ``metrics.json`` and ``history.json`` (small, written last) are
+    written: so the last epoch's checkpoint carries its own write time too.
+    """
+    t0 = time.perf_counter()
     torch.save(model.state_dict(), os.path.join(d, "model.pt"))
     torch.save(
         {
@@ -101,13 +108,19 @@ def write_checkpoint(d: str, model, optimizer, scheduler, augment, cfg, task, va
         },
         os.path.join(d, "train_state.pt"),
     )
-    for name, value in (("trial.json", cfg.to_dict()), (TASK_FILE, task.to_dict()),
-                        ("metrics.json", history[-1]), ("history.json", history)):
-        with open(os.path.join(d, name), "w") as f:
-            json.dump(value, f, indent=1, default=float)
     keep = ["image_path", "study_id", "patient_id", task.group, *task.label_columns]
     preds = val_frame[keep].copy()
     probs = np.asarray(probs, dtype=np.float32).reshape(len(preds), task.k)
     for j, col in enumerate(task.prob_columns):
         preds[col] = probs[:, j]
     preds.to_parquet(os.path.join(d, "val_predictions.parquet"), index=False)
+    for name, value in (("trial.json", cfg.to_dict()), (TASK_FILE, task.to_dict())):
+        _write_json(os.path.join(d, name), value)
+    history[-1]["checkpoint_write_s"] = time.perf_counter() - t0
+    _write_json(os.path.join(d, "metrics.json"), history[-1])
+    _write_json(os.path.join(d, "history.json"), history)
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1, default=float)

@@ -11,7 +11,9 @@ resumes from the latest intact one.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -54,6 +56,33 @@ class LoopConfig(TypedDict):
     torch_threads: int
 
 
+FAULTS_ENV = "RAYSEARCH_FAULTS_FILE"
+
+
+def injected_fault(trial: dict[str, Any]) -> tuple[int, str] | None:
+    """Test hook, not a setting: (epoch, mode) of the fault to inject into this trial, or None.
+
+    ``$RAYSEARCH_FAULTS_FILE`` names a JSON file holding a list of rules
+    ``{"when": {"lr": 0.03}, "epoch": 1, "mode": "raise"}``; the first rule whose ``when`` values
+    all equal the trial config's applies (no ``when``: every trial). Mode ``raise`` raises after
+    the epoch's training, ``nan`` makes its loss NaN. Read here, in the worker, only: the tests
+    set the variable before Ray starts (workers inherit it) and change the file between runs. A
+    missing or unreadable file injects nothing.
+    """
+    path = os.environ.get(FAULTS_ENV)
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            rules = json.load(f)
+    except (OSError, ValueError):
+        return None
+    for rule in rules if isinstance(rules, list) else []:
+        if all(trial.get(k) == v for k, v in rule.get("when", {}).items()):
+            return int(rule["epoch"]), str(rule.get("mode", "raise"))
+    return None
+
+
 def train_loop_per_worker(config: LoopConfig) -> None:
     """The loop each Ray Train worker runs: data, model, resume, then one report and checkpoint
     per epoch until ``max_epochs`` or the trial's own early stopping."""
@@ -69,7 +98,8 @@ def train_loop_per_worker(config: LoopConfig) -> None:
     from raysearch.models.weights import load_checkpoint_weights
     from raysearch.train.losses import label_weights
 
-    cfg = TrialConfig.from_dict(config["trial"])
+    cfg = TrialConfig.from_saved(config["trial"])
+    fail_at_epoch, fail_mode = injected_fault(config["trial"]) or (None, None)
     task = Task.from_dict(config.get("task"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -141,15 +171,15 @@ def train_loop_per_worker(config: LoopConfig) -> None:
             model, loader, augment=augment, optimizer=optimizer, scaler=scaler,
             weight_by_row=weight_by_row, device=device,
             step_schedule=scheduler if cfg.lr_schedule == "cosine" else None,
-            nan_loss=cfg.fail_at_epoch == epoch and cfg.fail_mode == "nan",
+            nan_loss=fail_at_epoch == epoch and fail_mode == "nan",
         )
         if not math.isfinite(result.loss):
             raise FloatingPointError(
                 f"trial {cfg.arch}: training loss is {result.loss} at epoch {epoch}; "
                 "lower the learning rate or check the data"
             )
-        if cfg.fail_at_epoch == epoch and cfg.fail_mode == "raise":
-            raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")
+        if fail_at_epoch == epoch and fail_mode == "raise":
+            raise RuntimeError(f"injected failure at epoch {epoch} ({FAULTS_ENV})")
 
         # --- validate on this rank's shard, then gather every rank's probabilities
         t1 = time.perf_counter()
@@ -190,14 +220,13 @@ def train_loop_per_worker(config: LoopConfig) -> None:
         # --- checkpoint (rank 0 writes, every rank reports)
         history.append(report)
         with tempfile.TemporaryDirectory() as d:
-            t2 = time.perf_counter()
             ckpt = None
-            if rank == 0:
+            report["checkpoint_write_s"] = 0.0  # other ranks write nothing
+            if rank == 0:  # sets report["checkpoint_write_s"], and saves it in the checkpoint
                 write_checkpoint(d, raw_model, optimizer, scheduler, augment, cfg, task, val.frame,
                                  probs, epoch=epoch, best_val_loss=best_val_loss,
                                  bad_epochs=bad_epochs, history=history)
                 ckpt = ray.train.Checkpoint.from_directory(d)
-            report["checkpoint_write_s"] = time.perf_counter() - t2
             ray.train.report(report, checkpoint=ckpt)
         if stop:
             break

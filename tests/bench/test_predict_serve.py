@@ -30,7 +30,7 @@ def experiment(tmp_path_factory, tiny_root):
     manifest.to_parquet(exp / "manifest.parquet")
     (exp / "ensemble").mkdir()
     pd.DataFrame({"trial_id": ["a", "b"], "weight": [0.5, 0.5],
-                  "checkpoint": [a.checkpoint, b.checkpoint]}).to_parquet(
+                  "best_checkpoint": [a.checkpoint, b.checkpoint]}).to_parquet(
         exp / "ensemble" / "members.parquet")
     return str(exp)
 

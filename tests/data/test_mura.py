@@ -18,6 +18,7 @@ from raysearch.data.mura import (
     MANIFEST_COLUMNS,
     find_mura_root,
     read_mura,
+    skipped_counts,
     skipped_frame,
     summarize,
     summary_table,
@@ -132,8 +133,10 @@ def test_unlisted_files_are_counted_not_errors(root):
     extra.mkdir(parents=True)
     shutil.copy(next(root.rglob("*.png")), extra / "image1.png")
     (root / "notes.txt").write_text("x")
+    (root / "train_image_paths_old.csv").write_text("x\n")  # only PNGs count as unlisted
+    (extra / "labels.csv").write_text("x\n")
     m = read_mura(str(root))
-    assert m.attrs["unlisted"] == 2
+    assert m.attrs["unlisted"] == 1
     assert "patient99999" not in set(m["patient_id"])
 
 
@@ -144,11 +147,13 @@ def test_skipped_is_a_frame_and_manifest_writes_to_parquet(root, tmp_path):
     )
     m = read_mura(str(root), skip_bad=True)
     skipped = m.attrs["skipped"]
-    assert isinstance(skipped, pd.DataFrame) and list(skipped.columns) == ["path", "reason"]
+    assert isinstance(skipped, pd.DataFrame)
+    assert list(skipped.columns) == ["path", "reason", "entry"]
     assert skipped.values.tolist() == [
         [
             "MURA-v1.1/train/XR_HAND/patient00001/study9_negative/image1.png",
             "image listed but missing",
+            "image",
         ]
     ]
     m.attrs = {}  # Parquet metadata cannot hold a DataFrame
@@ -304,6 +309,18 @@ def test_bad_image_files(root, damage, reason):
     assert len(m) == total - 1 and study_dropped in (0, 1)
 
 
+@pytest.mark.parametrize("padding", [b"\x00" * 4096, b"\x00" * 200_000, b"garbage"])
+def test_png_with_bytes_after_iend_is_complete(root, padding):
+    """Padding after IEND (common in recovered files) is no truncation: the decoder reads it."""
+    from raysearch.data.images import preprocess_image
+
+    _, path = _first_image(root)
+    path.write_bytes(path.read_bytes() + padding)
+    m = read_mura(str(root))
+    assert str(path) in set(m["image_path"]) and m.attrs["skipped"].empty
+    assert preprocess_image(str(path), image_size=16).shape == (16, 16)
+
+
 def test_check_images_false_skips_the_png_check(root):
     _, path = _first_image(root)
     path.write_bytes(path.read_bytes()[:-40])
@@ -322,6 +339,9 @@ def test_label_disagreeing_with_folder(root):
     m = read_mura(str(root), skip_bad=True)
     n_images = sum(line.startswith(study_dir) for line in lines(root, "train_image_paths.csv"))
     assert len(m.attrs["skipped"]) == 1 + n_images  # the study and each of its images
+    # counted apart: a study is no image (the old line said "left out 1 + n bad image(s)")
+    assert skipped_counts(m) == f"{n_images} image{'s' if n_images != 1 else ''} and 1 study"
+    assert skipped_frame(m)["entry"].tolist() == ["study"] + ["image"] * n_images
     assert not m["image_path"].str.contains(study_dir, regex=False).any()
 
 
@@ -417,4 +437,23 @@ def test_summary_table_renders(tiny_manifest):
     text = out.getvalue()
     assert "tiny" in text and "train" in text and "test" in text
     assert f"{len(m):,}" in text
-    assert "left out 1 bad entry" in text and "3 PNG files" in text
+    assert "left out 1 study" in text and "3 PNG files" in text
+
+
+def test_data_command_shows_the_split_the_space_uses(tiny_root, tmp_path, capsys):
+    """`raysearch data --space` reads root, val_fraction and seed from the space, so the split it
+    prints is the one `tune` will use (demo.sh printed 0.1 while the search used 0.15)."""
+    from raysearch import cli
+
+    space = tmp_path / "space.yaml"
+    space.write_text(f"name: s\ndata: {{root: {tiny_root}, val_fraction: 0.4, seed: 3}}\n"
+                     "space: {lr: {loguniform: [1.0e-4, 1.0e-3]}}\n")
+    out = tmp_path / "manifest.parquet"
+    assert cli.main(["data", "--space", str(space), "--out", str(out)]) == 0
+    assert f"split: val_fraction 0.4 of the official train patients, seed 3 ({space})" in (
+        capsys.readouterr().out)
+    written = pd.read_parquet(out)
+    expected = read_mura(str(tiny_root), val_fraction=0.4, seed=3)
+    assert written["split"].tolist() == expected["split"].tolist()
+    assert cli.main(["data", str(tiny_root), "--space", str(space), "--val-fraction", "0.2"]) == 0
+    assert "val_fraction 0.2 of the official train patients, seed 3" in capsys.readouterr().out

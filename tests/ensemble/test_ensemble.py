@@ -21,6 +21,7 @@ from raysearch.evaluation import metrics as M
 from raysearch.experiment import find_experiment
 from raysearch.storage import atomic_write_bytes, atomic_write_parquet, atomic_write_text, join
 from raysearch.storage import read_parquet as read_pq
+from tests.test_schema import assert_matches_schema
 
 # trial id -> best val_loss; "t_failed" never wrote a checkpoint
 LOSSES = {"t_a": 0.52, "t_b": 0.31, "t_c": 0.70, "t_d": 0.44, "t_e": 0.61}
@@ -253,8 +254,10 @@ def test_run_top_writes_every_file_with_the_documented_columns(top_run):
     members = pd.read_parquet(join(out, "members.parquet"))
     assert members["trial_id"].tolist() == ["t_b", "t_d", "t_a"]  # the 3 lowest val_loss
     assert np.allclose(members["weight"], 1 / 3)
-    for col in ("trial_id", "weight", "best_val_loss", "arch", "image_size", "lr", "checkpoint"):
+    for col in ("trial_id", "weight", "best_val_loss", "arch", "image_size", "lr",
+                "best_checkpoint"):  # trials.parquet's name for the checkpoint column
         assert col in members.columns
+    assert_matches_schema(out)
     member_cols = ["prob_t_b", "prob_t_d", "prob_t_a"]
     studies = pd.read_parquet(join(out, "study_predictions.parquet"))
     assert list(studies.columns) == [
@@ -325,6 +328,9 @@ def test_the_decision_threshold_is_chosen_on_val_studies(top_run):
     val = studies[studies["split"] == "val"]
     assert summary["threshold"] == M.choose_threshold(val["label"], val["prob"])
     assert summary["threshold_rule"] == "max Cohen's kappa on val studies"
+    from raysearch.experiment.schema import ENSEMBLE_JSON
+
+    assert set(summary) == set(ENSEMBLE_JSON)  # every key documented, none undocumented
     assert "decision threshold: " in top_run["text"]
     # The predictor (predict and serve) decides at it.
     assert Predictor.from_dir(top_run["out"], device="cpu").threshold == summary["threshold"]
@@ -483,7 +489,18 @@ def test_fewer_usable_trials_than_k_says_so(tmp_path, manifest, model_bytes, cac
     console = _quiet()
     out = run_ensemble(experiment="exp", storage=storage, top=8, n_boot=20, console=console)
     assert len(pd.read_parquet(join(out, "members.parquet"))) == 5
-    assert "only 5 of 6 trials have a usable checkpoint" in console.file.getvalue()
+    assert ("--top 8 asks for more members than the 5 trials with a usable checkpoint (1 of the "
+            "6 trials has none); using 5") in " ".join(console.file.getvalue().split())
+
+
+def test_top_beyond_the_trials_says_what_is_true():
+    from raysearch.ensemble.run import _top_shortfall
+
+    # not "only 8 of 8 trials have a usable checkpoint": every trial has one, --top is too big
+    assert _top_shortfall(100, 8, 8) == (
+        "--top 100 asks for more members than the 8 trials with a usable checkpoint; using 8")
+    assert _top_shortfall(4, 1, 3) == ("--top 4 asks for more members than the 1 trial with a "
+                                       "usable checkpoint (2 of the 3 trials have none); using 1")
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -121,13 +121,14 @@ def test_a_predictor_is_built_from_an_experiment_or_an_ensemble_folder(tmp_path)
 
     ensemble = exp / "ensemble"
     ensemble.mkdir()
-    pd.DataFrame({"trial_id": ["a", "b"], "weight": [0.25, 0.75],
-                  "checkpoint": [a.checkpoint, b.checkpoint]}).to_parquet(
-        ensemble / "members.parquet")
-    for path in (exp, ensemble):
-        predictor = Predictor.from_dir(str(path), device="cpu")
-        assert predictor.weights == {"a": 0.25, "b": 0.75}
-        assert predictor.task == MURA_TASK
+    for column in ("best_checkpoint", "checkpoint"):  # this release's name, and the one before
+        pd.DataFrame({"trial_id": ["a", "b"], "weight": [0.25, 0.75],
+                      column: [a.checkpoint, b.checkpoint]}).to_parquet(
+            ensemble / "members.parquet")
+        for path in (exp, ensemble):
+            predictor = Predictor.from_dir(str(path), device="cpu")
+            assert predictor.weights == {"a": 0.25, "b": 0.75}
+            assert predictor.task == MURA_TASK
     with pytest.raises(ConfigError, match="neither an ensemble folder"):
         Predictor.from_dir(str(tmp_path))
 

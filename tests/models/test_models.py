@@ -115,6 +115,58 @@ def test_local_file_loads_the_staged_tensors(tmp_path, wrap):
     assert_backbone_equals(model, staged, HEADS["resnet18"])
 
 
+@pytest.mark.parametrize(
+    "prefix",
+    ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module.", "module.module._orig_mod."],
+)
+def test_wrapper_prefixes_are_stripped_in_any_order_and_nesting(tmp_path, prefix):
+    # torch.compile of a DDP model saves _orig_mod.module.<key>; DDP of a compiled one the reverse.
+    staged = staged_state("resnet18")
+    path = tmp_path / "w.pth"
+    torch.save({f"{prefix}{k}": v for k, v in staged.items()}, path)
+    assert_backbone_equals(create_model("resnet18", weights=str(path)), staged, HEADS["resnet18"])
+    trained = create_model("resnet18").state_dict()
+    model = create_model("resnet18")
+    load_checkpoint_weights(model, {f"{prefix}{k}": v for k, v in trained.items()},
+                            arch="resnet18", source="model.pt")  # fmt: skip
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        lambda sd: {"epoch": 5, "model_state_dict": sd, "loss": 0.3,
+                    "optimizer_state_dict": {"state": {}, "param_groups": [{"params": [0]}]}},
+        lambda sd: {"net": sd, "epoch": 1},
+        lambda sd: {"model_state": sd},
+        lambda sd: {"model": {"state_dict": sd}, "args": {"lr": 0.1}},
+        lambda sd: {"state_dict": {f"_orig_mod.module.{k}": v for k, v in sd.items()}},
+    ],
+    ids=["general-checkpoint", "net", "model_state", "nested", "lightning-compiled-ddp"],
+)  # fmt: skip
+def test_general_checkpoint_layouts_are_recognised(tmp_path, layout):
+    staged = staged_state("resnet18")
+    path = tmp_path / "ckpt.pt"
+    torch.save(layout(staged), path)
+    assert_backbone_equals(create_model("resnet18", weights=str(path)), staged, HEADS["resnet18"])
+
+
+def test_a_checkpoint_without_a_state_dict_names_the_keys_it_holds(tmp_path):
+    path = tmp_path / "opt.pt"
+    torch.save({"epoch": 5, "optimizer_state_dict": {"state": {}, "param_groups": []},
+                "loss": 0.25}, path)  # fmt: skip
+    with pytest.raises(WeightsError) as info:
+        create_model("resnet18", weights=str(path))
+    text = str(info.value)
+    assert text.startswith(f"weights file {path}: not a state dict: it holds a dict with keys "
+                           "epoch, optimizer_state_dict, loss and no state dict under any of "
+                           "state_dict, model_state_dict, model,"), text  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"^x: not a state dict: it holds a dict with keys "
+                                              r"epoch, optimizer_state_dict, loss and"):  # fmt: skip
+        load_checkpoint_weights(create_model("resnet18"), torch.load(path, weights_only=True),
+                                arch="resnet18", source="x")  # fmt: skip
+
+
 def test_memory_url_is_downloaded_once_into_the_local_cache(tmp_path):
     staged = staged_state("mobilenet_v3_small")
     url = f"memory://weights-{uuid.uuid4().hex[:8]}/mnv3.pth"

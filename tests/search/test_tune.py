@@ -18,6 +18,7 @@ from raysearch.search.resources import plan_resources
 from raysearch.search.searcher import DefineByRun
 from raysearch.search.space import load_search_space
 from raysearch.search.tune import image_sizes
+from tests.test_schema import assert_matches_schema
 
 
 def test_plan_resources_never_oversubscribes():
@@ -60,7 +61,7 @@ def test_define_by_run_honours_conditions(small_space):
     spec = load_search_space(small_space)
     sample = DefineByRun(spec.space)
     t = FakeTrial({"lr": 0.03})
-    assert sample(t) == {"fail_at_epoch": 1}
+    assert sample(t) == {"fp_bias": 1.0}
     t = FakeTrial({"lr": 0.001})
     assert sample(t) == {} and t.asked == ["lr", "dropout"]
 
@@ -96,6 +97,11 @@ def test_small_search_writes_results(small_experiment):
     assert (counts.reindex(trials["trial_id"]).fillna(0).to_numpy() == trials["epochs"]).all()
     for name in ("search_space.yaml", "experiment.json", "manifest.parquet"):
         assert os.path.exists(os.path.join(small_experiment, name))
+    # The files match the one schema module; the last epoch of every trial has its write time.
+    assert assert_matches_schema(small_experiment) == ["trials.parquet", "epochs.parquet"]
+    last = epochs.sort_values("epoch").groupby("trial_id").tail(1)
+    assert last["checkpoint_write_s"].notna().all(), last
+    assert not {"fail_at_epoch", "fail_mode"} & set(trials.columns)
 
 
 @pytest.mark.slow
@@ -203,7 +209,8 @@ def test_resume_after_sigkill(tmp_path, tiny_root):
         trials[["trial_id", "status", "epochs", "error"]].to_string())
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
     # The trial that had finished before the kill was kept, not re-run.
-    assert (epochs.loc[epochs.trial_id == first, "reported_at"] < killed_at).all()
+    killed = pd.Timestamp(killed_at, unit="s", tz="UTC")  # reported_at is a timestamp
+    assert (epochs.loc[epochs.trial_id == first, "reported_at"] < killed).all()
 
 
 def test_missing_weights_fail_before_ray_starts(tmp_path, monkeypatch, capsys):
