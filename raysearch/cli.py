@@ -72,7 +72,7 @@ def cmd_train(args) -> int:
 
     run_single(
         args.config, data_root=args.data_root, storage=args.storage, name=args.name,
-        fresh=args.fresh, address=args.address, verbose=args.verbose,
+        fresh=args.fresh, address=args.address, verbose=args.verbose, console=_stdout_console(),
     )
     return 0
 
@@ -137,22 +137,22 @@ def cmd_bench(args) -> int:
     console = _stdout_console()
     if args.what == "data":
         bench.bench_data(root=args.root, image_size=args.image_size or 128,
-                         n_images=args.n_images, console=console)
+                         n_images=args.n_images, rounds=args.rounds or 5, console=console)
     elif args.what == "step":
         from raysearch.bench.step import bench_step
 
         r = bench_step(arch=args.arch, image_size=args.image_size or 64,
-                       batch_size=args.batch_size, steps=args.steps)
+                       batch_size=args.batch_size, steps=args.steps, rounds=args.rounds or 5)
         console.print(
             f"bench step: {r['arch']} {r['image_size']}px batch {r['batch_size']} on {r['device']} "
             f"({r['amp']}{', channels_last' if r['channels_last'] else ''}, "
             f"{os.cpu_count()} cores): model alone {r['pure_images_per_s']:.1f} images/s, "
-            f"epoch step {r['step_images_per_s']:.1f} images/s, ratio {r['ratio']:.2f} "
-            "(target >= 0.9)"
+            f"epoch step {r['step_images_per_s']:.1f} images/s (medians), ratio step / pure "
+            f"{r['ratio_text']} (target >= 0.9)"
         )
     elif args.what == "train":
         bench.bench_train(root=args.root, arch=args.arch, image_size=args.image_size or 64,
-                          batch_size=args.batch_size, console=console)
+                          batch_size=args.batch_size, rounds=args.rounds or 3, console=console)
     else:
         sched = {k: v for k, v in (("max_epochs", args.max_epochs),
                                    ("grace_period", args.grace_period),
@@ -271,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-images", type=int, default=512)
     s.add_argument("--arch", default="resnet18")
     s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--steps", type=int, default=30, help="step: timed batches per measurement")
+    s.add_argument("--steps", type=int, default=30, help="step: timed batches per round")
+    s.add_argument("--rounds", type=int,
+                   help="data, step, train: alternating rounds of the two arms (default 5; train "
+                   "3); the median of the paired ratios is printed with its range")
     s.add_argument("--num-samples", type=int, help="search: trials per search (default 24)")
     s.add_argument("--max-epochs", type=int, help="search: epochs per trial (default 27)")
     s.add_argument("--grace-period", type=int, help="search: ASHA's first rung (default 3)")

@@ -130,8 +130,11 @@ def run_search(
     """
     from rich.console import Console
 
+    from raysearch.report.live import say_stage
+
     console = console or Console(stderr=True)
     exp_dir = spec.experiment_dir
+    say_stage(console, f"{spec.name}: checking {exp_dir}")
     spec_yaml = yaml.safe_dump(spec.to_dict(), sort_keys=False)
     with ExperimentLock(exp_dir, command="tune"):
         restoring = _check_existing(spec, exp_dir, spec_yaml, resume=resume, overwrite=overwrite)
@@ -165,10 +168,12 @@ def _prepare(spec, exp_dir, spec_yaml, *, restoring, overwrite, console) -> Task
     overwrite, the experiment's info and the data prepared once. Returns the task."""
     from raysearch.data.prepare import check_free_space, prepare_data, read_dataset
     from raysearch.models.factory import check_weights, checkpoint_bytes
+    from raysearch.report.live import say_stage
 
     check_weights(weight_sources(spec))
     manifest, task = None, None
     if not (restoring and exists(join(exp_dir, "manifest.parquet"))):
+        say_stage(console, f"reading the dataset at {spec.data.root}")
         manifest, task = read_dataset(spec.data, console=console)
         check_class_weighting(spec, manifest, task, console=console)
         check_free_space(
@@ -187,6 +192,8 @@ def _prepare(spec, exp_dir, spec_yaml, *, restoring, overwrite, console) -> Task
         data={"root": spec.data.root, "val_fraction": spec.data.val_fraction, "seed": spec.data.seed},
     )
     if manifest is not None:  # data once, on the driver: the manifest and decode-once caches
+        say_stage(console, "preparing data (decode-once caches at "
+                  f"{', '.join(str(s) for s in image_sizes(spec))} px)")
         prepare_data(manifest, experiment_dir=exp_dir, cache_dir=spec.cache_dir,
                      image_sizes=image_sizes(spec))
     atomic_write_text(join(exp_dir, "search_space.yaml"), spec_yaml)
@@ -197,8 +204,10 @@ def _fit(spec, exp_dir, task, *, restoring, address, verbose, console):
     """Ray: plan the resources, build (or restore) the Tuner, rebuild ASHA's rungs, run it.
     Returns Tune's result grid; errors a user can act on come out as raysearch's."""
     from raysearch.cluster import init_ray
+    from raysearch.report.live import say_stage
     from raysearch.train.trainer import RunSettings
 
+    say_stage(console, "starting Ray")
     init_ray(address=address, verbose=verbose)
     import optuna
     import ray
@@ -243,6 +252,7 @@ def _fit(spec, exp_dir, task, *, restoring, address, verbose, console):
         console.print(f"ASHA rungs rebuilt from the checkpoints of {len(histories)} trial(s): {n} records")
     try:
         with progress, fail_on_restore_error():
+            progress.stage("starting trials")
             grid = tuner.fit()
     except Exception as e:
         try:
@@ -268,7 +278,8 @@ def _finish(spec, exp_dir, grid, *, seconds: float, console) -> str:
     write_results(exp_dir, trials, epochs)
     update_info(exp_dir, state=state, trials=len(trials), num_samples=spec.search.num_samples)
     if len(trials) and trials["best_val_loss"].notna().any():
-        console.print(best_trials_table(trials, title=f"{spec.name}: best trials"))
+        console.print(best_trials_table(trials, title=f"{spec.name}: best trials",
+                                        width=console.width))
     n_failed = int((trials["status"] == "failed").sum()) if len(trials) else 0
     console.print(
         f"{len(trials)} trials ({n_failed} failed"
