@@ -425,10 +425,11 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, callbacks: lis
 
     from raysearch.search.scheduler import make_scheduler
     from raysearch.search.searcher import DefineByRun, MultiFidelitySearch, make_sampler
-    from raysearch.train.trainer import tune_trial_driver
+    from raysearch.train.trainer import driver_resources, tune_trial_driver
 
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trial_driver, run=run), {"cpu": DRIVER_CPU}
+        tune.with_parameters(tune_trial_driver, run=run),
+        driver_resources(run, driver_cpu=DRIVER_CPU),
     )
     if restoring:
         tuner = tune.Tuner.restore(

@@ -26,6 +26,7 @@ __all__ = [
     "CONTROLLER_FAILURE_LIMIT",
     "SINGLE_TRIAL",
     "RunSettings",
+    "driver_resources",
     "make_trainer",
     "run_single",
     "tune_trial_driver",
@@ -100,12 +101,13 @@ class RunSettings(TypedDict):
 
 
 def tune_trial_driver(config: dict[str, Any], *, run: RunSettings) -> None:
-    """The Tune function trainable of one trial: builds and fits the trial's TorchTrainer.
+    """The Tune function trainable of one trial: a one-worker trial runs its training loop
+    right here (:mod:`raysearch.train.inline`: no Ray Train controller or worker processes to
+    start); a trial of more workers builds and fits its TorchTrainer.
 
     ``config`` holds the sampled parameters; ``run`` the constants of the experiment.
     """
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
     sampled = {k: v for k, v in config.items() if k in run["space_names"]}
@@ -117,6 +119,16 @@ def tune_trial_driver(config: dict[str, Any], *, run: RunSettings) -> None:
         "cache_dir": run["cache_dir"],
         "torch_threads": run["torch_threads"],
     }
+    from raysearch.train.inline import inline_enabled
+
+    if inline_enabled(run["workers"]):  # one worker: the loop runs here (raysearch.train.inline)
+        from raysearch.train.inline import InlineSession
+
+        train_loop_per_worker(loop_config, session=InlineSession(
+            join(run["experiment_dir"], f"train-{trial_id}")))
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     trainer = make_trainer(
         loop_config,
         run_name=f"train-{trial_id}",
@@ -196,6 +208,20 @@ class _LiveFeed:
         if self.queue is not None:
             with contextlib.suppress(Exception):  # already gone with the run
                 self.queue.shutdown()
+
+
+def driver_resources(run: RunSettings, *, driver_cpu: float) -> dict[str, float]:
+    """What a trial's Tune driver asks for: ``driver_cpu`` when it only starts a Ray Train run
+    (whose workers hold their own resources), or the one worker's CPUs and GPUs when it runs
+    the loop itself (:mod:`raysearch.train.inline`)."""
+    from raysearch.train.inline import inline_enabled
+
+    if not inline_enabled(run["workers"]):
+        return {"cpu": driver_cpu}
+    out = {"cpu": float(run["cpus_per_worker"])}
+    if run["gpus_per_worker"]:
+        out["gpu"] = float(run["gpus_per_worker"])
+    return out
 
 
 SINGLE_TRIAL = "single"  # the trial id of `raysearch train`: its run folder is train-single
