@@ -79,7 +79,9 @@ def paired_ratio(pairs: list[tuple[float, float]], *, ceiling: float | None = No
     spread. ``ceiling``: the highest ratio that can be right (1.0 for "a trial cannot be faster
     than the model it wraps"); a median above ``ceiling`` by more than the noise (half the
     interquartile range, and at least ``tolerance * ceiling``) is flagged, with ``impossible``
-    saying why it cannot be. Raises ``ValueError`` for no pairs or a non-positive measurement.
+    saying why it cannot be; so is a median above ``ceiling * (1 + tolerance)`` whose rounds
+    disagree so much (the largest ratio over 2x the smallest) that the noise explains anything.
+    Raises ``ValueError`` for no pairs or a non-positive measurement.
     """
     if not pairs:
         raise ValueError("no rounds measured")
@@ -92,10 +94,16 @@ def paired_ratio(pairs: list[tuple[float, float]], *, ceiling: float | None = No
     else:
         q1 = q3 = ratios[0]
     result = PairedRatio(median, min(ratios), max(ratios), q1, q3, ratios)
-    if ceiling is not None and median - ceiling > max(result.noise, tolerance * ceiling):
-        why = impossible or f"the ratio cannot exceed {ceiling:g}"
-        flag = (f"median ratio {median:.2f} (range {min(ratios):.2f}-{max(ratios):.2f}) is above "
-                f"{ceiling:g} by more than the noise: {why}; the machine's load changed under the "
-                "bench, run it again on a quieter machine")
-        result = PairedRatio(median, min(ratios), max(ratios), q1, q3, ratios, flag)
-    return result
+    if ceiling is None or median - ceiling <= tolerance * ceiling:
+        return result
+    why = impossible or f"the ratio cannot exceed {ceiling:g}"
+    span = f"median ratio {median:.2f} (range {min(ratios):.2f}-{max(ratios):.2f})"
+    if median - ceiling > result.noise:
+        flag = (f"{span} is above {ceiling:g} by more than the noise: {why}; the machine's load "
+                "changed under the bench, run it again on a quieter machine")
+    elif max(ratios) > 2 * min(ratios):
+        flag = (f"{span} is above {ceiling:g} ({why}) and its rounds disagree by more than 2x: "
+                "too noisy to be a result; run it again on a quieter machine or with more steps")
+    else:
+        return result
+    return PairedRatio(median, min(ratios), max(ratios), q1, q3, ratios, flag)

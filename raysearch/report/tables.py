@@ -136,11 +136,13 @@ def best_trials_table(trials: pd.DataFrame, *, n: int = 10, title: str | None = 
 def epochs_table(epochs: pd.DataFrame, *, title: str | None = None) -> Table:
     """One row per reported epoch of a single trial."""
     table = Table(title=title, title_justify="left")
-    cols = ["epoch", "train_loss", "val_loss", "val_auc", "val_study_accuracy", "val_study_kappa",
-            "lr", "epoch_time_s", "train_images_per_s"]
-    cols = [c for c in cols if c in epochs.columns]
+    # Short headers, so that a 100-column terminal shows every column whole.
+    headers = {"epoch": "epoch", "train_loss": "train_loss", "val_loss": "val_loss",
+               "val_auc": "auc", "val_study_accuracy": "study acc", "val_study_kappa": "kappa",
+               "lr": "lr", "epoch_time_s": "train s", "train_images_per_s": "images/s"}
+    cols = [c for c in headers if c in epochs.columns]
     for c in cols:
-        table.add_column(c, justify="right")
+        table.add_column(headers[c], justify="right", no_wrap=True)
     for r in epochs[cols].to_dict("records"):
         table.add_row(*[fmt(r[c]) for c in cols])
     return table

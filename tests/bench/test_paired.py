@@ -43,6 +43,9 @@ def test_an_impossible_ratio_is_flagged_not_reported():
                      impossible="a trial cannot be faster than its pure model")
     assert r.value is None and r.flag and "cannot be faster" in r.flag
     assert r.text().startswith("not a result: median ratio 1.60")
+    # Rounds that disagree wildly cannot vouch for a median above 1 (seen: 1.95, range 0.33-38).
+    r = paired_ratio([(100, 33), (10, 19.5), (1, 38)], ceiling=1.0)
+    assert r.value is None and "too noisy" in r.flag
     # Above 1 by less than the noise: a result, not a flag.
     r = paired_ratio([(100, 103), (100, 99), (100, 101), (100, 98)], ceiling=1.0)
     assert r.flag is None and r.value == pytest.approx(1.0)

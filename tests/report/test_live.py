@@ -93,3 +93,17 @@ def test_the_end_line_names_the_best_epoch():
                      "arch": "resnet18", "image_size": 64})
     assert line == ("trial t1 early_stopped after 7/30 epochs: best val_loss 0.500 at epoch 3, "
                     "val study kappa 0.400 (resnet18, 64 px)")
+
+
+def test_the_epochs_table_fits_100_columns():
+    import pandas as pd
+
+    from raysearch.report.tables import epochs_table
+
+    epochs = pd.DataFrame([{"epoch": e, "train_loss": 0.334, "val_loss": 0.63, "val_auc": 0.636,
+                            "val_study_accuracy": 0.571, "val_study_kappa": 0.087, "lr": 1e-3,
+                            "epoch_time_s": 20.428, "train_images_per_s": 1234.5}
+                           for e in (1, 2, 3)])
+    text = _render(epochs_table(epochs))
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 100
+    assert "kappa" in text and "1234.500" in text
