@@ -215,9 +215,12 @@ def bench_search(
         base = _bench_base(space, data_root=data_root, out=out, num_samples=num_samples,
                            max_epochs=max_epochs, grace_period=grace_period,
                            reduction_factor=reduction_factor)
-        for seed in seeds:
+        for i, seed in enumerate(seeds):
+            # The arms take turns (A B, B A, ...): a change in the machine's load over a long
+            # bench weighs on both arms' wall times alike.
+            arms = list(_search_arms(base, seed).items())
             runs = {label: _measure_search(spec, console=console)
-                    for label, spec in _search_arms(base, seed).items()}
+                    for label, spec in (arms if i % 2 == 0 else arms[::-1])}
             fifo, asha = runs["fifo+random"], runs["asha+tpe"]
             needed = _epochs_to_reach(asha.pop("epoch_frame"), fifo["best_val_loss"])
             fifo_frames.append(fifo.pop("epoch_frame"))
@@ -418,7 +421,8 @@ def _print_search(console: Console, r: dict[str, Any]) -> None:
                else "misses")
     console.print(
         f"ASHA+TPE reached FIFO+random's best val_loss in {r['reached']} of {n} seed(s); median "
-        f"fraction of FIFO's epochs {r['median_fraction']:.2f} ({verdict} the <= 1/3 target)"
+        f"fraction of FIFO's epochs {r['median_fraction']:.2f}{_spread(r['seeds'])} "
+        f"({verdict} the <= 1/3 target)"
     )
     console.print(
         "Ray's ASHA alone, replayed on FIFO+random's own trials (same draws, their epoch times), "
@@ -443,6 +447,16 @@ def _print_search(console: Console, r: dict[str, Any]) -> None:
         f"reaching it, too) \"meets\" with probability {odds['p_bench_meets']:.2f}"
     )
 
+
+
+def _spread(rows) -> str:
+    """' (range 0.25-0.53 over 3 seeds)': the spread of the per-seed fractions."""
+    fractions = [r["fraction"] for r in rows]
+    if len(fractions) < 2:
+        return ""
+    high = max(fractions)
+    return (f" (range {min(fractions):.2f}-" + ("not reached" if high == float("inf") else
+                                                f"{high:.2f}") + f" over {len(fractions)} seeds)")
 
 
 def _reach(needed: int | None, fraction: float) -> str:

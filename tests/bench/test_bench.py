@@ -209,3 +209,12 @@ def test_trial_overheads_split_the_time_before_the_first_epoch_from_the_rest():
     out = trial_overheads(trials, epochs)
     assert out.loc["a", "before_first_epoch_s"] == pytest.approx(30.0)
     assert out.loc["a", "outside_epochs_s"] == pytest.approx(33.0)
+
+
+def test_the_search_bench_prints_the_spread_over_seeds():
+    from raysearch.bench.search import _spread
+
+    assert _spread([{"fraction": 0.25}]) == ""
+    rows = [{"fraction": 0.25}, {"fraction": float("inf")}, {"fraction": 0.53}]
+    assert _spread(rows) == " (range 0.25-not reached over 3 seeds)"
+    assert _spread(rows[::2]) == " (range 0.25-0.53 over 2 seeds)"
