@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from raysearch.experiment import sign_ray_state
+from raysearch.report.live import ENDED
 from raysearch.search.space import SearchSpace
 
 __all__ = ["SearchProgress", "TrustCallback"]
@@ -118,9 +119,16 @@ class SearchProgress(_progress_base()):
         return row
 
     def on_step_end(self, iteration, trials, **info):
-        if self.view is not None:  # trials the searcher proposed and Ray has not started yet
-            for trial in trials:
-                self.view.add(str(trial.trial_id), trial.config)
+        """Trials the searcher proposed and Ray has not started yet (pending), and trials that
+        had ended before this run (a resumed search): their recorded rows."""
+        if self.view is None:
+            return
+        for trial in trials:
+            trial_id = str(trial.trial_id)
+            self.view.add(trial_id, trial.config)
+            ended = self.view.rows[trial_id].get("status") in ENDED
+            if not ended and trial.status in ("TERMINATED", "ERROR"):
+                self._end(trial, error=_trial_error(trial) if trial.status == "ERROR" else None)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if self.view is not None:

@@ -130,3 +130,15 @@ def test_the_bar_counts_epochs_against_the_budget_that_shrinks_as_trials_end(tmp
     assert (view.epochs_done(), view.budget()) == (5, 24)
     progress.on_trial_complete(0, [a, b], a)  # pruned at 4 of 8: four epochs fewer to go
     assert (view.epochs_done(), view.budget()) == (5, 20)
+
+
+def test_a_resumed_search_shows_the_trials_that_had_ended_with_their_recorded_rows(tmp_path):
+    spec = _spec(tmp_path, max_epochs=8)
+    _record(spec.experiment_dir, "old", 4)
+    progress = SearchProgress(spec, console=Console(file=io.StringIO(), width=100))
+    old, new = FakeTrial("old", {"lr": 1e-3}), FakeTrial("new", {"lr": 1e-3})
+    old.status, new.status = "TERMINATED", "PENDING"
+    progress.on_step_end(0, [old, new])
+    assert (progress.rows["old"]["status"], progress.rows["old"]["epochs"]) == ("pruned", 4)
+    assert progress.rows["new"]["status"] == "pending"
+    assert progress.view.budget() == 4 + 2 * 8  # the ended trial counts what it ran
