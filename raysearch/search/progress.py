@@ -75,23 +75,21 @@ class SearchProgress(_progress_base()):
     A trial's end is told from its recorded results, the row ``trials.parquet`` gets
     (:func:`raysearch.search.results.trial_row`), not from the last result that reached this
     callback: Ray may deliver that one after ``on_trial_complete``, and ASHA's stop may land
-    between a report and its delivery. ``summarize(trial_id, config, error)`` is that row's
-    maker; tests give their own.
+    between a report and its delivery.
     """
 
-    def __init__(self, spec: SearchSpace, *, console, summarize=None) -> None:
+    def __init__(self, spec: SearchSpace, *, console) -> None:
         from raysearch.report.live import LiveView
 
         self.spec = spec
         self.console = console
-        self.summarize = summarize
         self.view = LiveView(num_trials=spec.search.num_samples,
                              max_epochs=spec.scheduler.max_epochs, console=console)
 
     # Ray pickles the run config (with its callbacks) into the experiment state; the console and
     # the live display hold locks and cannot travel. A restored copy renders nothing.
     def __getstate__(self):
-        return {"spec": self.spec, "console": None, "summarize": None, "view": None}
+        return {"spec": self.spec, "console": None, "view": None}
 
     @property
     def rows(self) -> dict[str, dict[str, Any]]:
@@ -111,8 +109,6 @@ class SearchProgress(_progress_base()):
             self.view.__exit__(*exc)
 
     def _summary(self, trial, *, error: str | None) -> dict[str, Any]:
-        if self.summarize is not None:
-            return self.summarize(str(trial.trial_id), dict(trial.config or {}), error)
         from raysearch.search.results import trial_row
 
         row, _ = trial_row(self.spec, str(trial.trial_id), dict(trial.config or {}), error=error)
