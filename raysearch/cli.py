@@ -87,7 +87,7 @@ def cmd_train(args) -> int:
 
     run_single(
         args.config, data_root=args.data_root, storage=args.storage, name=args.name,
-        fresh=args.fresh, address=args.address, verbose=args.verbose,
+        fresh=args.fresh, address=args.address, verbose=args.verbose, console=_stdout_console(),
     )
     return 0
 
@@ -171,33 +171,33 @@ def cmd_bench(args) -> int:
     console = _stdout_console()
     if args.what == "data":
         bench.bench_data(root=args.root, image_size=args.image_size or 128,
-                         n_images=args.n_images, console=console)
+                         n_images=args.n_images, rounds=args.rounds or 5, console=console)
     elif args.what == "step":
         from raysearch.bench.step import bench_step
 
         r = bench_step(arch=args.arch, image_size=args.image_size or 64,
-                       batch_size=args.batch_size, steps=args.steps)
+                       batch_size=args.batch_size, steps=args.steps, rounds=args.rounds or 5)
         console.print(
             f"bench step: {r['arch']} {r['image_size']}px batch {r['batch_size']} on {r['device']} "
             f"({r['amp']}{', channels_last' if r['channels_last'] else ''}, "
             f"{os.cpu_count()} cores): model alone {r['pure_images_per_s']:.1f} images/s, "
-            f"epoch step {r['step_images_per_s']:.1f} images/s, ratio {r['ratio']:.2f} "
-            "(target >= 0.9)"
+            f"epoch step {r['step_images_per_s']:.1f} images/s (medians), ratio step / pure "
+            f"{r['ratio_text']} (target >= 0.9)"
         )
     elif args.what == "predict":
         from raysearch.bench.predict import bench_predict
 
         bench_predict(ensemble=args.ensemble, storage=args.storage or "reports",
-                      rounds=args.rounds, batch_size=args.batch_size, console=console)
+                      rounds=args.rounds or 4, batch_size=args.batch_size, console=console)
     elif args.what == "serve":
         from raysearch.bench.serve import bench_serve
 
         bench_serve(ensemble=args.ensemble, storage=args.storage or "reports",
-                    studies=args.studies, clients=args.clients, rounds=args.rounds,
+                    studies=args.studies, clients=args.clients, rounds=args.rounds or 4,
                     console=console)
     elif args.what == "train":
         bench.bench_train(root=args.root, arch=args.arch, image_size=args.image_size or 64,
-                          batch_size=args.batch_size, console=console)
+                          batch_size=args.batch_size, rounds=args.rounds or 3, console=console)
     else:
         sched = {k: v for k, v in (("max_epochs", args.max_epochs),
                                    ("grace_period", args.grace_period),
@@ -413,8 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels (default: 128 for data, 64 for step and train)")
     s.add_argument("--n-images", type=int, default=512, help="data: images to decode")
     s.add_argument("--arch", default="resnet18", help="step, train: the architecture")
-    s.add_argument("--batch-size", type=int, default=32, help="step, train: images per step")
-    s.add_argument("--steps", type=int, default=30, help="step: timed batches per measurement")
+    s.add_argument("--batch-size", type=int, default=32,
+                   help="step, train, predict: images per step")
+    s.add_argument("--steps", type=int, default=30, help="step: timed batches per round")
+    s.add_argument("--rounds", type=int,
+                   help="data, step, train, predict, serve: alternating rounds of the two arms "
+                   "(default 5; train 3; predict, serve 4); the median of the paired ratios is "
+                   "printed with its range")
     s.add_argument("--num-samples", type=int, help="search: trials per search (default 24)")
     s.add_argument("--max-epochs", type=int, help="search: epochs per trial (default 27)")
     s.add_argument("--grace-period", type=int, help="search: ASHA's first rung (default 3)")
@@ -427,8 +432,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "recent experiment (default: reports)")
     s.add_argument("--ensemble", help="predict, serve: the ensemble or experiment folder "
                    "(default: the most recent experiment)")
-    s.add_argument("--rounds", type=int, default=4,
-                   help="predict, serve: paired rounds, the arms alternating")
     s.add_argument("--studies", type=int, default=300,
                    help="serve: studies sent per arm, over all rounds")
     s.add_argument("--clients", type=int, default=16,

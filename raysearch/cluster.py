@@ -47,6 +47,11 @@ def init_ray(*, address: str | None = None, verbose: bool = False) -> None:
         from raysearch.logs import quiet_libraries
 
         quiet_libraries()  # ray.init put its terminal handler back: failed trials go to the log
+        import ray._private.worker
+
+        from raysearch.logs import quiet_ray_driver
+
+        quiet_ray_driver(ray._private.worker)  # worker-start warnings: to the log, not the view
 
 def local_ray_args(env_vars: dict[str, str] | None = None) -> dict[str, Any]:
     """``ray.init`` arguments for a local instance whose workers always find its State API.

@@ -10,9 +10,27 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
-__all__ = ["LIBRARY_LOGGERS", "log_path", "quiet_libraries"]
+__all__ = ["LIBRARY_LOGGERS", "log_path", "quiet_libraries", "quiet_ray_driver", "strip_ansi"]
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal colour and cursor codes (``ESC [ ... m`` and the like)."""
+    return _ANSI.sub("", text)
+
+
+class _StripAnsi(logging.Filter):
+    """Log files get plain text: Ray and torch put colour codes into their messages."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "\x1b" in message:
+            record.msg, record.args = strip_ansi(message), None
+        return True
 
 LIBRARY_LOGGERS = (
     "raysearch", "ray", "ray.serve", "gcsfs", "google", "google.auth", "urllib3", "fsspec", "optuna", "asyncio",
@@ -47,6 +65,7 @@ def quiet_libraries(*, verbose: bool = False, command: str = "raysearch") -> str
         except OSError:
             path, handler = None, logging.NullHandler()  # an unwritable home: stay quiet anyway
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_StripAnsi())
         handler.set_name("raysearch-log-file")
         _state["path"] = path
         _handlers.append(handler)
@@ -61,7 +80,34 @@ def quiet_libraries(*, verbose: bool = False, command: str = "raysearch") -> str
         logger.propagate = False
         if logger.level == logging.NOTSET or logger.level > logging.WARNING:
             logger.setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # Python warnings from libraries: to the file as well
+    for name in ("py.warnings",):
+        logger = logging.getLogger(name)
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
+        logger.propagate = False
     return path
+
+
+def raylet_message_to_log(data: dict, ignore_prefix: bool = False) -> None:
+    """Stands in for ``ray._private.worker.print_to_stdstream`` in the driver's thread that
+    prints the messages the raylet sends every driver ("(raylet) WARNING: 8 PYTHON worker
+    processes have been started ..., 4x the maximum expected startup concurrency"): they go to
+    the log file, without colour codes, instead of into the live view. ``data``: Ray's
+    ``{"lines": [...], "pid": ..., "is_err": ...}``."""
+    logger = logging.getLogger("ray")
+    for line in data.get("lines") or ():
+        logger.warning("(%s) %s", data.get("pid", "raylet"), strip_ansi(str(line)))
+
+
+def quiet_ray_driver(worker_module) -> None:
+    """Route the raylet's messages to the driver (Ray starts a thread for them in every
+    ``ray.init`` and offers no switch) to the log file: ``worker_module`` is
+    ``ray._private.worker``, whose ``listen_error_messages`` looks ``print_to_stdstream`` up at
+    each message. The workers' own output (``log_to_driver``) is not affected: it holds the
+    original function. Call :func:`quiet_libraries` first; ``-v`` leaves Ray as it is."""
+    if getattr(worker_module, "print_to_stdstream", None) is not None:
+        worker_module.print_to_stdstream = raylet_message_to_log
 
 
 _handlers: list[logging.Handler] = []

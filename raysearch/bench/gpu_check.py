@@ -61,12 +61,12 @@ def check_step(device: torch.device, *, small: bool) -> list[tuple[str, Callable
     def one(arch, size, batch, steps):
         def fn():
             r = bench_step(arch=arch, image_size=size, batch_size=batch, steps=steps,
-                           warmup=2 if small else 5, device=device)
-            ok = small or r["ratio"] >= 0.9
+                           warmup=2 if small else 5, rounds=2 if small else 5, device=device)
+            ok = small or (r["ratio"] is not None and r["ratio"] >= 0.9)
             return ok, (f"{arch} {size}px batch {batch} {r['amp']}"
                         f"{' channels_last' if r['channels_last'] else ''}: model alone "
                         f"{r['pure_images_per_s']:.1f} img/s, epoch step "
-                        f"{r['step_images_per_s']:.1f} img/s, ratio {r['ratio']:.2f}"
+                        f"{r['step_images_per_s']:.1f} img/s, ratio {r['ratio_text']}"
                         + ("" if small else " (target >= 0.9)"))
         return fn
 
@@ -180,7 +180,7 @@ def check_ray(device: torch.device, *, small: bool) -> tuple[bool, str] | None:
     arch, size, batch = ("mobilenet_v3_small", 32, 16) if small else ("resnet50", 224, 64)
     with tempfile.TemporaryDirectory() as data:
         make_demo_data(data, seed=0, size="tiny" if small else "small")
-        r = bench_train(root=data, arch=arch, image_size=size, batch_size=batch, epochs=1,
+        r = bench_train(root=data, arch=arch, image_size=size, batch_size=batch, rounds=1,
                         gpus=1.0 if device.type == "cuda" else 0.0,
                         console=Console(file=io.StringIO()))
     ok = math.isfinite(r["trial_images_per_s"]) and r["trial_images_per_s"] > 0

@@ -21,19 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from raysearch.bench.paired import alternate, paired_ratio
 from raysearch.errors import ConfigError, DataError
 
-__all__ = ["bench_predict", "paired_ratios"]
-
-
-def paired_ratios(pairs: list[tuple[float, float]]) -> dict[str, float]:
-    """Median and range of ``a / b`` over paired measurements ``(a, b)`` (throughputs taken in
-    the same round). Raises :class:`ConfigError` for no pairs or a non-positive value."""
-    if not pairs or min(min(p) for p in pairs) <= 0:
-        raise ConfigError(f"paired measurements must be positive, got {pairs}")
-    ratios = sorted(a / b for a, b in pairs)
-    return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1],
-            "n": len(ratios)}
+__all__ = ["bench_predict"]
 
 
 def _test_split(source: str):
@@ -122,25 +113,19 @@ def bench_predict(
 
         try:
             whole(), pure()  # warm-up: the first model loads, caches and allocations
-            pairs = []
-            for r in range(rounds):  # ABBA...: each arm goes first in every other round
-                if r % 2 == 0:
-                    a = whole()
-                    b = pure()
-                else:
-                    b = pure()
-                    a = whole()
-                pairs.append((a, b))
+            # (pure, predict) per round, the order swapping every round
+            pairs = alternate(lambda _: pure(), lambda _: whole(), rounds=rounds)
         finally:
             quiet.file.close()
-    ratio = paired_ratios(pairs)
+    ratio = paired_ratio(pairs, ceiling=1.0,
+                         impossible="the whole command cannot be faster than its forward passes")
     result = {
         "ensemble": source, "device": predictor.device.type, "members": len(predictor.members),
         "images": n, "batch_size": batch_size, "cores": os.cpu_count(),
-        "predict_images_per_s": statistics.median(a for a, _ in pairs),
-        "pure_images_per_s": statistics.median(b for _, b in pairs),
-        "ratio": ratio["median"], "ratio_min": ratio["min"], "ratio_max": ratio["max"],
-        "rounds": rounds,
+        "predict_images_per_s": statistics.median(b for _, b in pairs),
+        "pure_images_per_s": statistics.median(a for a, _ in pairs),
+        "ratio": ratio.value, "ratio_min": ratio.low, "ratio_max": ratio.high,
+        "rounds": rounds, "flag": ratio.flag,
     }
     console.print(
         f"bench predict: {n} test images, {len(predictor.members)} members "
@@ -149,11 +134,6 @@ def bench_predict(
     )
     console.print(
         f"  raysearch predict {result['predict_images_per_s']:.1f} images/s, pure forward "
-        f"{result['pure_images_per_s']:.1f} images/s: ratio {ratio['median']:.2f} "
-        f"(range {ratio['min']:.2f}-{ratio['max']:.2f} over {rounds} paired rounds; target >= 0.8)"
+        f"{result['pure_images_per_s']:.1f} images/s: ratio {ratio.text()} (target >= 0.8)"
     )
-    if ratio["median"] > 1.05:  # the whole command cannot beat its own forward passes
-        console.print("[yellow]  a ratio above 1 cannot be right: the machine's load changed "
-                      "during the run; run it again[/]")
-        result["flagged"] = True
     return result

@@ -56,7 +56,8 @@ def bench_serve(
     import requests
     from rich.console import Console
 
-    from raysearch.bench.predict import _test_split, paired_ratios
+    from raysearch.bench.paired import paired_ratio
+    from raysearch.bench.predict import _test_split
     from raysearch.cluster import init_ray
     from raysearch.experiment import find_experiment
     from raysearch.inference.predictor import Predictor
@@ -132,9 +133,9 @@ def bench_serve(
     for route, res in results.items():
         out[route] = {"studies_per_s": statistics.median(res["throughputs"]),
                       "max_batch_size": VARIANTS[route], **_percentiles(res["latencies"])}
-    ratio = paired_ratios(list(zip(results["batched"]["throughputs"],
-                                   results["single"]["throughputs"])))
-    out.update(ratio=ratio["median"], ratio_min=ratio["min"], ratio_max=ratio["max"])
+    ratio = paired_ratio(list(zip(results["single"]["throughputs"],
+                                  results["batched"]["throughputs"])))
+    out.update(ratio=ratio.median, ratio_min=ratio.low, ratio_max=ratio.high)
     console.print(f"bench serve: {len(sent)} studies per variant ({len(test)} test images in "
                   f"{len(by_study)} studies, reused), {clients} concurrent clients, localhost, "
                   f"{os.cpu_count()} cores")
@@ -143,7 +144,6 @@ def bench_serve(
         console.print(f"  {route:8} (max batch {o['max_batch_size']}): "
                       f"{o['studies_per_s']:.1f} studies/s, latency p50 {o['p50_ms']:.0f} ms, "
                       f"p95 {o['p95_ms']:.0f} ms, p99 {o['p99_ms']:.0f} ms")
-    console.print(f"  batching / batch size 1: throughput x{ratio['median']:.2f} (range "
-                  f"{ratio['min']:.2f}-{ratio['max']:.2f} over {rounds} paired rounds); every "
-                  f"request answered, every answer equal to the predictor's")
+    console.print(f"  batching / batch size 1: throughput x{ratio.text()}; every request "
+                  "answered, every answer equal to the predictor's")
     return out

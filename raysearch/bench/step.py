@@ -29,19 +29,27 @@ def bench_step(
     batch_size: int,
     steps: int = 30,
     warmup: int = 5,
+    rounds: int = 5,
     device: torch.device | str | None = None,
     num_labels: int = 1,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Images per second of the pure model step and of the epoch step, and their ratio.
+    """Images per second of the pure model step and of the epoch step, and their paired ratio.
 
-    ``steps`` timed batches of ``batch_size`` images at ``image_size`` px (after ``warmup``
-    untimed ones) for each. Returns ``pure_images_per_s``, ``step_images_per_s``, ``ratio``
-    (step / pure; 1.0 means the input pipeline and the loss cost nothing), the device, the
-    autocast dtype and whether channels_last was used.
+    The two arms take turns in ``rounds`` short rounds (:func:`raysearch.bench.paired.alternate`)
+    of ``steps`` timed batches of ``batch_size`` images at ``image_size`` px each, after
+    ``warmup`` untimed batches for each. Returns the median ``pure_images_per_s`` and
+    ``step_images_per_s``, ``ratio`` (the median of the per-round ratios step / pure; 1.0 means
+    the input pipeline and the loss cost nothing; None when flagged), ``ratio_low`` /
+    ``ratio_high`` (their range), ``flag`` (why the ratio cannot be right: the epoch step
+    faster than the model alone beyond the noise), the device, the autocast dtype and whether
+    channels_last was used.
     """
+    import statistics
+
     import torch.nn.functional as F
 
+    from raysearch.bench.paired import alternate, paired_ratio
     from raysearch.config import TrialConfig
     from raysearch.data.augment import DeviceAugment
     from raysearch.data.cache import ArrayStore
@@ -81,19 +89,21 @@ def bench_step(
 
     for _ in range(warmup):
         step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    pure = steps * batch_size / (time.perf_counter() - t0)
+
+    def pure_round(_: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        return steps * batch_size / (time.perf_counter() - t0)
 
     # 2. The epoch step: uint8 images from a store, through the loader, augmented on the device.
     rng = np.random.default_rng(seed)
     n = (steps + warmup) * batch_size
     store = ArrayStore(rng.integers(0, 256, size=(n, image_size, image_size), dtype=np.uint8))
     labels = (rng.random((n, num_labels)) > 0.5).astype(np.float32)
-    model, optimizer = model_and_optimizer()
+    step_model, step_optimizer = model_and_optimizer()
     augment = DeviceAugment(cfg.augment_params(), device=device, seed=seed, channels_last=cuda)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
     weights = torch.ones(n, num_labels)
@@ -101,15 +111,24 @@ def bench_step(
                        batch_size=batch_size, shuffle=False, pin_memory=cuda)
     timed = BatchLoader(store, np.arange(warmup * batch_size, n), labels[warmup * batch_size :],
                         batch_size=batch_size, shuffle=True, seed=seed, pin_memory=cuda)
-    common = {"augment": augment, "optimizer": optimizer, "scaler": scaler,
+    common = {"augment": augment, "optimizer": step_optimizer, "scaler": scaler,
               "weight_by_row": weights, "device": device}
-    train_epoch(model, warm, **common)
-    result = train_epoch(model, timed, **common)  # synchronises the device before timing ends
+    train_epoch(step_model, warm, **common)
+
+    def step_round(i: int) -> float:
+        timed.set_epoch(i)
+        result = train_epoch(step_model, timed, **common)  # synchronises before timing ends
+        return result.images / result.seconds
+
+    pairs = alternate(pure_round, step_round, rounds=rounds)
+    ratio = paired_ratio(pairs, ceiling=1.0,
+                         impossible="the epoch step cannot be faster than the model alone")
     return {
         "arch": arch, "image_size": image_size, "batch_size": batch_size,
         "device": str(device), "amp": str(amp_dtype).removeprefix("torch."),
-        "channels_last": cuda,
-        "pure_images_per_s": pure,
-        "step_images_per_s": result.images / result.seconds,
-        "ratio": (result.images / result.seconds) / pure,
+        "channels_last": cuda, "rounds": rounds,
+        "pure_images_per_s": statistics.median(a for a, _ in pairs),
+        "step_images_per_s": statistics.median(b for _, b in pairs),
+        "ratio": ratio.value, "ratio_median": ratio.median, "ratio_low": ratio.low,
+        "ratio_high": ratio.high, "flag": ratio.flag, "ratio_text": ratio.text(),
     }

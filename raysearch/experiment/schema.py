@@ -298,8 +298,8 @@ ENSEMBLE_JSON = {
     "weights": ("object", "trial id -> member weight (as members.parquet's weight)"),
     "task": ("object", "the task (labels, group, groups, aggregation, maskable, threshold)"),
     "n_test_studies": ("integer", "test studies scored"),
-    "threshold": ("number or object", "the decision threshold predict and serve use, chosen on "
-                  "val studies (one label: a number; several: label -> number)"),
+    "threshold": ("number or object", "the decision threshold that predict and serve use, "
+                  + "chosen on val studies (one label: a number; several: label -> number)"),
     "threshold_rule": ("string", "how it was chosen: max Cohen's kappa on val studies"),
 }
 

@@ -194,6 +194,12 @@ def read_manifest(exp_dir: str):
     return read_parquet(uri)
 
 
+# The one vocabulary of trial status words. trials.parquet, the live view and its end-of-trial
+# lines, and every table use these and no others; the first two only while a trial runs.
+TRIAL_STATUSES = ("pending", "running", "completed", "early_stopped", "pruned", "failed",
+                  "unfinished")
+
+
 TRIAL_COLUMNS = [
     "trial_id", "status", "epochs", "best_val_loss", "best_epoch", "val_study_kappa",
     "best_checkpoint", "wall_time_s", "error",
@@ -268,6 +274,7 @@ def trial_summary(
         row["status"] = "pruned"
     else:
         row["status"] = "pending"
+    assert row["status"] in TRIAL_STATUSES, row["status"]
     row.update({k: v for k, v in config.items() if k not in row})
     return row, frame[keep]
 

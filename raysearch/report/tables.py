@@ -29,34 +29,100 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+# The trials table's columns, most important first: what is left out when the terminal is narrow.
+# (key, header, header when abbreviated). Numbers and ids are never cut: a column that does not fit
+# is dropped whole, the lowest in this list first.
+TRIAL_COLUMNS_BY_PRIORITY = (
+    ("trial_id", "trial", "trial"),
+    ("status", "status", "status"),
+    ("epoch", "epoch", "ep"),
+    ("best_val_loss", "best", "best"),
+    ("val_study_kappa", "kappa", "kappa"),
+    ("arch", "arch", "arch"),
+    ("val_loss", "val_loss", "loss"),
+    ("image_size", "image_size", "px"),
+    ("lr", "lr", "lr"),
+    ("batch_size", "batch_size", "batch"),
+    ("class_weighting", "class_weighting", "weighting"),
+    ("dropout", "dropout", "drop"),
+    ("augment", "augment", "aug"),
+)
+_ORDER = ("trial_id", "status", "epoch", "val_loss", "best_val_loss", "val_study_kappa",
+          *KEY_PARAMS)
+
+
+def _epoch_cell(row: dict[str, Any]) -> str:
+    """'3/8': epochs run of the trial's ``max_epochs`` (just '3' when the limit is unknown)."""
+    k = row.get("epoch", row.get("epochs"))
+    if k is None or (isinstance(k, float) and math.isnan(k)):
+        k = 0 if row.get("status") in ("pending", "running") else None
+    if k is None:
+        return "-"
+    top = row.get("max_epochs")
+    return f"{int(k)}/{int(top)}" if top else str(int(k))
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    if key == "epoch":
+        return _epoch_cell(row)
+    if key in ("trial_id", "status", "arch", "class_weighting", "augment"):
+        value = row.get(key)
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+    return fmt(row.get(key))
+
+
 def trials_table(
-    rows: Iterable[dict[str, Any]], *, title: str | None = None, params: Sequence[str] = KEY_PARAMS
+    rows: Iterable[dict[str, Any]], *, title: str | None = None, params: Sequence[str] = KEY_PARAMS,
+    width: int | None = None,
 ) -> Table:
-    """Trials: id, status, epoch, val_loss, best val_loss, val study kappa, key config values."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("trial")
-    table.add_column("status")
-    for name in ("epoch", "val_loss", "best", "kappa"):
-        table.add_column(name, justify="right")
+    """Trials: id, status, epoch ('k/max'), val_loss, best val_loss, val study kappa (at the best
+    epoch), key config values.
+
+    ``width`` (the terminal's columns): columns are abbreviated, then dropped by
+    :data:`TRIAL_COLUMNS_BY_PRIORITY`, until the table fits; no cell is ever cut short. ``None``
+    keeps every column.
+    """
     rows = list(rows)
-    shown = [p for p in params if any(p in r for r in rows)]
-    for p in shown:
-        table.add_column(p, justify="right")
-    for r in rows:
-        table.add_row(
-            str(r.get("trial_id", "")),
-            str(r.get("status", "")),
-            fmt(r.get("epoch", r.get("epochs"))),
-            fmt(r.get("val_loss")),
-            fmt(r.get("best_val_loss")),
-            fmt(r.get("val_study_kappa")),
-            *[fmt(r.get(p)) for p in shown],
-        )
+    wanted = [k for k in _ORDER if k not in KEY_PARAMS or (k in params and any(k in r for r in rows))]
+    cells = {k: [_cell(r, k) for r in rows] for k in wanted}
+    short = {k: (full, abbr) for k, full, abbr in TRIAL_COLUMNS_BY_PRIORITY}
+    keep = _fit_columns(wanted, cells, short, width)
+    table = Table(title=title, title_justify="left")
+    for key, header in keep:
+        left = key in ("trial_id", "status")
+        table.add_column(header, justify="left" if left else "right", no_wrap=True,
+                         min_width=max([len(header)] + [len(c) for c in cells[key]]))
+    for i in range(len(rows)):
+        table.add_row(*[cells[key][i] for key, _ in keep])
     return table
 
 
-def best_trials_table(trials: pd.DataFrame, *, n: int = 10, title: str | None = None) -> Table:
-    """The ``n`` trials with the lowest best val_loss (trials.parquet rows)."""
+def _fit_columns(wanted: list[str], cells: dict[str, list[str]],
+                 short: dict[str, tuple[str, str]], width: int | None) -> list[tuple[str, str]]:
+    """(key, header) of the columns to show, in display order: full headers if everything fits
+    in ``width``, else abbreviated headers, dropping the least important columns until it fits."""
+
+    def cost(key: str, header: str) -> int:  # the column's text, its padding and one border
+        return max([len(header)] + [len(c) for c in cells[key]]) + 3
+
+    def total(cols: list[tuple[str, str]]) -> int:
+        return 1 + sum(cost(k, h) for k, h in cols)
+
+    full = [(k, short[k][0]) for k in wanted]
+    if width is None or total(full) <= width:
+        return full
+    cols = [(k, short[k][1]) for k in wanted]
+    by_priority = [k for k, _, _ in TRIAL_COLUMNS_BY_PRIORITY if k in wanted]
+    while total(cols) > width and len(cols) > 2:
+        drop = by_priority.pop()
+        cols = [(k, h) for k, h in cols if k != drop]
+    return cols
+
+
+def best_trials_table(trials: pd.DataFrame, *, n: int = 10, title: str | None = None,
+                      width: int | None = None) -> Table:
+    """The ``n`` trials with the lowest best val_loss (trials.parquet rows), fitted to ``width``
+    (see :func:`trials_table`)."""
     ok = trials[trials["best_val_loss"].notna()].nsmallest(n, "best_val_loss")
     rows = []
     for r in ok.to_dict("records"):
@@ -64,17 +130,19 @@ def best_trials_table(trials: pd.DataFrame, *, n: int = 10, title: str | None = 
         r["epoch"] = r.get("epochs")
         r["val_loss"] = r.get("best_val_loss")
         rows.append(r)
-    return trials_table(rows, title=title)
+    return trials_table(rows, title=title, width=width)
 
 
 def epochs_table(epochs: pd.DataFrame, *, title: str | None = None) -> Table:
     """One row per reported epoch of a single trial."""
     table = Table(title=title, title_justify="left")
-    cols = ["epoch", "train_loss", "val_loss", "val_auc", "val_study_accuracy", "val_study_kappa",
-            "lr", "epoch_time_s", "train_images_per_s"]
-    cols = [c for c in cols if c in epochs.columns]
+    # Short headers, so that a 100-column terminal shows every column whole.
+    headers = {"epoch": "epoch", "train_loss": "train_loss", "val_loss": "val_loss",
+               "val_auc": "auc", "val_study_accuracy": "study acc", "val_study_kappa": "kappa",
+               "lr": "lr", "epoch_time_s": "train s", "train_images_per_s": "images/s"}
+    cols = [c for c in headers if c in epochs.columns]
     for c in cols:
-        table.add_column(c, justify="right")
+        table.add_column(headers[c], justify="right", no_wrap=True)
     for r in epochs[cols].to_dict("records"):
         table.add_row(*[fmt(r[c]) for c in cols])
     return table

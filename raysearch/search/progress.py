@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from raysearch.experiment import sign_ray_state
+from raysearch.report.live import ENDED
 from raysearch.search.space import SearchSpace
 
 __all__ = ["SearchProgress", "TrustCallback"]
@@ -54,104 +55,102 @@ def _progress_base():
 
     return Callback
 
+
+def _trial_error(trial) -> str | None:
+    """The last line of a failed trial's error, as ``trials.parquet`` keeps it."""
+    from raysearch.search.results import _error_line
+
+    try:
+        error = trial.get_error()
+    except Exception:  # noqa: BLE001 - no error file (yet), or one Ray cannot read back
+        error = None
+    return _error_line(error) or "trial failed"
+
+
 class SearchProgress(_progress_base()):
-    """A Tune callback that keeps a live Rich view on the driver: a progress bar over the epochs
-    budget and a table of trials (id, status, epoch, val_loss, best, kappa, key config values)."""
+    """A Tune callback that keeps a live Rich view on the driver (:class:`LiveView`): a bar over
+    the epoch budget with an ETA, and a table of trials (id, status, epoch k/max, val_loss, best,
+    kappa at the best epoch, key config values).
+
+    A trial's end is told from its recorded results, the row ``trials.parquet`` gets
+    (:func:`raysearch.search.results.trial_row`), not from the last result that reached this
+    callback: Ray may deliver that one after ``on_trial_complete``, and ASHA's stop may land
+    between a report and its delivery.
+    """
 
     def __init__(self, spec: SearchSpace, *, console) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from raysearch.report.live import LiveView
 
         self.spec = spec
         self.console = console
-        self.rows: dict[str, dict[str, Any]] = {}
-        self.progress = Progress(
-            TextColumn("trials done"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console,
-        )
-        self.task = self.progress.add_task("trials", total=spec.search.num_samples)
-        self.live = None
+        self.view = LiveView(num_trials=spec.search.num_samples,
+                             max_epochs=spec.scheduler.max_epochs, console=console)
 
     # Ray pickles the run config (with its callbacks) into the experiment state; the console and
     # the live display hold locks and cannot travel. A restored copy renders nothing.
     def __getstate__(self):
-        return {"spec": self.spec, "rows": {}, "console": None, "progress": None, "task": None,
-                "live": None}
+        return {"spec": self.spec, "console": None, "view": None}
+
+    @property
+    def rows(self) -> dict[str, dict[str, Any]]:
+        return self.view.rows if self.view is not None else {}
+
+    def stage(self, text: str) -> None:
+        if self.view is not None:
+            self.view.stage(text)
 
     def __enter__(self):
-        from rich.live import Live
-
-        self.live = Live(self._render(), console=self.console, refresh_per_second=2,
-                         transient=not self.console.is_terminal)
-        self.live.__enter__()
+        if self.view is not None:
+            self.view.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.live is not None:
-            self.live.update(self._render())
-            self.live.__exit__(*exc)
-            self.live = None
+        if self.view is not None:
+            self.view.__exit__(*exc)
 
-    def _render(self):
-        from rich.console import Group
+    def _summary(self, trial, *, error: str | None) -> dict[str, Any]:
+        from raysearch.search.results import trial_row
 
-        from raysearch.report.tables import trials_table
-
-        rows = sorted(self.rows.values(), key=lambda r: r["trial_id"])
-        return Group(self.progress, trials_table(rows[-30:]))
-
-    def _row(self, trial) -> dict[str, Any]:
-        row = self.rows.setdefault(trial.trial_id, {"trial_id": trial.trial_id})
-        row.update({k: v for k, v in (trial.config or {}).items() if not k.startswith("_")})
+        row, _ = trial_row(self.spec, str(trial.trial_id), dict(trial.config or {}), error=error)
         return row
 
-    def _refresh(self) -> None:
-        if self.progress is None:
+    def on_step_end(self, iteration, trials, **info):
+        """Trials the searcher proposed and Ray has not started yet (pending), and trials that
+        had ended before this run (a resumed search): their recorded rows."""
+        if self.view is None:
             return
-        done = sum(r["status"] in ("done", "failed", "stopped") for r in self.rows.values())
-        self.progress.update(self.task, completed=done)
-        if self.live is not None:
-            self.live.update(self._render())
+        for trial in trials:
+            trial_id = str(trial.trial_id)
+            self.view.add(trial_id, trial.config)
+            ended = self.view.rows[trial_id].get("status") in ENDED
+            if not ended and trial.status in ("TERMINATED", "ERROR"):
+                self._end(trial, error=_trial_error(trial) if trial.status == "ERROR" else None)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._row(trial)["status"] = "running"
-        self._refresh()
+        if self.view is not None:
+            self.view.start(str(trial.trial_id), trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.view is None:
+            return
         if result.get("resume_note") and self.console is not None:
             self.console.print(f"[yellow]trial {trial.trial_id}: {result['resume_note']}[/]")
-        row = self._row(trial)
-        row.update(status="running", epoch=result.get("epoch"), val_loss=result.get("val_loss"),
-                   best_val_loss=result.get("best_val_loss"),
-                   val_study_kappa=result.get("val_study_kappa"))
-        self._refresh()
+        self.view.result(str(trial.trial_id), result, trial.config)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        row = self._row(trial)
-        row["status"] = "done" if (row.get("epoch") or 0) >= self.spec.scheduler.max_epochs else "stopped"
-        self._log(row)
-        self._refresh()
+        self._end(trial, error=None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        row = self._row(trial)
-        row["status"] = "failed"
-        self._log(row)
-        self._refresh()
+        self._end(trial, error=_trial_error(trial))
 
-    def _log(self, row: dict[str, Any]) -> None:
-        """Without a terminal (CI, `ray job submit` logs) the live view is not drawn: one line
-        per finished trial instead."""
-        if self.console is None or self.console.is_terminal:
+    def _end(self, trial, *, error: str | None) -> None:
+        if self.view is None:
             return
-        from raysearch.report.tables import fmt
+        try:
+            row = self._summary(trial, error=error)
+        except Exception as e:  # noqa: BLE001 - storage unreachable: the view must not end the search
+            import logging
 
-        self.console.print(
-            f"trial {row['trial_id']} {row['status']} after {row.get('epoch') or 0} epochs: "
-            f"best val_loss {fmt(row.get('best_val_loss'))}, val study kappa "
-            f"{fmt(row.get('val_study_kappa'))} ({row.get('arch', '')}, {row.get('image_size', '')} px)"
-        )
+            logging.getLogger("raysearch").warning("trial %s: no summary (%s)", trial.trial_id, e)
+            return
+        self.view.end(row)

@@ -13,7 +13,7 @@ from raysearch.errors import plain
 from raysearch.experiment import results_tables, trial_summary
 from raysearch.search.space import SearchSpace
 
-__all__ = ["collect_results"]
+__all__ = ["collect_results", "trial_row"]
 
 
 # ----------------------------------------------------------------------------- results
@@ -31,24 +31,33 @@ def collect_results(
     an error, before ``max_epochs`` and not on its own patience, was stopped by ASHA: ``pruned``.
     """
     rows, frames = [], []
-    names = [p.name for p in spec.space]
     # ResultGrid keeps its results in the order of the analysis' Trial objects, which carry ids.
     for trial, result in zip(grid._experiment_analysis.trials, grid):
         config = result.config or {}
         trial_id = str(trial.trial_id)
-        full = spec.trial_config({k: config[k] for k in names if k in config}).to_dict()
         status = None
         if not result.error and (trial_id in unfinished
                                  or trial.status in ("PENDING", "RUNNING", "PAUSED")):
             status = "unfinished"
-        row, epochs = trial_summary(
-            spec.experiment_dir, trial_id, config=full, max_epochs=spec.scheduler.max_epochs,
-            error=_error_line(result.error), status=status,
+        row, epochs = trial_row(
+            spec, trial_id, config, error=_error_line(result.error), status=status,
             wall_time_s=(result.metrics or {}).get("time_total_s"),
         )
         rows.append(row)
         frames.append(epochs)
     return results_tables(rows, frames)
+
+
+def trial_row(spec: SearchSpace, trial_id: str, config: dict, *, error: str | None = None,
+              status: str | None = None, wall_time_s: float | None = None):
+    """A trial's row of ``trials.parquet`` and its epoch rows, from its recorded checkpoints
+    (:func:`raysearch.experiment.trial_summary` with the trial's resolved config). The live
+    view's end-of-trial lines come from here too, so they say what ``trials.parquet`` says."""
+    names = [p.name for p in spec.space]
+    full = spec.trial_config({k: config[k] for k in names if k in config}).to_dict()
+    return trial_summary(spec.experiment_dir, trial_id, config=full,
+                         max_epochs=spec.scheduler.max_epochs, error=error, status=status,
+                         wall_time_s=wall_time_s)
 
 
 def _error_line(error: BaseException | None) -> str | None:

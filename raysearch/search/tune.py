@@ -131,9 +131,12 @@ def run_search(
     """
     from rich.console import Console
 
+    from raysearch.report.live import say_stage
+
     console = console or Console(stderr=True)
     preflight_search(spec, resume=resume, overwrite=overwrite, address=address)
     exp_dir = spec.experiment_dir
+    say_stage(console, f"{spec.name}: checking {exp_dir}")
     spec_yaml = yaml.safe_dump(spec.to_dict(), sort_keys=False)
     with ExperimentLock(exp_dir, command="tune"):
         restoring = _check_existing(spec, exp_dir, spec_yaml, resume=resume, overwrite=overwrite)
@@ -167,10 +170,12 @@ def _prepare(spec, exp_dir, spec_yaml, *, restoring, overwrite, console) -> Task
     overwrite, the experiment's info and the data prepared once. Returns the task."""
     from raysearch.data.prepare import check_free_space, prepare_data, read_dataset
     from raysearch.models.factory import check_weights, checkpoint_bytes
+    from raysearch.report.live import say_stage
 
     check_weights(weight_sources(spec))
     manifest, task = None, None
     if not (restoring and exists(join(exp_dir, "manifest.parquet"))):
+        say_stage(console, f"reading the dataset at {spec.data.root}")
         manifest, task = read_dataset(spec.data, console=console)
         check_class_weighting(spec, manifest, task, console=console)
         check_free_space(
@@ -189,6 +194,8 @@ def _prepare(spec, exp_dir, spec_yaml, *, restoring, overwrite, console) -> Task
         data={"root": spec.data.root, "val_fraction": spec.data.val_fraction, "seed": spec.data.seed},
     )
     if manifest is not None:  # data once, on the driver: the manifest and decode-once caches
+        say_stage(console, "preparing data (decode-once caches at "
+                  f"{', '.join(str(s) for s in image_sizes(spec))} px)")
         prepare_data(manifest, experiment_dir=exp_dir, cache_dir=spec.cache_dir,
                      image_sizes=image_sizes(spec))
     atomic_write_text(join(exp_dir, "search_space.yaml"), spec_yaml)
@@ -199,8 +206,10 @@ def _fit(spec, exp_dir, task, *, restoring, address, verbose, console):
     """Ray: plan the resources, build (or restore) the Tuner, rebuild ASHA's rungs, run it.
     Returns Tune's result grid; errors a user can act on come out as raysearch's."""
     from raysearch.cluster import check_cluster_resources, init_ray, ray_address
+    from raysearch.report.live import say_stage
     from raysearch.train.trainer import RunSettings
 
+    say_stage(console, "starting Ray")
     init_ray(address=address, verbose=verbose)
     import optuna
     import ray
@@ -248,6 +257,7 @@ def _fit(spec, exp_dir, task, *, restoring, address, verbose, console):
         console.print(f"ASHA rungs rebuilt from the checkpoints of {len(histories)} trial(s): {n} records")
     try:
         with progress, fail_on_restore_error():
+            progress.stage("starting trials")
             grid = tuner.fit()
     except Exception as e:
         try:
@@ -273,7 +283,8 @@ def _finish(spec, exp_dir, grid, *, seconds: float, console) -> str:
     write_results(exp_dir, trials, epochs)
     update_info(exp_dir, state=state, trials=len(trials), num_samples=spec.search.num_samples)
     if len(trials) and trials["best_val_loss"].notna().any():
-        console.print(best_trials_table(trials, title=f"{spec.name}: best trials"))
+        console.print(best_trials_table(trials, title=f"{spec.name}: best trials",
+                                        width=console.width))
     n_failed = int((trials["status"] == "failed").sum()) if len(trials) else 0
     console.print(
         f"{len(trials)} trials ({n_failed} failed"
@@ -419,10 +430,11 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, callbacks: lis
 
     from raysearch.search.scheduler import make_scheduler
     from raysearch.search.searcher import DefineByRun, MultiFidelitySearch, make_sampler
-    from raysearch.train.trainer import tune_trial_driver
+    from raysearch.train.trainer import driver_resources, tune_trial_driver
 
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trial_driver, run=run), {"cpu": DRIVER_CPU}
+        tune.with_parameters(tune_trial_driver, run=run),
+        driver_resources(run, driver_cpu=DRIVER_CPU),
     )
     if restoring:
         tuner = tune.Tuner.restore(

@@ -9,6 +9,7 @@ attempts instead of waiting for resources forever.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, TypedDict
 
@@ -25,6 +26,7 @@ __all__ = [
     "CONTROLLER_FAILURE_LIMIT",
     "SINGLE_TRIAL",
     "RunSettings",
+    "driver_resources",
     "make_trainer",
     "run_single",
     "tune_trial_driver",
@@ -99,12 +101,13 @@ class RunSettings(TypedDict):
 
 
 def tune_trial_driver(config: dict[str, Any], *, run: RunSettings) -> None:
-    """The Tune function trainable of one trial: builds and fits the trial's TorchTrainer.
+    """The Tune function trainable of one trial: a one-worker trial runs its training loop
+    right here (:mod:`raysearch.train.inline`: no Ray Train controller or worker processes to
+    start); a trial of more workers builds and fits its TorchTrainer.
 
     ``config`` holds the sampled parameters; ``run`` the constants of the experiment.
     """
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
     sampled = {k: v for k, v in config.items() if k in run["space_names"]}
@@ -116,6 +119,16 @@ def tune_trial_driver(config: dict[str, Any], *, run: RunSettings) -> None:
         "cache_dir": run["cache_dir"],
         "torch_threads": run["torch_threads"],
     }
+    from raysearch.train.inline import inline_enabled
+
+    if inline_enabled(run["workers"]):  # one worker: the loop runs here (raysearch.train.inline)
+        from raysearch.train.inline import InlineSession
+
+        train_loop_per_worker(loop_config, session=InlineSession(
+            join(run["experiment_dir"], f"train-{trial_id}")))
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     trainer = make_trainer(
         loop_config,
         run_name=f"train-{trial_id}",
@@ -126,6 +139,89 @@ def tune_trial_driver(config: dict[str, Any], *, run: RunSettings) -> None:
         callbacks=[TuneReportCallback()],
     )
     trainer.fit()
+
+
+class _LiveFeed:
+    """Brings a Train run's reports to the driver's live view: a Ray Train callback (it runs in
+    the Train controller) puts rank 0's metrics on a Ray queue, and a thread on the driver hands
+    them to the :class:`~raysearch.report.live.LiveView` while ``fit()`` blocks."""
+
+    def __init__(self, view, trial_id: str) -> None:
+        self.view, self.trial_id = view, trial_id
+        self.queue = None
+        self._thread = None
+        self._stop = None
+
+    def callback(self):
+        from ray.train import UserCallback
+        from ray.util.queue import Queue
+
+        # No CPU: the queue must not take a CPU that the trial's worker was sized to use.
+        self.queue = Queue(actor_options={"num_cpus": 0})
+
+        class _ToQueue(UserCallback):
+            def __init__(self, queue) -> None:
+                self.queue = queue
+
+            def after_report(self, run_context, metrics, checkpoint):
+                if metrics:
+                    self.queue.put_nowait(dict(metrics[0]))
+
+        return _ToQueue(self.queue)
+
+    def _drain(self, timeout: float | None) -> None:
+        from ray.util.queue import Empty
+
+        try:
+            while True:
+                result = self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait()
+                self.view.result(self.trial_id, result)
+        except Empty:
+            return
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+
+        def pump() -> None:
+            while not self._stop.is_set():
+                try:
+                    self._drain(0.5)
+                except Exception:  # noqa: BLE001 - the queue's actor went away: the run is over
+                    return
+
+        self._thread = threading.Thread(target=pump, name="raysearch-live-feed", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the thread and show what is still queued."""
+        if self._stop is not None and not self._stop.is_set():
+            self._stop.set()
+            self._thread.join(timeout=5)
+            with contextlib.suppress(Exception):  # the queue's actor is gone: nothing to show
+                self._drain(None)
+
+    def __exit__(self, *exc):
+        self.close()
+        if self.queue is not None:
+            with contextlib.suppress(Exception):  # already gone with the run
+                self.queue.shutdown()
+
+
+def driver_resources(run: RunSettings, *, driver_cpu: float) -> dict[str, float]:
+    """What a trial's Tune driver asks for: ``driver_cpu`` when it only starts a Ray Train run
+    (whose workers hold their own resources), or the one worker's CPUs and GPUs when it runs
+    the loop itself (:mod:`raysearch.train.inline`)."""
+    from raysearch.train.inline import inline_enabled
+
+    if not inline_enabled(run["workers"]):
+        return {"cpu": driver_cpu}
+    out = {"cpu": float(run["cpus_per_worker"])}
+    if run["gpus_per_worker"]:
+        out["gpu"] = float(run["gpus_per_worker"])
+    return out
 
 
 SINGLE_TRIAL = "single"  # the trial id of `raysearch train`: its run folder is train-single
@@ -198,7 +294,10 @@ def _run_single_locked(cfg, rest, data, *, storage, name, exp_dir, cache_dir, fr
         )
     else:
         check_writable(exp_dir)
+    from raysearch.report.live import say_stage
+
     check_weights({(cfg.arch, cfg.weights)})
+    say_stage(console, f"reading the dataset at {data.root}")
     manifest, task = read_dataset(data, console=console)
     train = manifest[manifest["split"] == "train"]
     if task.k == 1:
@@ -213,10 +312,12 @@ def _run_single_locked(cfg, rest, data, *, storage, name, exp_dir, cache_dir, fr
     update_info(exp_dir, kind="train", name=name, state="running", manifest="manifest.parquet",
                 cache_dir=cache_dir, task=task.to_dict(),
                 data={"root": data.root, "val_fraction": data.val_fraction, "seed": data.seed})
+    say_stage(console, f"preparing data (decode-once cache at {cfg.image_size} px)")
     manifest_uri = prepare_data(manifest, experiment_dir=exp_dir, cache_dir=cache_dir,
                                 image_sizes=[cfg.image_size])
 
     # --- the trial, under Ray Train
+    say_stage(console, "starting Ray")
     init_ray(address=address, verbose=verbose)
     import ray
 
@@ -232,24 +333,35 @@ def _run_single_locked(cfg, rest, data, *, storage, name, exp_dir, cache_dir, fr
         "trial": cfg.to_dict(), "task": task.to_dict(), "manifest": manifest_uri,
         "cache_dir": cache_dir, "torch_threads": max(1, round(cpus)),
     }
+    from raysearch.report.live import LiveView
+
+    view = LiveView(num_trials=1, max_epochs=cfg.max_epochs, console=console)
+    feed = _LiveFeed(view, SINGLE_TRIAL)
     trainer = make_trainer(
         loop_config, run_name=f"train-{SINGLE_TRIAL}", storage=exp_dir, workers=workers,
         gpus_per_worker=gpus, cpus_per_worker=cpus, max_failures=res.max_failures,
+        callbacks=[feed.callback()],
     )
     error = None
-    try:
-        trainer.fit()
-    except Exception as e:  # the trial failed: still write what it left, then raise
-        from raysearch.errors import first_line
+    with view, feed:
+        view.start(SINGLE_TRIAL, cfg.to_dict())
+        view.stage("starting the worker")
+        try:
+            trainer.fit()
+        except Exception as e:  # the trial failed: still write what it left, then raise
+            from raysearch.errors import first_line
 
-        error = first_line(e)[:500]
-        raise
-    finally:
-        row, epochs = trial_summary(exp_dir, SINGLE_TRIAL, config=cfg.to_dict(),
-                                    max_epochs=cfg.max_epochs, error=error)
-        trials, epochs = results_tables([row], [epochs])
-        write_results(exp_dir, trials, epochs)
-        update_info(exp_dir, state="failed" if error else "finished", trials=1, num_samples=1)
+            error = first_line(e)[:500]
+            raise
+        finally:
+            feed.close()
+            row, epochs = trial_summary(exp_dir, SINGLE_TRIAL, config=cfg.to_dict(),
+                                        max_epochs=cfg.max_epochs, error=error)
+            view.end(row)
+            trials, epochs = results_tables([row], [epochs])
+            write_results(exp_dir, trials, epochs)
+            update_info(exp_dir, state="failed" if error else "finished", trials=1,
+                        num_samples=1)
     if row["best_checkpoint"] is None:
         raise RaysearchError(f"trial {name} reported no checkpoint")
     console.print(epochs_table(epochs, title=f"{name}: {cfg.arch} @ {cfg.image_size}px"))

@@ -38,7 +38,7 @@ from raysearch.train.loop import (
     val_metrics,
 )
 
-__all__ = ["LoopConfig", "train_loop_per_worker"]
+__all__ = ["LoopConfig", "RayTrainSession", "train_loop_per_worker"]
 
 
 class LoopConfig(TypedDict):
@@ -83,12 +83,45 @@ def injected_fault(trial: dict[str, Any]) -> tuple[int, str] | None:
     return None
 
 
-def train_loop_per_worker(config: LoopConfig) -> None:
+class RayTrainSession:
+    """What the loop asks of Ray Train: rank, world size, device, model preparation (DDP), the
+    checkpoint to resume from, and the report of an epoch (metrics and a checkpoint folder).
+    :class:`raysearch.train.inline.InlineSession` answers the same for a one-worker trial run
+    inside its Tune driver."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self):
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def get_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def train_loop_per_worker(config: LoopConfig, session=None) -> None:
     """The loop each Ray Train worker runs: data, model, resume, then one report and checkpoint
-    per epoch until ``max_epochs`` or the trial's own early stopping."""
+    per epoch until ``max_epochs`` or the trial's own early stopping. ``session``: Ray Train's
+    (:class:`RayTrainSession`, the default) or a one-worker trial's inline one."""
     import ray
-    import ray.train
-    import ray.train.torch
 
     from raysearch.data.augment import DeviceAugment
     from raysearch.data.cache import build_cache
@@ -101,9 +134,9 @@ def train_loop_per_worker(config: LoopConfig) -> None:
     cfg = TrialConfig.from_saved(config["trial"])
     fail_at_epoch, fail_mode = injected_fault(config["trial"]) or (None, None)
     task = Task.from_dict(config.get("task"))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    session = session or RayTrainSession()
+    rank, world = session.rank, session.world
+    device = session.device()
     cuda = device.type == "cuda"
     if config.get("torch_threads") and not cuda:
         torch.set_num_threads(int(config["torch_threads"]))
@@ -130,7 +163,7 @@ def train_loop_per_worker(config: LoopConfig) -> None:
     model = create_model(cfg.arch, weights=cfg.weights, dropout=cfg.dropout, num_labels=task.k)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = session.prepare_model(model)
     raw_model = model.module if hasattr(model, "module") else model
     augment = DeviceAugment(
         cfg.augment_params(), device=device, seed=cfg.seed * 1000 + rank, channels_last=cuda
@@ -144,7 +177,7 @@ def train_loop_per_worker(config: LoopConfig) -> None:
     start_epoch, best_val_loss, bad_epochs = 0, math.inf, 0
     history: list[dict[str, Any]] = []  # every epoch's report, carried in each checkpoint
     resume_note, saved = None, None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         saved, resume_note = load_resume_state(checkpoint, device=device)
         if resume_note:
@@ -161,7 +194,7 @@ def train_loop_per_worker(config: LoopConfig) -> None:
     if history and (start_epoch >= cfg.max_epochs or history[-1].get("early_stopped")):
         # Restored after it had already finished (the driver died before Tune saved that):
         # report the final epoch again so Tune sees the result, and train nothing.
-        ray.train.report(history[-1])
+        session.report(history[-1])
         return
 
     for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
@@ -220,13 +253,11 @@ def train_loop_per_worker(config: LoopConfig) -> None:
         # --- checkpoint (rank 0 writes, every rank reports)
         history.append(report)
         with tempfile.TemporaryDirectory() as d:
-            ckpt = None
             report["checkpoint_write_s"] = 0.0  # other ranks write nothing
             if rank == 0:  # sets report["checkpoint_write_s"], and saves it in the checkpoint
                 write_checkpoint(d, raw_model, optimizer, scheduler, augment, cfg, task, val.frame,
                                  probs, epoch=epoch, best_val_loss=best_val_loss,
                                  bad_epochs=bad_epochs, history=history)
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(report, checkpoint=ckpt)
+            session.report(report, checkpoint_dir=d if rank == 0 else None)
         if stop:
             break

@@ -193,3 +193,28 @@ def test_bench_on_a_kept_experiment_of_other_settings_names_storage(tmp_path, ti
     (kept / "search_space.yaml").write_text("name: fifo-random-seed7\n")
     with pytest.raises(ConfigError, match=r"bench search: .*fifo-random-seed7 holds .* another --storage"):
         _measure_search(fifo, console=Console(file=io.StringIO()))
+
+
+def test_trial_overheads_split_the_time_before_the_first_epoch_from_the_rest():
+    from raysearch.bench.search import trial_overheads
+
+    # Trainable starts at t=100; the first epoch starts at 130 (30 s of set-up), each epoch
+    # trains 8 s and validates 2 s, checkpoints take 1 s; the trial ends at 155 (3 epochs).
+    epochs = pd.DataFrame({
+        "trial_id": ["a"] * 3, "epoch": [3, 1, 2],
+        "reported_at": [162.0, 140.0, 151.0], "epoch_time_s": [8.0] * 3,
+        "val_time_s": [2.0] * 3, "checkpoint_write_s": [1.0] * 3,
+    })
+    trials = pd.DataFrame({"trial_id": ["a"], "wall_time_s": [63.0]})
+    out = trial_overheads(trials, epochs)
+    assert out.loc["a", "before_first_epoch_s"] == pytest.approx(30.0)
+    assert out.loc["a", "outside_epochs_s"] == pytest.approx(33.0)
+
+
+def test_the_search_bench_prints_the_spread_over_seeds():
+    from raysearch.bench.search import _spread
+
+    assert _spread([{"fraction": 0.25}]) == ""
+    rows = [{"fraction": 0.25}, {"fraction": float("inf")}, {"fraction": 0.53}]
+    assert _spread(rows) == " (range 0.25-not reached over 3 seeds)"
+    assert _spread(rows[::2]) == " (range 0.25-0.53 over 2 seeds)"
