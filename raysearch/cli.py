@@ -78,17 +78,57 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    from raysearch.search.budget import parse_duration
     from raysearch.search.space import load_search_space
-    from raysearch.search.tune import run_search
+    from raysearch.search.tune import extended_num_samples, run_search
 
+    if args.extend is not None and args.num_samples is not None:
+        from raysearch.errors import ConfigError
+
+        raise ConfigError("--extend and --num-samples: give one of them")
+    budget = parse_duration(args.time_budget) if args.time_budget is not None else None
     spec = load_search_space(
         args.space, data_root=args.data_root, name=args.name, storage=args.storage,
         num_samples=args.num_samples, max_concurrent=args.max_concurrent,
     )
+    if args.extend is not None:
+        spec = extended_num_samples(spec, args.extend)
     run_search(
         spec, resume=args.resume, overwrite=args.overwrite, address=args.address,
-        verbose=args.verbose, trust=args.trust_experiment, console=_stdout_console(),
+        verbose=args.verbose, trust=args.trust_experiment, time_budget_s=budget,
+        console=_stdout_console(),
     )
+    return 0
+
+
+def cmd_status(args) -> int:
+    from raysearch.experiment import experiment_status, find_experiment
+    from raysearch.report.status import status_view
+
+    exp_dir = find_experiment(args.experiment, storage=args.storage)
+    _stdout_console().print(status_view(experiment_status(exp_dir)))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from raysearch.experiment import list_status
+    from raysearch.report.status import experiments_table
+
+    frame = list_status(args.storage)
+    out = _stdout_console()
+    if frame.empty:
+        out.print(f"no experiments under {args.storage}")
+    else:
+        out.print(experiments_table(frame, title=f"experiments under {args.storage}"))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from raysearch.inference.export import export_ensemble
+
+    out = export_ensemble(args.ensemble, format=args.format, out=args.out)
+    _stdout_console().print(f"{args.format} export of {args.ensemble} -> {out} (manifest: "
+                            f"{out}/export.json)")
     return 0
 
 
@@ -206,7 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-root")
     s.add_argument("--name")
     s.add_argument("--storage", help="local folder or gs://bucket/prefix")
-    s.add_argument("--num-samples", type=int)
+    s.add_argument("--num-samples", type=int,
+                   help="trials in all; on a finished experiment, a larger number extends it")
+    s.add_argument("--extend", type=int, metavar="N",
+                   help="N more trials than the existing experiment holds (same space)")
+    s.add_argument("--time-budget", metavar="DURATION",
+                   help="e.g. 90m, 6h, 1h30m: after it, start no new trial and let running ones "
+                   "finish")
     s.add_argument("--max-concurrent", type=int)
     s.add_argument("--resume", action="store_true", help="continue an existing experiment")
     s.add_argument("--overwrite", action="store_true", help="replace an existing experiment")
@@ -227,6 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-boot", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_ensemble)
+
+    s = sub.add_parser("status", help="an experiment's state, trials and time spent (no Ray)")
+    s.add_argument("experiment", nargs="?",
+                   help="name, folder or URL (default: the most recent under --storage)")
+    s.add_argument("--storage", default="reports", help="where experiments live (default reports)")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("list", help="the experiments under a storage folder or URL")
+    s.add_argument("storage", nargs="?", default="reports",
+                   help="folder or URL (default reports)")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("export", help="write an ensemble's members as TorchScript or ONNX files")
+    s.add_argument("--ensemble", required=True,
+                   help="ensemble folder, or an experiment (its ensemble, else its best trial)")
+    s.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    s.add_argument("--out", help="output folder (default <ensemble>/export-<format>)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("predict", help="run a trained ensemble on new studies (PNG, JPEG, DICOM)")
     s.add_argument("inputs", nargs="+", metavar="INPUT",

@@ -93,18 +93,20 @@ def _checkpoint(exp: str, trial_id: str, epoch: int, val_loss: float) -> None:
 def test_running_only_while_a_run_holds_the_lock_else_interrupted(store):
     exp = X.experiment_dir(store, "live")
     X.update_info(exp, kind="search", name="live", state="running", num_samples=4)
+    storage.atomic_write_text(storage.join(exp, "search_space.yaml"),
+                              "name: live\nscheduler: {kind: asha, max_epochs: 2}\n")
     _checkpoint(exp, "a", 2, 0.4)
     _checkpoint(exp, "b", 1, 0.6)
     with X.ExperimentLock(exp, command="tune"):
         st = X.experiment_status(exp)
         assert st.state == "running" and st.holder["command"] == "tune"
-        # No trials.parquet yet: the trials come from their checkpoints.
-        assert st.by_status == {"running": 2} and st.epochs == 3
+        # No trials.parquet yet: the trials come from their checkpoints; "a" reached max_epochs.
+        assert st.by_status == {"completed": 1, "running": 1} and st.epochs == 3
         assert st.best["trial_id"] == "a" and st.best["best_val_loss"] == pytest.approx(0.4)
     # The run died without writing its end: interrupted, not running.
     st = X.experiment_status(exp)
     assert st.state == "interrupted" and st.holder is None
-    assert st.by_status == {"unfinished": 2}
+    assert st.by_status == {"completed": 1, "unfinished": 1}
 
 
 def test_probing_the_lock_leaves_it_free(tmp_path):

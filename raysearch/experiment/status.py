@@ -28,7 +28,7 @@ from raysearch.experiment.trials import (
     read_trials,
     run_checkpoints,
 )
-from raysearch.storage import exists, get_fs, join, read_parquet
+from raysearch.storage import exists, get_fs, join, read_bytes, read_parquet
 
 __all__ = ["ExperimentStatus", "experiment_state", "experiment_status", "list_status",
            "trials_and_epochs"]
@@ -87,9 +87,26 @@ def trials_and_epochs(exp_dir: str, *, running: bool = False):
     return _from_checkpoints(exp_dir, status="running" if running else "unfinished")
 
 
+def _max_epochs(exp_dir: str) -> int | None:
+    """``scheduler.max_epochs`` of the saved search space (None when unknown)."""
+    import yaml
+
+    uri = join(exp_dir, "search_space.yaml")
+    try:
+        saved = yaml.safe_load(read_bytes(uri)) if exists(uri) else None
+        value = ((saved or {}).get("scheduler") or {}).get("max_epochs")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
 def _from_checkpoints(exp_dir: str, *, status: str):
+    """Trials and epochs from each ``train-<id>/`` folder: a trial at ``max_epochs`` (or stopped
+    on its patience) is ``completed`` (``early_stopped``); any other is ``status`` (running or
+    unfinished), or ``pending`` when it never reported an epoch and the run is not alive."""
     import pandas as pd
 
+    max_epochs = _max_epochs(exp_dir)
     fs, path = get_fs(exp_dir)
     rows, frames = [], []
     names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)) \
@@ -103,8 +120,14 @@ def _from_checkpoints(exp_dir: str, *, status: str):
             history = latest_history(ckpts)
         except (OSError, ValueError):
             history = []
-        row = {"trial_id": trial_id, "status": status if history else "pending",
-               "epochs": int(history[-1]["epoch"]) if history else 0}
+        last = history[-1] if history else {}
+        row = {"trial_id": trial_id, "status": status, "epochs": int(last.get("epoch", 0))}
+        if max_epochs and row["epochs"] >= max_epochs:
+            row["status"] = "completed"
+        elif last.get("early_stopped"):
+            row["status"] = "early_stopped"
+        elif not history and status != "running":
+            row["status"] = "pending"  # never reported an epoch
         if ckpts:
             best_uri, best = min(ckpts, key=lambda c: c[1]["val_loss"])
             row.update(best_val_loss=float(best["val_loss"]), best_epoch=int(best["epoch"]),

@@ -24,6 +24,13 @@ def _trials_line(st: ExperimentStatus) -> str:
     return f"{st.trials}{asked}" + (f" ({parts})" if parts else "")
 
 
+def _int(value: Any) -> str:
+    try:
+        return str(int(value))
+    except (TypeError, ValueError):
+        return "?"
+
+
 def status_view(st: ExperimentStatus) -> Group:
     """The experiment's state, trials by status, best so far, epochs and device-hours."""
     state = Text(st.state, style=_STATE_STYLE.get(st.state, ""))
@@ -41,7 +48,7 @@ def status_view(st: ExperimentStatus) -> Group:
         b: dict[str, Any] = st.best
         what = " ".join(f"{k}={b[k]}" for k in ("arch", "image_size", "lr") if k in b)
         grid.add_row("best", f"{b.get('trial_id')}: val_loss {fmt(b.get('best_val_loss'), 4)}, "
-                     f"kappa {fmt(b.get('val_study_kappa'))} at epoch {b.get('best_epoch', '?')}"
+                     f"kappa {fmt(b.get('val_study_kappa'))} at epoch {_int(b.get('best_epoch'))}"
                      + (f" ({what})" if what else ""))
     grid.add_row("spent", f"{st.epochs} epochs, {st.device_hours:.2f} {st.device}-hours")
     if st.updated:
