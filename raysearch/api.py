@@ -133,10 +133,11 @@ class Experiment:
                 f"trials={self.info.get('trials', '?')}, path={self.path!r})")
 
 
-def open_experiment(path_or_url: str, *, storage: str = "reports") -> Experiment:
-    """The experiment at ``path_or_url``: a folder, a URL (``gs://bucket/reports/demo``) or a
-    bare name under ``storage``. Reads files only (no Ray). Raises :class:`ConfigError` naming
-    the experiments that do exist when there is none there."""
+def open_experiment(path_or_url: str | None = None, *, storage: str = "reports") -> Experiment:
+    """The experiment at ``path_or_url``: a folder, a URL (``gs://bucket/reports/demo``), a
+    bare name under ``storage``, or None for the newest under ``storage``. Reads files only (no
+    Ray). Raises :class:`ConfigError` naming the experiments that do exist when there is none
+    there."""
     return Experiment(find_experiment(path_or_url, storage=storage))
 
 

@@ -29,8 +29,9 @@ space:
 
 
 def _optuna_trials(exp_dir: str):
-    """The Optuna study Ray saved with the searcher (searcher-state-*.pkl, newest)."""
-    newest = max(glob.glob(os.path.join(exp_dir, "searcher-state-*.pkl")), key=os.path.getmtime)
+    """The Optuna study Ray saved with the searcher: the searcher-state-<session>.pkl of the
+    latest session, the one Ray itself restores (file times do not tell: a sync rewrites both)."""
+    newest = max(glob.glob(os.path.join(exp_dir, "searcher-state-*.pkl")))
     with open(newest, "rb") as f:
         state = pickle.load(f)  # written by this test's own search
     return state["_ot_study"].trials
