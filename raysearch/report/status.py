@@ -46,7 +46,7 @@ def status_view(st: ExperimentStatus) -> Group:
     grid.add_row("trials", _trials_line(st))
     if st.best:
         b: dict[str, Any] = st.best
-        what = " ".join(f"{k}={b[k]}" for k in ("arch", "image_size", "lr") if k in b)
+        what = " ".join(f"{k}={fmt(b[k])}" for k in ("arch", "image_size", "lr") if k in b)
         grid.add_row("best", f"{b.get('trial_id')}: val_loss {fmt(b.get('best_val_loss'), 4)}, "
                      f"kappa {fmt(b.get('val_study_kappa'))} at epoch {_int(b.get('best_epoch'))}"
                      + (f" ({what})" if what else ""))

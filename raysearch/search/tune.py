@@ -192,7 +192,7 @@ def _prepare(spec, exp_dir, spec_yaml, *, restoring, overwrite, console) -> Task
         remove_experiment(exp_dir, storage=spec.storage)
     update_info(
         exp_dir, kind="search", name=spec.name, state="running", manifest="manifest.parquet",
-        cache_dir=spec.cache_dir, task=task.to_dict(),
+        cache_dir=spec.cache_dir, task=task.to_dict(), num_samples=spec.search.num_samples,
         data={"root": spec.data.root, "val_fraction": spec.data.val_fraction, "seed": spec.data.seed},
     )
     if manifest is not None:  # data once, on the driver: the manifest and decode-once caches
