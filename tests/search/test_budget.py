@@ -138,3 +138,30 @@ def test_extend_adds_to_the_saved_count(tmp_path, tiny_root):
     assert extended_num_samples(spec, 2).search.num_samples == 5
     with pytest.raises(ConfigError, match="--extend: must be >= 1"):
         extended_num_samples(spec, 0)
+
+
+def test_a_saved_search_restores_with_more_trials_and_refuses_fewer_or_another_space(tmp_path):
+    """On tests/fixtures/saved-v0.2 (Ray's saved state, no Ray started): the same space with
+    more trials restores it, fewer trials or a changed space is refused."""
+    import os
+    import shutil
+
+    from raysearch.search.space import parse_search_space
+    from raysearch.search.tune import _check_existing
+
+    fixture = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "saved-v0.2")
+    shutil.copytree(fixture, tmp_path / "saved-v0.2")
+    raw = yaml.safe_load((tmp_path / "saved-v0.2" / "search_space.yaml").read_text())
+    raw["storage"] = str(tmp_path)
+
+    def check(**changes):
+        spec = parse_search_space({**raw, **changes})
+        return _check_existing(spec, spec.experiment_dir, yaml.safe_dump(spec.to_dict()),
+                               resume=False, overwrite=False)
+
+    assert check() is True
+    assert check(search={**raw["search"], "num_samples": 5}) is True
+    with pytest.raises(ConfigError, match="num_samples: 1 is fewer than the 2 trials"):
+        check(search={**raw["search"], "num_samples": 1})
+    with pytest.raises(ConfigError, match="with a different search space"):
+        check(space={**raw["space"], "lr": {"loguniform": [0.001, 0.1]}})
