@@ -5,6 +5,11 @@ decode-once cache, loader, augmentation) -> ``train`` (one trial) -> ``search`` 
 Optuna + ASHA) -> ``ensemble`` (selection on val) -> ``inference`` (a trained model or ensemble
 applied to images) -> ``report``; ``models`` and ``evaluation`` serve them all, ``experiment`` owns
 the experiment folder, ``storage`` every path and URL.
+
+The Python API (:mod:`raysearch.api`): ``open_experiment``, ``tune``, ``ensemble``,
+``Experiment``, ``Ensemble``. They load on first use, so ``import raysearch`` imports neither
+torch nor Ray. ``raysearch.ensemble`` is also the ensemble stage's package; that package is
+callable and calls :func:`raysearch.api.ensemble`, so both meanings hold.
 """
 
 from raysearch import _compat
@@ -12,3 +17,16 @@ from raysearch import _compat
 __version__ = "0.2.0"
 
 _compat.install()
+
+_API = ("Ensemble", "Experiment", "open_experiment", "tune")
+__all__ = ["Ensemble", "Experiment", "ensemble", "open_experiment", "tune"]
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _API:
+        return getattr(importlib.import_module("raysearch.api"), name)
+    if name == "ensemble":  # the stage's package, callable (see raysearch.ensemble)
+        return importlib.import_module("raysearch.ensemble")
+    raise AttributeError(f"module 'raysearch' has no attribute {name!r}")

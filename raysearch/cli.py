@@ -93,21 +93,63 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    from raysearch.search.budget import parse_duration
     from raysearch.search.preflight import preflight_search
     from raysearch.search.space import load_search_space
 
+    if args.extend is not None and args.num_samples is not None:
+        from raysearch.errors import ConfigError
+
+        raise ConfigError("--extend and --num-samples: give one of them")
+    budget = parse_duration(args.time_budget) if args.time_budget is not None else None
     spec = load_search_space(
         args.space, data_root=args.data_root, name=args.name, storage=args.storage,
         num_samples=args.num_samples, max_concurrent=args.max_concurrent,
     )
+    if args.extend is not None:
+        from raysearch.search.tune import extended_num_samples
+
+        spec = extended_num_samples(spec, args.extend)
     # The data root and resources first: a mistake answers before torch and Ray load.
     preflight_search(spec, resume=args.resume, overwrite=args.overwrite, address=args.address)
     from raysearch.search.tune import run_search
 
     run_search(
         spec, resume=args.resume, overwrite=args.overwrite, address=args.address,
-        verbose=args.verbose, trust=args.trust_experiment, console=_stdout_console(),
+        verbose=args.verbose, trust=args.trust_experiment, time_budget_s=budget,
+        console=_stdout_console(),
     )
+    return 0
+
+
+def cmd_status(args) -> int:
+    from raysearch.experiment import experiment_status, find_experiment
+    from raysearch.report.status import status_view
+
+    exp_dir = find_experiment(args.experiment, storage=args.storage)
+    _stdout_console().print(status_view(experiment_status(exp_dir)))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from raysearch.experiment import list_status
+    from raysearch.report.status import experiments_table
+
+    frame = list_status(args.storage)
+    out = _stdout_console()
+    if frame.empty:
+        out.print(f"no experiments under {args.storage}")
+    else:
+        out.print(experiments_table(frame, title=f"experiments under {args.storage}"))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from raysearch.inference.export import export_ensemble
+
+    out = export_ensemble(args.ensemble, format=args.format, out=args.out)
+    _stdout_console().print(f"{args.format} export of {args.ensemble} -> {out} (manifest: "
+                            f"{out}/export.json)")
     return 0
 
 
@@ -315,14 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
                      "raysearch tune demo                  # the shipped CPU demo space",
                      ("raysearch tune search_spaces/mura.yaml --data-root gs://b/data "
                       "--storage gs://b/runs"),
-                     "raysearch tune my_space.yaml --num-samples 16 --resume"))
+                     "raysearch tune my_space.yaml --num-samples 16 --resume",
+                     "raysearch tune demo --extend 8 --time-budget 2h   # 8 more trials"))
     s.add_argument("space", help=f"search-space YAML, or a shipped one by name ({spaces})")
     s.add_argument("--data-root", help="dataset folder or URL (default: the file's data.root)")
     s.add_argument("--name", help="experiment name (default: the file's name)")
     s.add_argument("--storage", help="local folder or gs://bucket/prefix (default: the file's "
                    "storage, else reports)")
-    s.add_argument("--num-samples", type=int, help="trials in all (default: the file's "
-                   "search.num_samples)")
+    s.add_argument("--num-samples", type=int, help="trials in all; on a finished experiment, a "
+                   "larger number extends it (default: the file's search.num_samples)")
+    s.add_argument("--extend", type=int, metavar="N",
+                   help="N more trials than the existing experiment holds (same space)")
+    s.add_argument("--time-budget", metavar="DURATION",
+                   help="e.g. 90m, 6h, 1h30m: after it, start no new trial and let running ones "
+                   "finish (default: none)")
     s.add_argument("--max-concurrent", type=int, help="trials at a time (default: the file's, "
                    "else what the cluster fits)")
     s.add_argument("--resume", action="store_true", help="continue an existing experiment")
@@ -349,6 +397,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap resamples of the test studies for the confidence intervals")
     s.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     s.set_defaults(func=cmd_ensemble)
+
+    s = _command(sub, "status", help="an experiment's state, trials and time spent (no Ray)",
+                 common=common, examples=("raysearch status", "raysearch status demo",
+                                          "raysearch status gs://bucket/runs/mura"))
+    s.add_argument("experiment", nargs="?",
+                   help="name, folder or URL (default: the most recent under --storage)")
+    s.add_argument("--storage", default="reports", help="where experiments live")
+    s.set_defaults(func=cmd_status)
+
+    s = _command(sub, "list", help="the experiments under a storage folder or URL",
+                 common=common, examples=("raysearch list", "raysearch list gs://bucket/runs"))
+    s.add_argument("storage", nargs="?", default="reports", help="folder or URL (default: reports)")
+    s.set_defaults(func=cmd_list)
+
+    s = _command(sub, "export", help="write an ensemble's members as TorchScript or ONNX files",
+                 common=common, examples=(
+                     "raysearch export --ensemble reports/demo --format onnx",
+                     ("raysearch export --ensemble reports/demo/ensemble --format torchscript "
+                      "--out exported/")))
+    s.add_argument("--ensemble", required=True,
+                   help="ensemble folder, or an experiment (its ensemble, else its best trial)")
+    s.add_argument("--format", required=True, choices=["torchscript", "onnx"],
+                   help="torchscript (torch.jit) or onnx (onnxruntime and others)")
+    s.add_argument("--out", help="output folder (default: <ensemble>/export-<format>)")
+    s.set_defaults(func=cmd_export)
 
     s = _command(sub, "predict", help="run a trained ensemble on new studies (PNG, JPEG, DICOM)",
                  common=common, examples=("raysearch predict studies/ --out predictions",

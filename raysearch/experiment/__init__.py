@@ -48,6 +48,14 @@ from raysearch.experiment.folder import (
 )
 from raysearch.experiment.lock import (
     ExperimentLock,
+    lock_holder,
+)
+from raysearch.experiment.status import (
+    ExperimentStatus,
+    experiment_state,
+    experiment_status,
+    list_status,
+    trials_and_epochs,
 )
 from raysearch.experiment.trials import (
     CHECKPOINT_FILES,
@@ -90,17 +98,22 @@ __all__ = [
     "TRIAL_STATUSES",
     "TRUST_NAME",
     "ExperimentLock",
+    "ExperimentStatus",
     "TrialCheckpoint",
     "check_name",
     "check_ray_state_intact",
     "check_writable",
     "checkpoint_damage",
     "experiment_dir",
+    "experiment_state",
+    "experiment_status",
     "fail_on_restore_error",
     "find_experiment",
     "is_experiment",
     "latest_history",
     "list_experiments",
+    "list_status",
+    "lock_holder",
     "raysearch_error_in",
     "read_info",
     "read_manifest",
@@ -114,6 +127,7 @@ __all__ = [
     "run_dir",
     "sign_ray_state",
     "trial_summary",
+    "trials_and_epochs",
     "unfinished_trials",
     "update_info",
     "verify_ray_state",

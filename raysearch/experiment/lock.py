@@ -168,6 +168,32 @@ class ExperimentLock:
             _remove_remote(fs, path, current[1])
 
 
+def lock_holder(exp_dir: str) -> dict[str, Any] | None:
+    """Who holds the experiment's lock now (host, pid, user, command, started), or None when
+    nobody does. Takes nothing: a local lock is probed with a shared, non-blocking ``flock`` that
+    is dropped at once; a bucket's lease counts while it has not expired."""
+    uri = join(exp_dir, LOCK_NAME)
+    if is_url(exp_dir):
+        fs, path = get_fs(uri)
+        current = _read_remote_holder(fs, path)
+        if current is None or float(current[0].get("expires", 0)) <= time.time():
+            return None
+        return current[0]
+    import fcntl
+
+    try:
+        f = open(uri)  # noqa: SIM115 - closed below; never created here
+    except FileNotFoundError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _parse_holder(f.read()) or {}
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 def _user() -> str:
     try:
         return getpass.getuser()

@@ -26,16 +26,21 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import Any
 
 from optuna.samplers import RandomSampler, TPESampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
+from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from raysearch.search.space import Param, SearchSpace
 
-__all__ = ["MultiFidelitySearch", "MultiFidelityTPESampler", "make_sampler", "tpe_startup_trials"]
+__all__ = [
+    "MultiFidelitySearch", "MultiFidelityTPESampler", "SampleBudget", "make_sampler",
+    "tpe_startup_trials",
+]
 
 
 def make_sampler(spec: SearchSpace):
@@ -188,3 +193,43 @@ class _RunningAsPrunedView:
         seen.value = float(last)
         return seen
 
+
+class SampleBudget(SearchGenerator):
+    """Ray's ``SearchGenerator`` with a trial count that a restore may raise and a deadline after
+    which it proposes no trial (see :mod:`raysearch.search.budget` for why).
+
+    ``num_samples``: the count this run asks for (``None``: whatever the experiment holds);
+    ``deadline``: a ``time.time()`` value, or None for no time budget. ``budget_spent`` says
+    whether the deadline stopped it from proposing a trial it would otherwise have proposed.
+    """
+
+    def __init__(self, searcher, *, num_samples: int | None = None,
+                 deadline: float | None = None) -> None:
+        super().__init__(searcher)
+        self._num_samples = num_samples
+        self._deadline = deadline
+        self.budget_spent = False
+
+    def set_state(self, state: dict) -> None:
+        """Ray's restore, then this run's trial count (when larger) and a generator that may
+        propose again (a time budget or an earlier count had ended it)."""
+        super().set_state(state)
+        if self._num_samples is not None and self._num_samples > self._total_samples:
+            self._total_samples = int(self._num_samples)
+        self._finished = False
+
+    def create_trial_if_possible(self, experiment_spec: dict):
+        if self._deadline is not None and self._counter < self._total_samples \
+                and time.time() >= self._deadline:
+            self.budget_spent = True
+            return None  # not `finished` in the saved state: a later run may go on
+        return super().create_trial_if_possible(experiment_spec)
+
+    def is_finished(self) -> bool:
+        return self.budget_spent or super().is_finished()
+
+    # Pickled with the Tuner (tuner.pkl): the deadline and count belong to one run only.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_num_samples=None, _deadline=None, budget_spent=False)
+        return state

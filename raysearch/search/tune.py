@@ -115,9 +115,16 @@ def run_search(
     address: str | None = None,
     verbose: bool = False,
     trust: bool = False,
+    time_budget_s: float | None = None,
     console=None,
 ) -> str:
-    """Run (or resume) the search described by ``spec``. Returns the experiment folder URI.
+    """Run (or resume, or extend) the search described by ``spec``. Returns the experiment
+    folder URI.
+
+    A finished experiment run again with a larger ``spec.search.num_samples`` goes on with new
+    trials, its Optuna study and ASHA rungs restored (:mod:`raysearch.search.budget`); only a
+    changed space (or a smaller count) is refused. ``time_budget_s``: after that many seconds no
+    new trial starts, the running ones finish, and the search ends as finished.
 
     Everything that can be checked is checked before anything is deleted and before Ray starts:
     the experiment's lock, its saved state (intact, and signed by raysearch unless ``trust``),
@@ -145,9 +152,11 @@ def run_search(
         task = _prepare(spec, exp_dir, spec_yaml, restoring=restoring, overwrite=overwrite,
                         console=console)
         t0 = time.time()
-        grid = _fit(spec, exp_dir, task, restoring=restoring, address=address, verbose=verbose,
-                    console=console)
-        return _finish(spec, exp_dir, grid, seconds=time.time() - t0, console=console)
+        deadline = t0 + time_budget_s if time_budget_s is not None else None
+        grid, budget_spent = _fit(spec, exp_dir, task, restoring=restoring, address=address,
+                                  verbose=verbose, deadline=deadline, console=console)
+        return _finish(spec, exp_dir, grid, seconds=time.time() - t0, budget_spent=budget_spent,
+                       console=console)
 
 
 def _check_saved_state(spec: SearchSpace, exp_dir: str, *, trust: bool, console) -> None:
@@ -190,7 +199,7 @@ def _prepare(spec, exp_dir, spec_yaml, *, restoring, overwrite, console) -> Task
         remove_experiment(exp_dir, storage=spec.storage)
     update_info(
         exp_dir, kind="search", name=spec.name, state="running", manifest="manifest.parquet",
-        cache_dir=spec.cache_dir, task=task.to_dict(),
+        cache_dir=spec.cache_dir, task=task.to_dict(), num_samples=spec.search.num_samples,
         data={"root": spec.data.root, "val_fraction": spec.data.val_fraction, "seed": spec.data.seed},
     )
     if manifest is not None:  # data once, on the driver: the manifest and decode-once caches
@@ -202,9 +211,10 @@ def _prepare(spec, exp_dir, spec_yaml, *, restoring, overwrite, console) -> Task
     return task
 
 
-def _fit(spec, exp_dir, task, *, restoring, address, verbose, console):
+def _fit(spec, exp_dir, task, *, restoring, address, verbose, console, deadline=None):
     """Ray: plan the resources, build (or restore) the Tuner, rebuild ASHA's rungs, run it.
-    Returns Tune's result grid; errors a user can act on come out as raysearch's."""
+    Returns Tune's result grid and whether the time budget ended the search; errors a user can
+    act on come out as raysearch's."""
     from raysearch.cluster import check_cluster_resources, init_ray, ray_address
     from raysearch.report.live import say_stage
     from raysearch.train.trainer import RunSettings
@@ -240,12 +250,15 @@ def _fit(spec, exp_dir, task, *, restoring, address, verbose, console):
         "cpus_per_worker": plan.cpus_per_worker,
         "torch_threads": plan.torch_threads,
     }
+    # What each trial holds, so that `raysearch status` can count GPU- or CPU-hours.
+    update_info(exp_dir, resources={"workers": plan.workers, "gpus_per_worker": plan.gpus_per_worker,
+                                    "cpus_per_worker": plan.cpus_per_worker})
     progress = SearchProgress(spec, console=console)
     callbacks = [progress, TrustCallback(exp_dir)]
     retry_failed = restoring and read_info(exp_dir).get("state") == "no_space"
     with fail_on_restore_error():
         tuner = _make_tuner(spec, plan, run, callbacks, restoring=restoring,
-                            retry_failed=retry_failed)
+                            retry_failed=retry_failed, deadline=deadline)
     sign_ray_state(exp_dir)  # tuner.pkl, written by the Tuner
     if restoring and spec.scheduler.kind == "asha":
         from raysearch.search.scheduler import restore_rungs, trial_histories
@@ -267,17 +280,19 @@ def _fit(spec, exp_dir, task, *, restoring, address, verbose, console):
             raise
         raise
     sign_ray_state(exp_dir)  # the final state, saved and synced before fit() returned
-    return grid
+    return grid, bool(getattr(tuner._local_tuner._tune_config.search_alg, "budget_spent", False))
 
 
-def _finish(spec, exp_dir, grid, *, seconds: float, console) -> str:
+def _finish(spec, exp_dir, grid, *, seconds: float, console, budget_spent: bool = False) -> str:
     """Write the results (marked finished, interrupted or failed), show the best trials, and
-    raise for an interrupted, failed or out-of-space search."""
+    raise for an interrupted, failed or out-of-space search. A search the time budget ended
+    with fewer trials than asked for is finished, not interrupted."""
     from raysearch.report.tables import best_trials_table
 
     trials, epochs = collect_results(grid, spec, unfinished=unfinished_trials(exp_dir))
     unfinished = int((trials["status"] == "unfinished").sum()) if len(trials) else 0
-    interrupted = unfinished > 0 or len(trials) < spec.search.num_samples
+    short = len(trials) < spec.search.num_samples and not budget_spent
+    interrupted = unfinished > 0 or short
     failed = len(trials) > 0 and bool((trials["status"] == "failed").all())
     state = "interrupted" if interrupted else ("failed" if failed else "finished")
     write_results(exp_dir, trials, epochs)
@@ -285,6 +300,9 @@ def _finish(spec, exp_dir, grid, *, seconds: float, console) -> str:
     if len(trials) and trials["best_val_loss"].notna().any():
         console.print(best_trials_table(trials, title=f"{spec.name}: best trials",
                                         width=console.width))
+    if budget_spent:
+        console.print(f"time budget spent: {len(trials)} of {spec.search.num_samples} trials "
+                      "ran; run again with a budget to go on")
     n_failed = int((trials["status"] == "failed").sum()) if len(trials) else 0
     console.print(
         f"{len(trials)} trials ({n_failed} failed"
@@ -392,24 +410,58 @@ def _check_existing(spec, exp_dir, spec_yaml, *, resume, overwrite) -> bool:
             raise ConfigError(f"--resume: no experiment to resume at {exp_dir}")
         return False
     saved = join(exp_dir, "search_space.yaml")
-    if exists(saved) and not _same_space(read_bytes(saved).decode(), spec_yaml):
-        raise ExperimentExistsError(
-            f"experiment {spec.name!r} already exists at {exp_dir} with a different search space; "
-            "use --name to start a new one or --overwrite to replace it",
-            experiment_dir=exp_dir,
-        )
+    if exists(saved):
+        saved_yaml = read_bytes(saved).decode()
+        if not _same_space(saved_yaml, spec_yaml):
+            raise ExperimentExistsError(
+                f"experiment {spec.name!r} already exists at {exp_dir} with a different search "
+                "space; use --name to start a new one or --overwrite to replace it",
+                experiment_dir=exp_dir,
+            )
+        before = saved_num_samples(saved_yaml)
+        if before is not None and spec.search.num_samples < before:
+            raise ConfigError(
+                f"search.num_samples: {spec.search.num_samples} is fewer than the {before} trials "
+                f"experiment {spec.name!r} already asked for; give {before} or more to resume "
+                "or extend it"
+            )
     return True
+
+
+def saved_num_samples(saved_yaml: str) -> int | None:
+    """``search.num_samples`` of a saved ``search_space.yaml`` (None when it has none)."""
+    saved = yaml.safe_load(saved_yaml)
+    n = ((saved or {}).get("search") or {}).get("num_samples") if isinstance(saved, dict) else None
+    return int(n) if isinstance(n, int) else None
+
+
+def extended_num_samples(spec: SearchSpace, extend: int) -> SearchSpace:
+    """``spec`` asking for ``extend`` more trials than its saved experiment did (``--extend``).
+    Raises :class:`ConfigError` when ``extend < 1`` or there is no saved experiment."""
+    import dataclasses
+
+    if extend < 1:
+        raise ConfigError(f"--extend: must be >= 1, got {extend}")
+    saved = join(spec.experiment_dir, "search_space.yaml")
+    before = saved_num_samples(read_bytes(saved).decode()) if exists(saved) else None
+    if before is None:
+        raise ConfigError(f"--extend: no experiment to extend at {spec.experiment_dir}")
+    search = dataclasses.replace(spec.search, num_samples=before + extend)
+    return dataclasses.replace(spec, search=search)
 
 
 def _same_space(saved_yaml: str, spec_yaml: str) -> bool:
     """Whether two resolved search spaces describe the same search. Where the experiment and its
     data are stored does not count: a moved or copied experiment resumes from its new place, on
-    the manifest (the images and the split) it saved."""
+    the manifest (the images and the split) it saved. Nor does the trial count: a larger one
+    extends the search, and :func:`_check_existing` refuses a smaller one."""
     saved, now = yaml.safe_load(saved_yaml), yaml.safe_load(spec_yaml)
     if not isinstance(saved, dict):
         return False
     for d in (saved, now):
         d.pop("storage", None)
+        if isinstance(d.get("search"), dict):  # more trials extend the search: checked apart
+            d["search"].pop("num_samples", None)
         if isinstance(d.get("data"), dict):
             for key in ("root", "cache_dir"):
                 d["data"].pop(key, None)
@@ -425,12 +477,24 @@ def _restore_path_args(exp_dir: str) -> dict[str, Any]:
 
 
 def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, callbacks: list, *,
-                restoring: bool, retry_failed: bool = False):
+                restoring: bool, retry_failed: bool = False, deadline: float | None = None):
     from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
 
     from raysearch.search.scheduler import make_scheduler
-    from raysearch.search.searcher import DefineByRun, MultiFidelitySearch, make_sampler
+    from raysearch.search.searcher import (
+        DefineByRun,
+        MultiFidelitySearch,
+        SampleBudget,
+        make_sampler,
+    )
     from raysearch.train.trainer import driver_resources, tune_trial_driver
+
+    def budgeted(searcher):
+        # The same chain Tune builds from max_concurrent_trials (ConcurrencyLimiter inside a
+        # SearchGenerator, so a saved state restores into it), with raysearch's generator.
+        limited = ConcurrencyLimiter(searcher, max_concurrent=plan.max_concurrent)
+        return SampleBudget(limited, num_samples=spec.search.num_samples, deadline=deadline)
 
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial_driver, run=run),
@@ -443,6 +507,14 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, callbacks: lis
         )
         # Callbacks are not saved with the experiment; put the live view back.
         tuner._local_tuner._run_config.callbacks = list(callbacks)
+        # The saved searcher, in this run's generator: its count (a larger one extends the
+        # search) and deadline. Its Optuna study is restored from searcher-state-*.pkl by Tune.
+        tune_config = tuner._local_tuner._tune_config
+        searcher = tune_config.search_alg
+        while hasattr(searcher, "searcher"):  # SampleBudget -> ConcurrencyLimiter -> Optuna
+            searcher = searcher.searcher
+        tune_config.search_alg = budgeted(searcher)
+        tune_config.max_concurrent_trials = None
         return tuner
     sampler = make_sampler(spec)
     searcher = MultiFidelitySearch(
@@ -453,8 +525,8 @@ def _make_tuner(spec: SearchSpace, plan: ResourcePlan, run: dict, callbacks: lis
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=OBJECTIVE, mode="min", search_alg=searcher, scheduler=make_scheduler(spec),
-            num_samples=spec.search.num_samples, max_concurrent_trials=plan.max_concurrent,
+            metric=OBJECTIVE, mode="min", search_alg=budgeted(searcher),
+            scheduler=make_scheduler(spec), num_samples=spec.search.num_samples,
         ),
         run_config=tune.RunConfig(
             name=spec.name,

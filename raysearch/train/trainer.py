@@ -329,6 +329,8 @@ def _run_single_locked(cfg, rest, data, *, storage, name, exp_dir, cache_dir, fr
     gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (
         1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
     cpus = res.cpus_per_worker or max(0.01, math.floor(total_cpu / workers * 100) / 100)
+    update_info(exp_dir, resources={"workers": workers, "gpus_per_worker": gpus,
+                                    "cpus_per_worker": cpus})  # for `raysearch status`
     loop_config: LoopConfig = {
         "trial": cfg.to_dict(), "task": task.to_dict(), "manifest": manifest_uri,
         "cache_dir": cache_dir, "torch_threads": max(1, round(cpus)),

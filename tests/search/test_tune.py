@@ -141,9 +141,14 @@ def test_optuna_is_told_what_asha_did(small_experiment):
 def test_refuses_to_overwrite_a_different_experiment(small_experiment, small_space, tmp_path):
     from raysearch.search.tune import run_search
 
-    spec = load_search_space(small_space, num_samples=7)
+    changed = tmp_path / "changed.yaml"  # the same experiment, a wider dropout range
+    with open(small_space) as f:
+        changed.write_text(f.read().replace("uniform: [0.0, 0.3]", "uniform: [0.0, 0.5]"))
     with pytest.raises(ConfigError, match="already exists .* with a different search space"):
-        run_search(spec)
+        run_search(load_search_space(str(changed)))
+    # More trials would extend it; fewer than it already asked for cannot.
+    with pytest.raises(ConfigError, match="num_samples: 5 is fewer than the 6 trials"):
+        run_search(load_search_space(small_space, num_samples=5))
 
 
 RESUME_SPACE = """

@@ -1,0 +1,72 @@
+"""Report stage, status: ``raysearch status`` and ``raysearch list`` as Rich renderables, from
+:func:`raysearch.experiment.experiment_status` and :func:`raysearch.experiment.list_status`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from raysearch.experiment import ExperimentStatus
+from raysearch.report.tables import fmt
+
+__all__ = ["experiments_table", "status_view"]
+
+_STATE_STYLE = {"finished": "green", "running": "cyan", "interrupted": "yellow",
+                "failed": "red", "no_space": "red", "damaged": "red"}
+
+
+def _trials_line(st: ExperimentStatus) -> str:
+    asked = f" of {st.num_samples}" if st.num_samples else ""
+    parts = ", ".join(f"{n} {s}" for s, n in st.by_status.items())
+    return f"{st.trials}{asked}" + (f" ({parts})" if parts else "")
+
+
+def _int(value: Any) -> str:
+    try:
+        return str(int(value))
+    except (TypeError, ValueError):
+        return "?"
+
+
+def status_view(st: ExperimentStatus) -> Group:
+    """The experiment's state, trials by status, best so far, epochs and device-hours."""
+    state = Text(st.state, style=_STATE_STYLE.get(st.state, ""))
+    if st.holder:
+        state.append(f" (`raysearch {st.holder.get('command', '?')}`, pid "
+                     f"{st.holder.get('pid', '?')} on {st.holder.get('host', '?')}, since "
+                     f"{st.holder.get('started', '?')})")
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("experiment", f"{st.name} ({st.kind}) {st.path}")
+    grid.add_row("state", state)
+    grid.add_row("trials", _trials_line(st))
+    if st.best:
+        b: dict[str, Any] = st.best
+        what = " ".join(f"{k}={fmt(b[k])}" for k in ("arch", "image_size", "lr") if k in b)
+        grid.add_row("best", f"{b.get('trial_id')}: val_loss {fmt(b.get('best_val_loss'), 4)}, "
+                     f"kappa {fmt(b.get('val_study_kappa'))} at epoch {_int(b.get('best_epoch'))}"
+                     + (f" ({what})" if what else ""))
+    grid.add_row("spent", f"{st.epochs} epochs, {st.device_hours:.2f} {st.device}-hours")
+    if st.updated:
+        grid.add_row("updated", str(st.updated))
+    if st.ensemble:
+        grid.add_row("ensemble", f"{st.path.rstrip('/')}/ensemble")
+    return Group(grid)
+
+
+def experiments_table(frame, *, title: str | None = None) -> Table:
+    """One row per experiment (:func:`raysearch.experiment.list_status`)."""
+    table = Table(title=title)
+    for col, justify in (("name", "left"), ("kind", "left"), ("state", "left"),
+                         ("trials", "right"), ("best val_loss", "right"), ("updated (UTC)", "left"),
+                         ("note", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for r in frame.itertuples():
+        table.add_row(str(r.name), str(r.kind or "?"),
+                      Text(str(r.state), style=_STATE_STYLE.get(str(r.state), "")),
+                      str(r.trials), fmt(r.best_val_loss, 4), str(r.updated), str(r.note or ""))
+    return table

@@ -1,0 +1,149 @@
+"""Tests for `raysearch status` and `raysearch list` (raysearch.experiment.status): an experiment
+seen without running it, on every storage backend. Nothing here starts Ray."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pandas as pd
+import pytest
+
+from raysearch import experiment as X
+from raysearch import storage
+from raysearch.cli import main
+from tests.gcs_emulator import gcs_emulator  # noqa: F401  (session fixture)
+
+
+@pytest.fixture(params=["local", "memory", "gcs"])
+def store(request, tmp_path):
+    name = f"s-{uuid.uuid4().hex[:8]}"
+    if request.param == "local":
+        yield str(tmp_path / name)
+    elif request.param == "memory":
+        base = f"memory://raysearch-tests/{name}"
+        yield base
+        fs, path = storage.get_fs(base)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    else:
+        yield request.getfixturevalue("gcs_emulator").url(name)
+
+
+TRIALS = pd.DataFrame({
+    "trial_id": ["a", "b", "c", "d"],
+    "status": ["completed", "pruned", "pruned", "failed"],
+    "epochs": [3, 1, 1, 0],
+    "best_val_loss": [0.41, 0.52, 0.38, float("nan")],
+    "best_epoch": [3, 1, 1, 0],
+    "val_study_kappa": [0.6, 0.3, 0.5, float("nan")],
+    "best_checkpoint": ["train-a/checkpoint_000002", "train-b/checkpoint_000000",
+                        "train-c/checkpoint_000000", None],
+    "wall_time_s": [30.0, 10.0, 10.0, 1.0],
+    "error": [None, None, None, "boom"],
+    "arch": ["resnet18", "mobilenet_v3_small", "resnet18", "resnet18"],
+})
+# 5 epochs: train + val seconds sum to 3600 + 1800 = 1.5 h of one trial's time
+EPOCHS = pd.DataFrame({
+    "trial_id": ["a", "a", "a", "b", "c"],
+    "epoch": [1, 2, 3, 1, 1],
+    "val_loss": [0.5, 0.45, 0.41, 0.52, 0.38],
+    "epoch_time_s": [1000.0, 1000.0, 1000.0, 300.0, 300.0],
+    "val_time_s": [600.0, 600.0, 300.0, 150.0, 150.0],
+})
+
+
+def finished_search(store: str, name: str = "exp", *, resources=None) -> str:
+    exp = X.experiment_dir(store, name)
+    X.update_info(exp, kind="search", name=name, state="finished", trials=4, num_samples=6,
+                  resources=resources or {"workers": 2, "gpus_per_worker": 0.0,
+                                          "cpus_per_worker": 4.0})
+    X.write_results(exp, TRIALS, EPOCHS)
+    return exp
+
+
+def test_a_finished_search_counts_trials_best_epochs_and_cpu_hours(store):
+    st = X.experiment_status(finished_search(store))
+    assert st.state == "finished" and st.kind == "search" and st.holder is None
+    assert st.by_status == {"completed": 1, "pruned": 2, "failed": 1}
+    assert (st.trials, st.num_samples, st.epochs) == (4, 6, 5)
+    assert st.best["trial_id"] == "c" and st.best["best_val_loss"] == pytest.approx(0.38)
+    # 1.5 h of epochs x 2 workers x 4 CPUs each, and no GPU
+    assert st.device == "CPU" and st.device_hours == pytest.approx(12.0)
+
+
+def test_gpu_hours_count_the_gpus_each_trial_held(tmp_path):
+    exp = finished_search(str(tmp_path), resources={"workers": 2, "gpus_per_worker": 0.5,
+                                                    "cpus_per_worker": 8.0})
+    st = X.experiment_status(exp)
+    assert st.device == "GPU" and st.device_hours == pytest.approx(1.5)  # 1.5 h x 2 x 0.5
+
+
+def _checkpoint(exp: str, trial_id: str, epoch: int, val_loss: float) -> None:
+    """A trial checkpoint as far as status reads it (every file present and non-empty)."""
+    ckpt = storage.join(exp, f"train-{trial_id}", f"checkpoint_{epoch - 1:06d}")
+    history = [{"epoch": e, "val_loss": val_loss + (epoch - e) * 0.1, "epoch_time_s": 60.0,
+                "val_time_s": 30.0} for e in range(1, epoch + 1)]
+    files = {"metrics.json": json.dumps(history[-1] | {"val_study_kappa": 0.4}),
+             "history.json": json.dumps(history)}
+    for name in X.CHECKPOINT_FILES:
+        storage.atomic_write_bytes(storage.join(ckpt, name), files.get(name, "x").encode())
+
+
+def test_running_only_while_a_run_holds_the_lock_else_interrupted(store):
+    exp = X.experiment_dir(store, "live")
+    X.update_info(exp, kind="search", name="live", state="running", num_samples=4)
+    storage.atomic_write_text(storage.join(exp, "search_space.yaml"),
+                              "name: live\nscheduler: {kind: asha, max_epochs: 2}\n")
+    _checkpoint(exp, "a", 2, 0.4)
+    _checkpoint(exp, "b", 1, 0.6)
+    with X.ExperimentLock(exp, command="tune"):
+        st = X.experiment_status(exp)
+        assert st.state == "running" and st.holder["command"] == "tune"
+        # No trials.parquet yet: the trials come from their checkpoints; "a" reached max_epochs.
+        assert st.by_status == {"completed": 1, "running": 1} and st.epochs == 3
+        assert st.best["trial_id"] == "a" and st.best["best_val_loss"] == pytest.approx(0.4)
+    # The run died without writing its end: interrupted, not running.
+    st = X.experiment_status(exp)
+    assert st.state == "interrupted" and st.holder is None
+    assert st.by_status == {"completed": 1, "unfinished": 1}
+
+
+def test_probing_the_lock_leaves_it_free(tmp_path):
+    exp = finished_search(str(tmp_path))
+    X.experiment_status(exp)
+    with X.ExperimentLock(exp, command="ensemble"):  # would raise if the probe had kept it
+        pass
+
+
+def test_status_command_prints_state_trials_best_and_hours(tmp_path, capsys):
+    storage_dir = str(tmp_path / "reports")
+    finished_search(storage_dir)
+    assert main(["status", "exp", "--storage", storage_dir]) == 0
+    out = capsys.readouterr().out
+    assert "finished" in out
+    assert "4 of 6 (1 completed, 2 pruned, 1 failed)" in out
+    assert "c: val_loss 0.3800" in out and "5 epochs, 12.00 CPU-hours" in out
+
+
+def test_status_of_a_missing_experiment_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["status", "nope", "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raysearch: error: no experiment at") and "\n" not in err
+
+
+def test_list_shows_every_experiment_with_kind_state_trials_best(tmp_path, capsys):
+    root = str(tmp_path / "reports")
+    finished_search(root, "first")
+    X.update_info(X.experiment_dir(root, "single"), kind="train", name="single", state="running")
+    frame = X.list_status(root)
+    rows = frame.set_index("name")
+    assert set(rows.index) == {"first", "single"}
+    assert rows.loc["first", "state"] == "finished" and rows.loc["first", "trials"] == 4
+    assert rows.loc["first", "best_val_loss"] == pytest.approx(0.38)
+    assert (rows.loc["single", "kind"], rows.loc["single", "state"]) == ("train", "interrupted")
+    assert main(["list", root]) == 0
+    out = capsys.readouterr().out
+    assert "first" in out and "single" in out and "0.3800" in out
+    assert main(["list", str(tmp_path / "empty")]) == 0
+    assert "no experiments under" in capsys.readouterr().out
