@@ -87,7 +87,7 @@ def test_the_ensemble_and_predictors_of_an_experiment(tmp_path):
     ens = exp.ensemble
     assert isinstance(ens, raysearch.Ensemble)
     assert ens.weights == {"b": 0.75, "a": 0.25}
-    assert list(ens.members["checkpoint"]) == [
+    assert list(ens.members["best_checkpoint"]) == [
         join(exp.path, "train-b", "checkpoint_000002"), join(exp.path, "train-a", "checkpoint_000001")]
     assert ens.test_metrics["kappa"].tolist() == [0.7]
     assert ens.summary["method"] == "top"

@@ -19,7 +19,7 @@ __all__ = ["Ensemble"]
 class Ensemble:
     """An ensemble folder (``raysearch ensemble``'s output) read back.
 
-    ``members``: ``members.parquet`` (rank, trial_id, weight, checkpoint resolved to a full URI,
+    ``members``: ``members.parquet`` (rank, trial_id, weight, best_checkpoint resolved to a full URI,
     the trial's config); ``weights``: trial id -> weight (summing to 1); ``metrics``:
     ``category_metrics.parquet``; ``summary``: ``ensemble.json`` (method, top, tta, task, ...).
     """
@@ -38,10 +38,13 @@ class Ensemble:
         uri = join(path, "members.parquet")
         if not exists(uri):
             raise ExperimentStateError(f"{path} is not an ensemble folder (no members.parquet)")
-        members = read_parquet(uri)
+        from raysearch.experiment.schema import normalize_members
+
+        members = normalize_members(read_parquet(uri))  # any release's column names
         members["trial_id"] = members["trial_id"].astype(str)
         experiment = path.rsplit("/", 1)[0]
-        members["checkpoint"] = [resolve(experiment, str(c)) for c in members["checkpoint"]]
+        members["best_checkpoint"] = [resolve(experiment, str(c))
+                                      for c in members["best_checkpoint"]]
         metrics_uri = join(path, "category_metrics.parquet")
         metrics = read_parquet(metrics_uri) if exists(metrics_uri) else None
         summary_uri = join(path, "ensemble.json")
