@@ -393,8 +393,7 @@ def test_bench_data_smoke(tiny_root):
     assert result["n_images"] == 12 and result["image_size"] == S
     for name in ("naive_images_per_s", "cached_images_per_s", "build_images_per_s", "speedup"):
         assert result[name] > 0
-    assert result["speedup"] == pytest.approx(
-        result["cached_images_per_s"] / result["naive_images_per_s"]
-    )
+    # The median of the per-round ratios (paired rounds), inside their range.
+    assert result["speedup_low"] <= result["speedup"] <= result["speedup_high"]
     text = out.getvalue()
     assert "naive" in text and "BatchLoader" in text and "images/s" in text
