@@ -352,9 +352,11 @@ def trial_overheads(trials, epochs):
     first, last = per.first(), per.last()
     wall = trials.set_index("trial_id")["wall_time_s"].reindex(first.index)
     ckpt_last = last["checkpoint_write_s"].fillna(0.0) if "checkpoint_write_s" in last else 0.0
-    start = last["reported_at"].astype(float) + ckpt_last - wall
-    first_epoch = (first["reported_at"].astype(float) - first["val_time_s"]
-                   - first["epoch_time_s"])
+    # reported_at: a timestamp (or an earlier release's float seconds), as Unix seconds
+    last_at = pd.Series(unix_seconds(last["reported_at"]), index=last.index)
+    first_at = pd.Series(unix_seconds(first["reported_at"]), index=first.index)
+    start = last_at + ckpt_last - wall
+    first_epoch = first_at - first["val_time_s"] - first["epoch_time_s"]
     in_loop = per[["epoch_time_s", "val_time_s"]].sum().sum(axis=1)
     return pd.DataFrame({"before_first_epoch_s": first_epoch - start,
                          "outside_epochs_s": wall - in_loop}).dropna()
