@@ -102,6 +102,7 @@ space:
 
 
 @pytest.mark.slow
+@pytest.mark.bench
 def test_bench_search_runs_both_searches_side_by_side(tmp_path, tiny_root, ray_session):
     from raysearch.bench.search import bench_search
 

@@ -56,6 +56,7 @@ def test_bench_predict_needs_an_experiments_manifest(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.bench
 def test_bench_serve_loses_nothing_and_matches_the_predictor(experiment, monkeypatch):
     from raysearch.bench.serve import bench_serve
 
