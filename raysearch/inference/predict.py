@@ -66,10 +66,33 @@ def _patient(study: str) -> str:
     return m.group(1) if m else study
 
 
+def _name_studies(images: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(image, study id, patient id) for images whose study is their folder. The study id is the
+    folder's path below the deepest folder that holds every study's parent, so two studies never
+    share an id (``p1/study1`` and ``p2/study1``, not ``study1`` twice) and a lone study keeps
+    its own name."""
+    if not images:
+        return []
+    parents = {folder.rsplit("/", 1)[0] for _, folder in images}
+    parts = [p.split("/") for p in parents]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    base = "/".join(common)
+    out = []
+    for uri, folder in images:
+        study = folder[len(base):].strip("/") if base else folder
+        out.append((uri, study, _patient(study)))
+    return out
+
+
 def collect_images(inputs: Sequence[str]) -> Collected:
     """Every image the inputs name, with its study and patient. Raises :class:`DataError` for an
     input that does not exist and when nothing usable is found (an empty folder)."""
     rows: list[tuple[str, str, str]] = []
+    by_folder: list[tuple[str, str]] = []  # (image, its study folder) from folders and files
     skipped: list[tuple[str, str]] = []
     for item in inputs:
         fs, path = get_fs(item)
@@ -86,15 +109,15 @@ def collect_images(inputs: Sequence[str]) -> Collected:
             if not images:
                 raise DataError(f"no images in {item} (looked for {', '.join(IMAGE_EXTENSIONS)} "
                                 "and extension-less DICOM files)")
-            for p in sorted(images):
-                study_dir = p.rsplit("/", 1)[0]
-                study = study_dir[len(path):].strip("/") or path.rsplit("/", 1)[-1]
-                rows.append((_uri(fs, p, item), study, _patient(study)))
+            for p in sorted(images):  # a study is the folder that holds the image
+                uri = _uri(fs, p, item)
+                by_folder.append((uri, uri.rsplit("/", 1)[0]))
         elif path.lower().endswith(".csv"):
             rows += _from_csv(item, fs, path)
         else:
-            study = path.rsplit("/", 1)[0].rsplit("/", 1)[-1] or "study"
-            rows.append((_uri(fs, path, item), study, _patient(path)))
+            uri = _uri(fs, path, item)
+            by_folder.append((uri, uri.rsplit("/", 1)[0]))
+    rows += _name_studies(by_folder)
     frame = pd.DataFrame(rows, columns=["image_path", "study_id", "patient_id"])
     dup = frame["image_path"].duplicated()
     skipped += [(p, "listed more than once") for p in frame.loc[dup, "image_path"]]
@@ -168,8 +191,8 @@ def run_predict(
         try:
             raw = _read(path)
             return _hints(raw), preprocess_image_sizes(raw, image_sizes=sizes), None
-        except DataError as e:
-            return None, None, str(e)
+        except DataError as e:  # the decoder saw bytes: name the file
+            return None, None, str(e).replace("<bytes>", path)
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   console=console, transient=not console.is_terminal) as bar, \

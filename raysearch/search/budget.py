@@ -21,6 +21,7 @@ generator, :class:`raysearch.search.searcher.SampleBudget`, lives with the searc
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from raysearch.errors import ConfigError
@@ -48,7 +49,12 @@ def parse_duration(text: str | float, *, what: str = "--time-budget") -> float:
                     f"{what}: {text!r} is not a duration; use seconds or a number with a unit, "
                     "e.g. 90s, 30m, 6h, 1h30m"
                 ) from None
-            seconds = sum(float(n) * _UNITS[u.lower()] for n, u in parts)
+            units = [u.lower() for _, u in parts]
+            rank = [list(_UNITS).index(u) for u in units]  # s < m < h < d
+            if any(a <= b for a, b in itertools.pairwise(rank)):
+                raise ConfigError(f"{what}: {text!r} repeats or reorders its units; write each "
+                                  "unit once, largest first, e.g. 1h30m")
+            seconds = sum(float(n) * _UNITS[u] for n, u in zip((n for n, _ in parts), units))
     if not seconds > 0 or seconds == float("inf"):
         raise ConfigError(f"{what}: must be a positive duration, got {text!r}")
     return seconds

@@ -50,6 +50,14 @@ class Limits:
     max_images: int = 16
     max_pixels: int = 50_000_000
 
+    def __post_init__(self) -> None:
+        from raysearch.errors import ConfigError
+
+        for name, flag in (("max_body_bytes", "--max-body-mb"), ("max_images", "--max-images"),
+                           ("max_pixels", "--max-pixels")):
+            if not getattr(self, name) >= 1:
+                raise ConfigError(f"{flag} must be > 0, got {getattr(self, name)}")
+
 
 class RequestError(Exception):
     """A request refused with ``status`` and a one-line reason."""

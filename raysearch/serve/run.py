@@ -37,6 +37,17 @@ def run_serve(
     """Serve the ensemble (or experiment) folder ``ensemble``, by default the most recent
     experiment under ``storage``. Blocks until interrupted (or ``stop`` is set). The folder is
     checked (members load) before Ray starts. Raises :class:`ConfigError` for bad options."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535, got {port}")
+    if replicas < 1 or max_batch_size < 1:
+        raise ConfigError("--replicas and --max-batch-size must be >= 1")
+    # Signals first: a SIGHUP that comes while Serve starts (after /healthz answers, before the
+    # loop below) reloads once the loop runs, instead of killing the server.
+    reload = threading.Event()
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, lambda *_: reload.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
     from rich.console import Console
 
     from raysearch.cluster import init_ray
@@ -45,10 +56,6 @@ def run_serve(
     from raysearch.serve.app import build_app
 
     console = console or Console(stderr=True)
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"--port must be in 1..65535, got {port}")
-    if replicas < 1 or max_batch_size < 1:
-        raise ConfigError("--replicas and --max-batch-size must be >= 1")
     source = ensemble or find_experiment(None, storage=storage)
     Predictor.from_dir(source, device="cpu")  # fails here, with one line, on a broken folder
     init_ray(address=address, verbose=verbose)
@@ -83,11 +90,6 @@ def run_serve(
     if ready is not None:
         ready.set()
 
-    reload = threading.Event()
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGHUP, lambda *_: reload.set())
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         while not stop.wait(0.5):
             if reload.is_set():

@@ -149,7 +149,8 @@ def test_bad_inputs_are_skipped_by_name_or_refused(tmp_path, tiny_root, ensemble
     out = run_predict([str(tmp_path / "in")], ensemble=ensemble, out=str(tmp_path / "out"),
                       console=console)
     skipped = pd.read_csv(os.path.join(out, "skipped.csv")).set_index("path")["reason"]
-    assert "cannot decode image" in skipped[str(study / "broken.png")]
+    assert f"cannot decode image {study / 'broken.png'}" in skipped[str(study / "broken.png")]
+    assert "<bytes>" not in console.file.getvalue() and not skipped.str.contains("<bytes>").any()
     assert "holds no pixel data" in skipped[str(study / "empty.dcm")]
     assert len(pd.read_parquet(os.path.join(out, "predictions.parquet"))) == 1
     assert "skipped 2 input(s)" in console.file.getvalue()
@@ -178,3 +179,18 @@ def test_collect_names_the_study_of_loose_files(tmp_path):
     assert sorted(got["study_id"]) == ["s1", "s1", "s2"]
     loose = collect_images([str(tmp_path / "a" / "s1" / "1.png")]).images
     assert list(loose["study_id"]) == ["s1"]
+
+
+def test_studies_of_the_same_name_in_different_places_stay_apart(tmp_path):
+    for name in ("merge/p1/study1/1.png", "merge/p2/study1/1.png", "siteA/pat/study1/1.png",
+                 "siteB/pat/study1/1.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    two = collect_images([str(tmp_path / "merge" / "p1" / "study1"),
+                          str(tmp_path / "merge" / "p2" / "study1")]).images
+    assert sorted(two["study_id"]) == ["p1/study1", "p2/study1"]
+    sites = collect_images([str(tmp_path / "siteA"), str(tmp_path / "siteB")]).images
+    assert sorted(sites["study_id"]) == ["siteA/pat/study1", "siteB/pat/study1"]
+    files = collect_images([str(tmp_path / "merge" / "p1" / "study1" / "1.png"),
+                            str(tmp_path / "merge" / "p2" / "study1" / "1.png")]).images
+    assert files["study_id"].nunique() == 2

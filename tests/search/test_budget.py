@@ -29,7 +29,7 @@ def test_durations_take_seconds_minutes_hours_days(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["6x", "h", "", "-5", "0", "0h", "1h 30", "soon", "inf"])
+@pytest.mark.parametrize("text", ["6x", "h", "", "-5", "0", "0h", "1h 30", "soon", "inf", "1h1h", "30m1h"])
 def test_a_bad_duration_names_the_option_and_the_value(text):
     with pytest.raises(ConfigError, match=r"--time-budget: .*" + repr(text).replace("'", ".")):
         parse_duration(text)
