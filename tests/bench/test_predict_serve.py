@@ -7,31 +7,23 @@ import io
 import os
 import tempfile
 
-import pandas as pd
 import pytest
 from rich.console import Console
 
 from raysearch.bench.predict import bench_predict
-from raysearch.data.mura import MURA_TASK, read_mura
+from raysearch.data.mura import read_mura
 from raysearch.errors import ConfigError
-from raysearch.experiment import update_info
-from tests.inference.test_predictor import _checkpoint
+from tests.inference.test_predictor import two_member_ensemble
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory, tiny_root):
     """An experiment with a manifest and a two-member ensemble (two sizes, two architectures)."""
     exp = tmp_path_factory.mktemp("bench") / "exp"
-    a = _checkpoint(exp / "train-a" / "checkpoint_000001", seed=0, image_size=48)
-    b = _checkpoint(exp / "train-b" / "checkpoint_000001", arch="resnet18", seed=1, image_size=32)
-    update_info(str(exp), kind="search", task=MURA_TASK.to_dict())
+    two_member_ensemble(exp)
     manifest = read_mura(tiny_root)
     manifest.attrs = {}  # what the reader found beside the data: not part of the table
     manifest.to_parquet(exp / "manifest.parquet")
-    (exp / "ensemble").mkdir()
-    pd.DataFrame({"trial_id": ["a", "b"], "weight": [0.5, 0.5],
-                  "best_checkpoint": [a.checkpoint, b.checkpoint]}).to_parquet(
-        exp / "ensemble" / "members.parquet")
     return str(exp)
 
 

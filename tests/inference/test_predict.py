@@ -16,24 +16,17 @@ from pydicom.data import get_testdata_file
 
 from raysearch.data.mura import MURA_TASK, read_mura
 from raysearch.errors import DataError
-from raysearch.experiment import update_info
 from raysearch.inference.predict import collect_images, run_predict
 from raysearch.inference.predictor import Predictor
 from tests.gcs_emulator import gcs_emulator  # noqa: F401  (session fixture)
-from tests.inference.test_predictor import _checkpoint
+from tests.inference.test_predictor import two_member_ensemble
 
 
 @pytest.fixture
 def ensemble(tmp_path):
     """An ensemble folder of two members (two architectures, two image sizes)."""
     exp = tmp_path / "exp"
-    a = _checkpoint(exp / "train-a" / "checkpoint_000001", seed=0, image_size=48)
-    b = _checkpoint(exp / "train-b" / "checkpoint_000001", arch="resnet18", seed=1, image_size=32)
-    update_info(str(exp), kind="search", task=MURA_TASK.to_dict())
-    (exp / "ensemble").mkdir()
-    pd.DataFrame({"trial_id": ["a", "b"], "weight": [0.5, 0.5],
-                  "checkpoint": [a.checkpoint, b.checkpoint]}).to_parquet(
-        exp / "ensemble" / "members.parquet")
+    two_member_ensemble(exp, column="checkpoint")  # an earlier release's column name
     return str(exp / "ensemble")
 
 

@@ -50,6 +50,19 @@ def two_members(tmp_path):
     return [_checkpoint(tmp_path / "a", image_size=48, seed=0),
             _checkpoint(tmp_path / "b", arch="resnet18", image_size=32, seed=1)]
 
+def two_member_ensemble(exp, *, column: str = "best_checkpoint") -> str:
+    """An experiment folder ``exp`` holding an ensemble of two members (mobilenet_v3_small at
+    48 px, resnet18 at 32 px, equal weights); returns the ensemble folder. ``column``: the
+    name of members.parquet's checkpoint column (``checkpoint`` in files of earlier releases)."""
+    a = _checkpoint(exp / "train-a" / "checkpoint_000001", seed=0, image_size=48)
+    b = _checkpoint(exp / "train-b" / "checkpoint_000001", arch="resnet18", seed=1, image_size=32)
+    update_info(str(exp), kind="search", task=MURA_TASK.to_dict())
+    (exp / "ensemble").mkdir()
+    pd.DataFrame({"trial_id": ["a", "b"], "weight": [0.5, 0.5],
+                  column: [a.checkpoint, b.checkpoint]}).to_parquet(
+        exp / "ensemble" / "members.parquet")
+    return str(exp / "ensemble")
+
 
 def test_the_cache_and_the_raw_files_give_the_same_probabilities(tmp_path, tiny_manifest,
                                                                    two_members):

@@ -16,13 +16,11 @@ import zlib
 
 import httpx
 import numpy as np
-import pandas as pd
 import pytest
 
-from raysearch.data.mura import MURA_TASK, read_mura
-from raysearch.experiment import update_info
+from raysearch.data.mura import read_mura
 from raysearch.inference.predictor import Predictor
-from tests.inference.test_predictor import _checkpoint
+from tests.inference.test_predictor import two_member_ensemble
 
 pytestmark = pytest.mark.slow
 
@@ -37,13 +35,7 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     exp = tmp / "exp"
-    a = _checkpoint(exp / "train-a" / "checkpoint_000001", seed=0, image_size=48)
-    b = _checkpoint(exp / "train-b" / "checkpoint_000001", arch="resnet18", seed=1, image_size=32)
-    update_info(str(exp), kind="search", task=MURA_TASK.to_dict())
-    (exp / "ensemble").mkdir()
-    pd.DataFrame({"trial_id": ["a", "b"], "weight": [0.5, 0.5],
-                  "checkpoint": [a.checkpoint, b.checkpoint]}).to_parquet(
-        exp / "ensemble" / "members.parquet")
+    two_member_ensemble(exp, column="checkpoint")  # an earlier release's column name
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # A short RAY_TMPDIR: the dashboard's AF_UNIX sockets live under it (at most 107 bytes).
