@@ -34,8 +34,6 @@ def _stdout_console():
 
 def cmd_data(args) -> int:
     from raysearch.config import DataConfig
-    from raysearch.data.mura import read_mura, skipped_counts, skipped_frame, summary_table
-    from raysearch.storage import atomic_write_parquet
 
     data, source = DataConfig(root=args.root or ""), ""
     if args.space:  # the split the search will use: its root, val_fraction, seed, skip_bad
@@ -44,8 +42,16 @@ def cmd_data(args) -> int:
         data, source = load_search_space(args.space, data_root=args.root).data, f" ({args.space})"
     elif not args.root:
         raise ConfigError("data: give the dataset folder, or --space SPACE to read it from a space")
-    val_fraction = data.val_fraction if args.val_fraction is None else args.val_fraction
-    seed = data.seed if args.seed is None else args.seed
+    import dataclasses
+
+    # Through the dataclass, so the options are checked as the space's keys are.
+    data = dataclasses.replace(
+        data, val_fraction=data.val_fraction if args.val_fraction is None else args.val_fraction,
+        seed=data.seed if args.seed is None else args.seed)
+    val_fraction, seed = data.val_fraction, data.seed
+    from raysearch.data.mura import read_mura, skipped_counts, skipped_frame, summary_table
+    from raysearch.storage import atomic_write_parquet
+
     manifest = read_mura(data.root, val_fraction=val_fraction, seed=seed,
                          skip_bad=args.skip_bad or data.skip_bad)  # fmt: skip
     out = _stdout_console()
@@ -71,7 +77,8 @@ def cmd_demo_data(args) -> int:
     from raysearch.data.synth import make_demo_data
 
     t0 = time.perf_counter()
-    root = make_demo_data(args.dir, seed=args.seed, size=args.size, label_noise=args.label_noise)
+    root = make_demo_data(args.dir, seed=args.seed, size=args.size, label_noise=args.label_noise,
+                          overwrite=args.overwrite)
     _stdout_console().print(f"demo dataset ({args.size}, seed {args.seed}) -> {root} "
                             f"in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -133,9 +140,10 @@ def cmd_status(args) -> int:
 
 def cmd_list(args) -> int:
     from raysearch.experiment import list_status
+
+    frame = list_status(args.storage)  # a wrong folder answers before the tables load pandas
     from raysearch.report.status import experiments_table
 
-    frame = list_status(args.storage)
     out = _stdout_console()
     if frame.empty:
         out.print(f"no experiments under {args.storage}")
@@ -328,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many patients and images")
     s.add_argument("--label-noise", type=float, default=0.03,
                    help="fraction of studies whose label is flipped")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace demo data made here before (never a folder demo-data did not make)")
     s.set_defaults(func=cmd_demo_data)
 
     s = _command(sub, "init", help="write a starter search-space file to edit", common=common,

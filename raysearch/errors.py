@@ -151,9 +151,11 @@ def first_line(error: BaseException) -> str:
 
 
 def os_error_message(error: OSError, *, path: str | None = None) -> str | None:
-    """One line for the OSErrors a user can act on (no space, no permission, read-only), naming
-    the path; None for any other OSError."""
+    """One line for the OSErrors a user can act on, naming the path: no space, no permission,
+    read-only; and, when the error names its path, a missing file or folder, a file where a
+    folder is needed (or the reverse), a path that already exists, a name too long. None for any other OSError."""
     where = path or error.filename or "the storage"
+    named = path or error.filename
     if error.errno == errno.ENOSPC:
         return f"no space left on {where}"
     if error.errno == errno.EDQUOT:
@@ -162,6 +164,17 @@ def os_error_message(error: OSError, *, path: str | None = None) -> str | None:
         return f"permission denied: {where}"
     if error.errno == errno.EROFS:
         return f"read-only file system: {where}"
+    if named:  # these need the path to be worth a line of their own
+        if error.errno == errno.ENOENT:
+            return f"no such file or folder: {named}"
+        if error.errno == errno.ENOTDIR:
+            return f"not a folder (a file is in the way): {named}"
+        if error.errno == errno.EEXIST:  # e.g. a file where a folder is to be made
+            return f"already exists: {named}"
+        if error.errno == errno.EISDIR:
+            return f"is a folder, not a file: {named}"
+        if error.errno == errno.ENAMETOOLONG:
+            return f"file name too long: {named}"
     return None
 
 

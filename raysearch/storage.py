@@ -22,6 +22,7 @@ __all__ = [
     "atomic_write_parquet",
     "atomic_write_text",
     "check_name",
+    "check_storage_folder",
     "exists",
     "get_fs",
     "is_url",
@@ -35,6 +36,23 @@ __all__ = [
 RESERVED_NAMES = ("cache",)
 _NAME_MAX = 128
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+=@,-]*$")
+
+
+def check_storage_folder(uri: str, *, what: str = "storage") -> None:
+    """Refuse a local ``uri`` that cannot become a folder: it, or a parent of it, is a file.
+
+    URLs pass (a bucket prefix needs no folder). Raises :class:`ConfigError` naming ``what`` and
+    the file in the way, so that ``--storage results.csv`` answers at once rather than inside Ray.
+    """
+    if is_url(uri):
+        return
+    path = Path(os.path.abspath(os.path.expanduser(str(uri).removeprefix("file://"))))
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == path else f"is under {p}, which is a file"
+                raise ConfigError(f"{what}: {uri} {where}, not a folder")
+            return
 
 
 def check_name(name: Any, *, what: str = "experiment name") -> str:

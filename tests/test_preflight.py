@@ -111,6 +111,8 @@ def test_mistakes_known_before_ray_answer_without_torch_or_ray(tmp_path):
     big_space.write_text(f"data: {{root: {full}}}\nresources: {{gpus_per_worker: 8}}\n"
                          "trial: {weights: none}\nspace: {lr: {choice: [0.001]}}\n")
     st = ["--storage", str(tmp_path / "st")]
+    afile = tmp_path / "results.csv"
+    afile.write_text("a,b\n")
     cases = [
         (["tune", "demo", "--data-root", "/nonexistent", *st],
          "raysearch: error: dataset folder does not exist: /nonexistent"),
@@ -129,6 +131,22 @@ def test_mistakes_known_before_ray_answer_without_torch_or_ray(tmp_path):
          f"raysearch: error: --resume: no experiment to resume at {tmp_path}/st/demo"),
         (["weights", "fetch", "resnet9", "--to", str(tmp_path)],
          "raysearch: error: unknown arch 'resnet9'; allowed: densenet121"),
+        # A file where a folder must be, a folder that is not there, an option out of range:
+        # each refused at once, naming it.
+        (["tune", "demo", "--data-root", str(full), "--storage", str(afile)],
+         f"raysearch: error: storage: {afile} is a file, not a folder"),
+        (["train", "demo_trial", "--data-root", str(full), "--storage", f"{afile}/runs"],
+         f"raysearch: error: storage: {afile}/runs is under {afile}, which is a file"),
+        (["list", str(tmp_path / "no-runs")],
+         f"raysearch: error: storage folder {tmp_path}/no-runs does not exist"),
+        (["data", str(full), "--val-fraction", "0"],
+         "raysearch: error: data.val_fraction must be in (0, 1), got 0.0"),
+        (["init", str(tmp_path / "no-dir" / "space.yaml")],
+         f"raysearch: error: folder {tmp_path}/no-dir does not exist"),
+        (["demo-data", str(partial), "--overwrite"],
+         f"raysearch: error: {partial}/MURA-v1.1 was not made by raysearch demo-data"),
+        (["demo-data", f"{afile}/demo"],
+         f"raysearch: error: not a folder (a file is in the way): {afile}/demo"),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "0"}
     env.pop("RAY_ADDRESS", None)

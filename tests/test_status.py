@@ -145,5 +145,32 @@ def test_list_shows_every_experiment_with_kind_state_trials_best(tmp_path, capsy
     assert main(["list", root]) == 0
     out = capsys.readouterr().out
     assert "first" in out and "single" in out and "0.3800" in out
+    (tmp_path / "empty").mkdir()
     assert main(["list", str(tmp_path / "empty")]) == 0
     assert "no experiments under" in capsys.readouterr().out
+
+
+def test_a_status_is_plain_python_and_json_able(tmp_path):
+    """Values read from Parquet arrive as numpy scalars; a status must be JSON-able as it is (a
+    notebook or a dashboard serialises it)."""
+    st = X.experiment_status(finished_search(str(tmp_path)))
+    text = json.dumps(st.to_dict())
+    back = json.loads(text)
+    assert back["best"]["trial_id"] == "c" and back["best"]["epochs"] == 1
+    assert type(st.best["epochs"]) is int and type(st.best["best_val_loss"]) is float
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_list_of_a_local_folder_that_is_not_there_is_one_line_exit_2(tmp_path, capsys, kind):
+    where = tmp_path / "runs"
+    if kind == "file":
+        where.write_text("not a folder")
+    assert main(["list", str(where)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(where) in err
+    assert ("does not exist" if kind == "missing" else "is not a folder") in err
+
+
+def test_list_of_an_empty_bucket_prefix_is_empty_not_an_error(capsys):
+    assert main(["list", f"memory://raysearch-tests/none-{uuid.uuid4().hex[:8]}"]) == 0
+    assert "no experiments" in capsys.readouterr().out

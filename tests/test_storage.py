@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 
 from raysearch import storage
+from raysearch.errors import StorageError
 from tests.gcs_emulator import GcsEmulator, gcs_emulator  # noqa: F401  (session fixture)
 
 BACKENDS = ["local", "memory", "gcs"]
@@ -256,3 +258,29 @@ def test_subprocesses_reach_the_emulator_too(gcs_emulator):  # noqa: F811
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
     assert storage.read_bytes(url) == b"child"
+
+
+@pytest.mark.parametrize("code, expected", [
+    (errno.ENOSPC, "no space left on /x/y"),
+    (errno.EACCES, "permission denied: /x/y"),
+    (errno.EROFS, "read-only file system: /x/y"),
+    (errno.ENOENT, "no such file or folder: /x/y"),
+    (errno.ENOTDIR, "not a folder (a file is in the way): /x/y"),
+    (errno.EISDIR, "is a folder, not a file: /x/y"),
+    (errno.EEXIST, "already exists: /x/y"),
+    (errno.ENAMETOOLONG, "file name too long: /x/y"),
+])
+def test_os_errors_a_user_can_act_on_read_as_one_line_naming_the_path(code, expected):
+    from raysearch.errors import os_error_message
+
+    assert os_error_message(OSError(code, os.strerror(code), "/x/y")) == expected
+    # Without a path, only the kinds that make sense alone are named ("the storage").
+    alone = os_error_message(OSError(code, os.strerror(code)))
+    assert (alone is None) == (code in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+                                        errno.EEXIST, errno.ENAMETOOLONG))
+
+
+def test_a_write_under_a_file_is_a_storage_error_naming_the_path(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StorageError, match=f"already exists: {tmp_path}/f"):
+        storage.atomic_write_text(str(tmp_path / "f" / "out.txt"), "hi")

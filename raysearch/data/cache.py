@@ -251,7 +251,8 @@ def build_cache(
     if cache.skipped and not skip_bad:
         raise DataError(
             f"cache store {cache.source} left out {len(cache.skipped)} images that fail to "
-            f"decode: {name_some(cache.skipped)}; fix them or pass skip_bad (--skip-bad)"
+            f"decode: {name_some(cache.skipped)}; fix them, or leave them out: "
+            "data.skip_bad: true in the space or trial file (raysearch data --skip-bad)"
         )
     return cache
 
@@ -302,7 +303,8 @@ def _build_local(
         if bad and not skip_bad:
             raise DataError(
                 f"{len(bad)} images fail to decode: {name_some(bad)} (first error: "
-                f"{failures[0][2]}); fix them or pass skip_bad (--skip-bad)"
+                f"{failures[0][2]}); fix them, or leave them out: "
+            "data.skip_bad: true in the space or trial file (raysearch data --skip-bad)"
             )
         keep = np.ones(n, dtype=bool)
         keep[[i for i, _, _ in failures]] = False

@@ -336,7 +336,8 @@ def _problem_line(root: str, problems: list[tuple[str, str]]) -> str:
     n = len(problems)
     return (
         f"{n} problem{'s' if n != 1 else ''} in the MURA data at {root} — {'; '.join(parts)}. "
-        "Fix them, or pass skip_bad (--skip-bad) to leave them out."
+        "Fix them, or leave them out: data.skip_bad: true in the space or trial file "
+        "(raysearch data --skip-bad)."
     )
 
 

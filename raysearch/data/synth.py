@@ -15,6 +15,7 @@ image draws from its own generator keyed by its path, so worker count and order 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import zlib
@@ -31,6 +32,7 @@ from raysearch.errors import ConfigError, DataError
 __all__ = ["DEMO_SIZES", "DemoSize", "make_demo_data"]
 
 ROOT_NAME = "MURA-v1.1"
+DEMO_MARKER = ".raysearch-demo.json"  # marks a folder demo-data may replace
 
 
 @dataclass(frozen=True)
@@ -360,8 +362,19 @@ def make_demo_data(
     fs, root_path = storage.get_fs(root)
     if fs.exists(root_path):
         if not overwrite:
-            raise DataError(f"{root} already exists; pass overwrite=True or choose another folder")
+            raise DataError(f"{root} already exists; choose another folder, or --overwrite "
+                            "(overwrite=True) to replace demo data made here before")
+        # Only a folder this function made is ever deleted: a real MURA-v1.1 under the same
+        # parent must survive a mistyped --overwrite.
+        if not fs.exists(f"{root_path}/{DEMO_MARKER}"):
+            raise DataError(f"{root} was not made by raysearch demo-data (it has no "
+                            f"{DEMO_MARKER}); refusing to delete it: choose another folder")
         fs.rm(root_path, recursive=True)
+    # The marker first, so that an interrupted run can still be replaced with --overwrite.
+    storage.atomic_write_text(
+        storage.join(root, DEMO_MARKER),
+        json.dumps({"seed": seed, "size": size, "label_noise": label_noise}) + "\n",
+    )
 
     jobs, csv_rows = _plan(spec, seed=seed, label_noise=label_noise)
     workers = num_workers or min(os.cpu_count() or 1, 4)

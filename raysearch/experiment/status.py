@@ -14,11 +14,12 @@ files a resume reads, with status ``running`` (the run is alive) or ``unfinished
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from raysearch.errors import ExperimentStateError
+from raysearch.errors import ConfigError, ExperimentStateError
 from raysearch.experiment.folder import list_experiments, read_info
 from raysearch.experiment.lock import lock_holder
 from raysearch.experiment.trials import (
@@ -59,6 +60,10 @@ class ExperimentStatus:
     holder: dict[str, Any] | None = None  # who holds the lock, when the experiment is running
     ensemble: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain Python values (``json.dumps`` takes it as it is)."""
+        return asdict(self)
 
 
 def experiment_state(exp_dir: str, info: dict[str, Any] | None = None) -> tuple[str, dict | None]:
@@ -174,7 +179,7 @@ def experiment_status(exp_dir: str) -> ExperimentStatus:
     usable = trials[trials["best_val_loss"].notna()] if len(trials) else trials
     if len(usable):
         row = usable.sort_values("best_val_loss", kind="stable").iloc[0]
-        best = {k: v for k, v in row.items() if _is_set(v)}
+        best = {k: _plain(v) for k, v in row.items() if _is_set(v)}
     device, hours = _device_hours(info, epochs)
     return ExperimentStatus(
         path=exp_dir, name=str(info.get("name") or exp_dir.rstrip("/").rsplit("/", 1)[-1]),
@@ -186,13 +191,35 @@ def experiment_status(exp_dir: str) -> ExperimentStatus:
     )
 
 
+def _plain(v: Any) -> Any:
+    """A DataFrame cell as a plain Python value, so that a status is JSON-able: numpy scalars
+    become int/float/bool/str, timestamps ISO 8601 strings (UTC when they carry a zone)."""
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    if hasattr(v, "item") and getattr(v, "ndim", None) == 0:
+        return v.item()
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return v
+
+
 def _is_set(v: Any) -> bool:
     return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
 def list_status(storage: str):
     """One row per experiment under ``storage`` (newest first): name, kind, state, trials, best
-    val_loss, updated (UTC). Damaged experiments are listed with state ``damaged``."""
+    val_loss, updated (UTC). Damaged experiments are listed with state ``damaged``.
+
+    Raises :class:`ConfigError` when ``storage`` is a local path that is not a folder (a bucket
+    prefix with nothing under it is simply empty)."""
+    from raysearch.storage import is_url
+
+    if not is_url(storage):  # a bucket prefix may be empty; a mistyped local folder is an error
+        local = os.path.expanduser(str(storage).removeprefix("file://"))
+        if not os.path.isdir(local):
+            what = "is not a folder" if os.path.exists(local) else "does not exist"
+            raise ConfigError(f"storage folder {storage} {what}")
     import pandas as pd
 
     rows = []

@@ -9,7 +9,7 @@ from raysearch.cluster import check_resources
 from raysearch.data.roots import check_mura_root
 from raysearch.errors import ConfigError
 from raysearch.search.space import SearchSpace
-from raysearch.storage import exists, join
+from raysearch.storage import check_storage_folder, exists, join
 
 __all__ = ["preflight_search"]
 
@@ -26,6 +26,7 @@ def preflight_search(
     Raises :class:`~raysearch.errors.ConfigError` for ``resume`` and the resources and
     :class:`~raysearch.errors.DataError` for the data root, each one line naming the setting.
     """
+    check_storage_folder(spec.storage, what="storage")
     if resume and not exists(join(spec.experiment_dir, "experiment.json")):
         raise ConfigError(f"--resume: no experiment to resume at {spec.experiment_dir}")
     has_manifest = not overwrite and exists(join(spec.experiment_dir, "manifest.parquet"))

@@ -9,6 +9,7 @@ every error names the key path and what is allowed (see :mod:`raysearch.config`)
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -164,13 +165,17 @@ def write_starter_space(path: str = "search_space.yaml", *, template: str = "dem
     exists and ``overwrite`` is not set (a file is never replaced by surprise).
     """
     from raysearch.config import packaged
-    from raysearch.storage import atomic_write_bytes, exists, read_bytes
+    from raysearch.storage import atomic_write_bytes, exists, is_url, read_bytes
 
     names = packaged(SEARCH_SPACES_DIR)
     if template not in names:
         raise ConfigError(f"--template: unknown value {template!r}; allowed: {', '.join(names)}")
     if exists(path) and not overwrite:
         raise ConfigError(f"{path} exists; pick another path, or --force to replace it")
+    parent = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+    if not is_url(path) and not os.path.isdir(parent):  # a typo must not create folders
+        raise ConfigError(f"folder {os.path.dirname(path) or parent} does not exist; create it "
+                          "first, or pick another path")
     atomic_write_bytes(path, read_bytes(f"{SEARCH_SPACES_DIR}/{template}.yaml"))
     return path
 

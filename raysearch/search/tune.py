@@ -350,9 +350,9 @@ def _raise_known(error: BaseException, *, storage: str) -> None:
     if message is None and (any(s in str(error) for s in NO_SPACE) or _storage_full(storage)):
         message = f"no space left on {storage}"
     if message is not None:
-        raise StorageError(
-            f"{message}; free some space, then run the same command to resume"
-        ) from error
+        full = message.startswith(("no space", "disk quota"))
+        advice = "free some space" if full else "fix it"
+        raise StorageError(f"{message}; {advice}, then run the same command to resume") from error
 
 
 def _storage_full(uri: str, *, margin: int = 1 << 20) -> bool:

@@ -9,7 +9,7 @@ import dataclasses
 from raysearch.cluster import check_resources
 from raysearch.config import DataConfig, TrialConfig, load_trial_config, norm_path
 from raysearch.data.roots import check_mura_root
-from raysearch.storage import check_name
+from raysearch.storage import check_name, check_storage_folder
 
 __all__ = ["load_train_config"]
 
@@ -35,6 +35,7 @@ def load_train_config(
     cfg, rest = load_trial_config(config_path)
     rest["name"] = check_name(name if name is not None else rest["name"], what="name")
     rest["storage"] = norm_path(storage) if storage else rest["storage"]
+    check_storage_folder(rest["storage"], what="storage")
     data = rest["data"]
     if data_root:
         data = dataclasses.replace(data, root=norm_path(data_root))

@@ -46,7 +46,9 @@ def test_same_seed_same_bytes_any_worker_count(tmp_path, tiny):
 
 def test_layout_and_csv_format_exact(tiny):
     assert tiny.name == "MURA-v1.1"
+    # MURA's own files, and a hidden marker that lets --overwrite replace this folder alone
     assert sorted(p.name for p in tiny.iterdir()) == [
+        ".raysearch-demo.json",
         "train",
         "train_image_paths.csv",
         "train_labeled_studies.csv",
@@ -168,3 +170,18 @@ def test_label_noise_flips_some_labels(tmp_path):
     assert len(a) == len(b)  # the same studies, only the labels differ
     flipped = sum(x != y for x, y in zip(a, b))
     assert 0 < flipped < len(a) // 2
+
+
+def test_overwrite_replaces_demo_data_but_never_a_folder_demo_data_did_not_make(tmp_path):
+    root = Path(make_demo_data(str(tmp_path), size="tiny", num_workers=1))
+    with pytest.raises(DataError, match="already exists; choose another folder, or --overwrite"):
+        make_demo_data(str(tmp_path), size="tiny", num_workers=1)
+    (root / "stale.png").write_bytes(b"x")
+    make_demo_data(str(tmp_path), size="tiny", num_workers=1, overwrite=True)
+    assert not (root / "stale.png").exists() and (root / "train_image_paths.csv").exists()
+    real = tmp_path / "real"  # e.g. the real MURA-v1.1 under the same parent
+    (real / "MURA-v1.1" / "train").mkdir(parents=True)
+    (real / "MURA-v1.1" / "train" / "keep.png").write_bytes(b"x")
+    with pytest.raises(DataError, match="was not made by raysearch demo-data"):
+        make_demo_data(str(real), size="tiny", num_workers=1, overwrite=True)
+    assert (real / "MURA-v1.1" / "train" / "keep.png").exists()
