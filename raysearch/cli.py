@@ -153,6 +153,9 @@ def cmd_list(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from raysearch.experiment import check_model_folder
+
+    check_model_folder(args.ensemble)  # before torch loads
     from raysearch.inference.export import export_ensemble
 
     out = export_ensemble(args.ensemble, format=args.format, out=args.out)
@@ -176,6 +179,10 @@ def cmd_ensemble(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from raysearch.experiment import check_model_folder
+
+    if args.ensemble:
+        check_model_folder(args.ensemble)  # before pandas and torch load
     from raysearch.inference.predict import run_predict
 
     run_predict(args.inputs, ensemble=args.ensemble, storage=args.storage, out=args.out,

@@ -203,3 +203,17 @@ def _mtime(fs, path: str) -> float:
             if hasattr(value, "timestamp"):
                 return value.timestamp()
         return 0.0
+
+
+def check_model_folder(path: str) -> str:
+    """``path`` without a trailing slash, when it is a folder a predictor can be built from: an
+    ensemble folder (``members.parquet``) or an experiment (``experiment.json``). Reads no file
+    and imports nothing heavy, so ``predict``, ``export`` and ``serve`` answer a wrong folder in
+    a second. Raises :class:`ConfigError` naming the path otherwise."""
+    path = str(path).rstrip("/")
+    if exists(join(path, "members.parquet")) or exists(join(path, MARKER)):
+        return path
+    if not exists(path):
+        raise ConfigError(f"no such ensemble or experiment folder: {path}")
+    raise ConfigError(f"{path} is neither an ensemble folder (members.parquet) nor an experiment "
+                      "(experiment.json)")

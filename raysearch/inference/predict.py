@@ -169,16 +169,18 @@ def run_predict(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from raysearch.data.images import preprocess_image_sizes
-    from raysearch.experiment import find_experiment
-    from raysearch.inference.predictor import Predictor
+    from raysearch.experiment import check_model_folder, find_experiment
 
     console = console or Console(stderr=True)
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    source = ensemble or find_experiment(None, storage=storage)
+    # The cheap checks first (the folder, the inputs), then torch and the members.
+    source = check_model_folder(ensemble or find_experiment(None, storage=storage))
+    collected = collect_images(inputs)
+    from raysearch.inference.predictor import Predictor
+
     predictor = Predictor.from_dir(source, batch_size=batch_size)
     task = predictor.task
-    collected = collect_images(inputs)
     images, skipped = collected.images, list(collected.skipped)
 
     # --- decode every image once per member image size; a bad one is skipped with its reason

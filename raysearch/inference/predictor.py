@@ -202,17 +202,12 @@ class Predictor:
         """A predictor from an ensemble folder (``members.parquet``) or an experiment folder
         (its ``ensemble/`` if it has one, else its ``top`` best trials, default 1, equally
         weighted). Raises :class:`ConfigError` when the folder is neither."""
-        from raysearch.experiment import MARKER, read_info, read_trials
+        from raysearch.experiment import check_model_folder, read_info, read_trials
         from raysearch.storage import exists
 
-        path = path.rstrip("/")
+        path = check_model_folder(path)
         if exists(join(path, "members.parquet")):
             return cls._from_ensemble(path, device=device, batch_size=batch_size)
-        if not exists(join(path, MARKER)):
-            raise ConfigError(
-                f"{path} is neither an ensemble folder (members.parquet) nor an experiment "
-                "(experiment.json)"
-            )
         if top is None and exists(join(path, "ensemble", "members.parquet")):
             return cls._from_ensemble(join(path, "ensemble"), device=device, batch_size=batch_size)
         info = read_info(path)

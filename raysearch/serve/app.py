@@ -94,6 +94,44 @@ def _check_pixels(raw: bytes, *, name: str, limits: Limits) -> None:
                                 f"{limits.max_pixels:,}")
 
 
+def json_errors(api) -> None:
+    """Make every error ``api`` answers by itself (an unknown path, a wrong method, a malformed
+    request) the same JSON shape as the app's own: ``{"error": "..."}`` with its 4xx status,
+    instead of FastAPI's ``{"detail": ...}``."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    async def http_error(request, exc: HTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            detail = f"no endpoint {request.url.path}; the endpoints are {', '.join(ENDPOINTS)}"
+        elif exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}"
+        return JSONResponse({"error": detail}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    async def invalid(request, exc: RequestValidationError):
+        return JSONResponse({"error": f"invalid request: {exc.errors()}"}, status_code=422)
+
+    api.add_exception_handler(HTTPException, http_error)
+    api.add_exception_handler(RequestValidationError, invalid)
+
+
+def allow_pixels(max_pixels: int) -> None:
+    """Let Pillow open images up to ``max_pixels`` (the server's own limit, checked from the
+    header first): Pillow's built-in bomb guard (about 89 M pixels, an error at twice that)
+    would otherwise refuse images that ``--max-pixels`` allows. Never lowers Pillow's limit and
+    never turns it off."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = int(max_pixels)
+
+
+ENDPOINTS = ("POST /v1/predict", "GET /v1/model", "GET /healthz")
+
+
 def build_app(ensemble: str, *, limits: Limits | None = None, max_batch_size: int = 8,
               batch_wait_timeout_s: float = 0.02, replicas: int = 1, gpus: float = 0.0,
               version: int = 0):
@@ -105,6 +143,7 @@ def build_app(ensemble: str, *, limits: Limits | None = None, max_batch_size: in
 
     limits = limits or Limits()
     api = FastAPI(title="raysearch", docs_url=None, redoc_url=None, openapi_url=None)
+    json_errors(api)
 
     @serve.deployment(
         num_replicas=replicas,
@@ -116,6 +155,7 @@ def build_app(ensemble: str, *, limits: Limits | None = None, max_batch_size: in
     class EnsembleServer:
         def __init__(self, source: str) -> None:
             self.config: dict[str, Any] = {"ensemble": source, "version": 0}
+            allow_pixels(limits.max_pixels)
             self._load(source)
             self.batched.set_max_batch_size(max_batch_size)
             self.batched.set_batch_wait_timeout_s(batch_wait_timeout_s)

@@ -6,6 +6,7 @@ models through Serve's ``user_config``, without a restart and without dropping r
 
 from __future__ import annotations
 
+import errno
 import signal
 import threading
 import time
@@ -16,6 +17,44 @@ from raysearch.errors import ConfigError
 __all__ = ["run_serve"]
 
 APP_NAME = "raysearch"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse (:class:`ConfigError`) a ``host`` that is not an address of this machine or does
+    not resolve, and a ``port`` already in use there, by binding a socket to it for a moment
+    (Serve's proxy would otherwise retry it without end, and the command would hang)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--host {host!r}: not an address or a name that resolves ({e})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"--port {port}: already in use on {host}; choose another "
+                                  "port, or stop what listens there") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"--host {host!r}: not an address of this machine (use "
+                                  "127.0.0.1, or 0.0.0.0 for every interface)") from None
+            if e.errno in (errno.EACCES, errno.EPERM):
+                raise ConfigError(f"--port {port}: permission denied (ports below 1024 need "
+                                  "root); choose a port of 1024 or more") from None
+            raise ConfigError(f"--host {host!r} --port {port}: cannot listen there ({e})") from None
+
+
+def _url_host(host: str) -> str:
+    """How a client on this machine reaches a server bound to ``host``."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def run_serve(
@@ -41,6 +80,10 @@ def run_serve(
         raise ConfigError(f"--port must be in 1..65535, got {port}")
     if replicas < 1 or max_batch_size < 1:
         raise ConfigError("--replicas and --max-batch-size must be >= 1")
+    check_listen(host, port)  # a wrong --host or a busy port answers now, not from inside Serve
+    from raysearch.experiment import check_model_folder, find_experiment
+
+    source = check_model_folder(ensemble or find_experiment(None, storage=storage))
     # Signals first: a SIGHUP that comes while Serve starts (after /healthz answers, before the
     # loop below) reloads once the loop runs, instead of killing the server.
     reload = threading.Event()
@@ -51,12 +94,10 @@ def run_serve(
     from rich.console import Console
 
     from raysearch.cluster import init_ray
-    from raysearch.experiment import find_experiment
     from raysearch.inference.predictor import Predictor
     from raysearch.serve.app import build_app
 
     console = console or Console(stderr=True)
-    source = ensemble or find_experiment(None, storage=storage)
     Predictor.from_dir(source, device="cpu")  # fails here, with one line, on a broken folder
     init_ray(address=address, verbose=verbose)
     import ray
@@ -79,12 +120,12 @@ def run_serve(
     deploy()
     if not verbose:
         quiet_libraries()  # and serve.run another one
-    url = f"http://{host}:{port}"
+    url = f"http://{_url_host(host)}:{port}"
     with urllib.request.urlopen(f"{url}/healthz", timeout=60) as r:
         model = r.read().decode()
     console.print(f"serving {source} at {url} ({model}); Ctrl-C stops, SIGHUP reloads the ensemble",
                   soft_wrap=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK:
         console.print("[yellow]listening beyond this machine: put an authenticating proxy in "
                       "front; Serve has no authentication[/]")
     if ready is not None:

@@ -122,6 +122,6 @@ def test_export_command_writes_the_files_and_errors_are_one_line(exported, ensem
     capsys.readouterr()
     assert main(["export", "--ensemble", str(tmp_path / "nothing"), "--format", "onnx"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "is neither an ensemble folder" in err and "\n" not in err
+    assert "no such ensemble or experiment folder" in err and "\n" not in err
     with pytest.raises(ConfigError, match="--format: unknown value 'tflite'"):
         export_ensemble(ensemble_dir, format="tflite")
