@@ -11,8 +11,10 @@ in this order:
    bone is bright; inverting before the VOI step would invert twice.
 
 The header is read first (``stop_before_pixels``) and a file is refused before any decoding when
-it is not one greyscale image: multi-frame, colour, no pixel data, a declared size over
-:data:`MAX_PIXELS`, or the deflated transfer syntax (a zip-bomb vector). ``BodyPartExamined``,
+it is not one greyscale radiograph: another modality (CT, MR, ...: see
+:data:`RADIOGRAPH_MODALITIES`), multi-frame, colour, no pixel data, a declared size over
+:data:`MAX_PIXELS`, or the deflated transfer syntax (a zip-bomb vector). Files without the
+Part 10 preamble (a bare data set) are read too. ``BodyPartExamined``,
 ``ViewPosition`` and ``ImageLaterality`` are returned as hints, never used as truth.
 """
 
@@ -25,16 +27,38 @@ import numpy as np
 
 from raysearch.errors import DataError, first_line
 
-__all__ = ["MAX_PIXELS", "DicomImage", "dicom_hints", "is_dicom", "read_dicom"]
+__all__ = ["MAX_PIXELS", "RADIOGRAPH_MODALITIES", "DicomImage", "dicom_hints", "is_dicom",
+           "read_dicom"]
 
 MAX_PIXELS = 100_000_000  # 10k x 10k: larger than any radiograph; a bomb is refused, not decoded
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _INSTALL = "pip install 'raysearch[dicom]' (python-gdcm decodes JPEG Lossless, JPEG-LS and JPEG 2000)"
 
 
+# Projection radiography modalities (DICOM PS3.3 C.7.3.1.1.1, Modality defined terms): computed
+# and digital radiography, radiographic imaging, intra-oral, panoramic, mammography, digital
+# X-ray. CT, MR, US, NM, PT and the rest are not radiographs: a radiograph model's answer on
+# them means nothing, so they are refused (skipped, with the reason) rather than scored.
+RADIOGRAPH_MODALITIES = ("CR", "DX", "RG", "IO", "PX", "MG", "DR", "XA", "RF")
+
+
 def is_dicom(raw: bytes) -> bool:
-    """A DICOM Part 10 file: 128 bytes of preamble, then ``DICM``."""
-    return len(raw) >= 132 and raw[128:132] == b"DICM"
+    """A DICOM file: Part 10 (128 bytes of preamble, then ``DICM``), or a bare data set without
+    the preamble, as older exporters write, told by its first tag: group 0002 (file meta) or
+    0008 (identifying), little endian (PS3.5 sec. 7)."""
+    if len(raw) >= 132 and raw[128:132] == b"DICM":
+        return True
+    return _bare_dataset(raw)
+
+
+def _bare_dataset(raw: bytes) -> bool:
+    if len(raw) < 8 or raw[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    element = int.from_bytes(raw[2:4], "little")
+    vr = raw[4:6]
+    explicit = vr.isalpha() and vr.isupper()
+    implicit_length = int.from_bytes(raw[4:8], "little")
+    return element < 0x0100 and (explicit or implicit_length < 1 << 16)
 
 
 @dataclass(frozen=True)
@@ -58,13 +82,16 @@ def read_dicom(raw: bytes, *, name: str = "<bytes>") -> DicomImage:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:
         raise DataError(f"{name} is a DICOM file and pydicom is not installed: {_INSTALL}") from None
+    bare = not (len(raw) >= 132 and raw[128:132] == b"DICM")  # no preamble: pydicom needs force
     try:
-        header = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True, force=False)
+        header = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True, force=bare)
     except Exception as e:  # noqa: BLE001 - pydicom raises many types on a broken header
         raise DataError(f"cannot read DICOM {name}: {first_line(e)[:200]}") from None
     _check_header(header, name=name)
     try:
-        ds = pydicom.dcmread(io.BytesIO(raw))
+        ds = pydicom.dcmread(io.BytesIO(raw), force=bare)
+        if bare and "TransferSyntaxUID" not in ds.file_meta:  # PS3.5 A.1: the default syntax
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     except Exception as e:  # noqa: BLE001
         raise DataError(f"cannot read DICOM {name}: {first_line(e)[:200]}") from None
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
@@ -97,15 +124,22 @@ def read_dicom(raw: bytes, *, name: str = "<bytes>") -> DicomImage:
 
 
 def dicom_hints(raw: bytes) -> dict[str, str | None]:
-    """The header's hints (``body_part``, ``view``, ``laterality``), from the header alone."""
+    """The header's hints (``body_part``, ``view``, ``laterality``) and the study it belongs to
+    (``study_uid``: Study Instance UID), from the header alone."""
     import pydicom
 
-    ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
+    bare = not (len(raw) >= 132 and raw[128:132] == b"DICM")
+    ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True, force=bare)
     return {"body_part": _hint(ds, "BodyPartExamined"), "view": _hint(ds, "ViewPosition"),
-            "laterality": _hint(ds, "ImageLaterality") or _hint(ds, "Laterality")}
+            "laterality": _hint(ds, "ImageLaterality") or _hint(ds, "Laterality"),
+            "study_uid": _hint(ds, "StudyInstanceUID")}
 
 
 def _check_header(ds, *, name: str) -> None:
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        raise DataError(f"DICOM {name}: modality {modality} is not a radiograph (expected one of "
+                        f"{', '.join(RADIOGRAPH_MODALITIES)}); radiograph models do not read it")
     meta = getattr(ds, "file_meta", None)
     syntax = str(getattr(meta, "TransferSyntaxUID", "")) if meta is not None else ""
     if syntax == _DEFLATED:

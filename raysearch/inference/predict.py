@@ -11,7 +11,9 @@ Inputs (:func:`collect_images`), each a local path or an fsspec URL:
 Outputs, written atomically under ``--out`` (:func:`run_predict`):
 
 - ``predictions.parquet``: one row per image: ``image_path``, ``study_id``, ``patient_id``, the
-  DICOM hints (``body_part_hint``, ``view_hint``, ``laterality_hint``), the ensemble probability
+  DICOM hints (``body_part_hint``, ``view_hint``, ``laterality_hint``, ``study_uid_hint``; a
+  folder whose DICOM images name several Study Instance UIDs becomes one study per UID), the
+  ensemble probability
   (``prob``; ``prob_<label>`` for several labels) and one ``prob_<trial_id>`` per member;
 - ``studies.parquet``: one row per study, aggregated by the task's rule, with ``pred`` at the
   ensemble's threshold;
@@ -215,6 +217,10 @@ def run_predict(
                         f"{name_some([f'{p} ({r})' for p, r in skipped])}")
     images = images.iloc[keep].reset_index(drop=True)
     images = pd.concat([images, pd.DataFrame(hints)], axis=1)
+    images, split = _split_by_study_uid(images)
+    if split:
+        console.print(f"[yellow]{split} folder(s) held images of more than one DICOM study "
+                      "(Study Instance UID): each study is scored on its own[/]")
     stacked = {s: np.stack(v) for s, v in arrays.items()}
 
     # --- the members, then the ensemble, image by image, then studies by the task's rule
@@ -280,4 +286,18 @@ def _hints(raw: bytes) -> dict[str, str | None]:
     from raysearch.data.dicom import dicom_hints, is_dicom
 
     hints = dicom_hints(raw) if is_dicom(raw) else {}
-    return {f"{k}_hint": hints.get(k) for k in ("body_part", "view", "laterality")}
+    return {f"{k}_hint": hints.get(k) for k in ("body_part", "view", "laterality", "study_uid")}
+
+
+def _split_by_study_uid(images: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Studies taken from folders, split where their DICOM images name different studies
+    (``study_uid_hint``): ``<folder>/<Study Instance UID>`` each, so that two studies put in one
+    folder are never aggregated into one answer. Returns the frame and how many folders split."""
+    uids = images["study_uid_hint"]
+    mixed = uids.notna() & images.groupby("study_id")["study_uid_hint"].transform(
+        lambda v: v.dropna().nunique() > 1)
+    if not mixed.any():
+        return images, 0
+    images = images.copy()
+    images.loc[mixed, "study_id"] = images.loc[mixed, "study_id"] + "/" + uids[mixed]
+    return images, int(images.loc[mixed, "study_id"].str.rsplit("/", n=1).str[0].nunique())

@@ -100,7 +100,9 @@ def test_a_compressed_file_without_its_decoder_says_what_to_install(monkeypatch)
     names the transfer syntax and the extra."""
     import pydicom.config
 
-    raw = _raw("JPEG-LL.dcm")
+    ds = pydicom.dcmread(get_testdata_file("JPEG-LL.dcm"))
+    ds.Modality = "CR"  # pydicom-data's JPEG Lossless file is a nuclear medicine (NM) image
+    raw = _bytes(ds)
     monkeypatch.setattr(pydicom.config, "pixel_data_handlers", [], raising=False)
     from pydicom.pixels.decoders import base
 
@@ -112,3 +114,33 @@ def test_a_compressed_file_without_its_decoder_says_what_to_install(monkeypatch)
     with pytest.raises(DataError, match=r"cannot decode DICOM x.dcm \(JPEG Lossless.*pip install "
                        r"'raysearch\[dicom\]'"):
         read_dicom(raw, name="x.dcm")
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR", "US"])
+def test_a_scan_that_is_not_a_radiograph_is_refused_by_name(modality):
+    ds = pydicom.dcmread(get_testdata_file("RG3_UNCI.dcm"))
+    ds.Modality = modality
+    with pytest.raises(DataError, match=f"DICOM x.dcm: modality {modality} is not a radiograph"):
+        read_dicom(_bytes(ds), name="x.dcm")
+    for radiograph in ("CR", "DX", ""):  # and a header without a Modality is given the benefit
+        ds.Modality = radiograph
+        assert read_dicom(_bytes(ds), name="x.dcm").pixels.size
+
+
+@pytest.mark.parametrize("syntax", ["implicit", "explicit"])
+def test_a_file_without_the_part10_preamble_reads_as_the_same_image(syntax):
+    """Older exporters write the bare data set: no 128-byte preamble, no ``DICM``, no file meta.
+    It is DICOM all the same, and gives the same pixels as its Part 10 twin."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = pydicom.dcmread(get_testdata_file("RG3_UNCR.dcm"))
+    part10 = _bytes(ds)
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, syntax == "implicit"
+    write_dataset(out, ds)  # the data set alone: no preamble, no DICM, no file meta
+    bare = out.getvalue()
+    assert bare[:2] == b"\x08\x00" and bare[128:132] != b"DICM" and is_dicom(bare)
+    np.testing.assert_array_equal(preprocess_image(bare, image_size=128),
+                                  preprocess_image(part10, image_size=128))
+    assert not is_dicom(b"\x08\x00" + b"\xff" * 10)  # a group-0008 start alone is not enough

@@ -86,16 +86,28 @@ def test_dicom_radiographs_in_three_encodings(tmp_path, ensemble):
     for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm"):
         shutil.copy(get_testdata_file(name), folder / name)
     shutil.copy(get_testdata_file("RG3_UNCR.dcm"), folder / "RG3")  # no extension: the magic
+    ct = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    ct.Modality = "CT"  # not a radiograph: skipped with its reason, not scored
+    ct.save_as(folder / "ct.dcm", enforce_file_format=True)
+    console = _console()
     out = run_predict([str(tmp_path / "pacs")], ensemble=ensemble, out=str(tmp_path / "out"),
-                      console=_console())
+                      console=console)
+    skipped = pd.read_csv(os.path.join(out, "skipped.csv")).set_index("path")["reason"]
+    assert "modality CT is not a radiograph" in skipped[str(folder / "ct.dcm")]
     images = pd.read_parquet(os.path.join(out, "predictions.parquet")).set_index("image_path")
     p = images["prob"]
     assert p[str(folder / "RG1_UNCR.dcm")] == p[str(folder / "RG1_J2KR.dcm")]  # lossless: equal
     assert abs(p[str(folder / "RG1_UNCR.dcm")] - p[str(folder / "RG1_J2KI.dcm")]) < 0.05
     assert images.loc[str(folder / "RG3"), "body_part_hint"] == "EXTREMITY"
     assert images.loc[str(folder / "RG1_J2KR.dcm"), "view_hint"] == "PA"
-    studies = pd.read_parquet(os.path.join(out, "studies.parquet"))
-    assert list(studies["study_id"]) == ["study1"] and studies["n_images"].iloc[0] == 4
+    # RG1 and RG3 are two patients' studies (their Study Instance UIDs differ): put in one
+    # folder, they are still scored as two studies, never averaged into one answer.
+    studies = pd.read_parquet(os.path.join(out, "studies.parquet")).set_index("study_id")
+    rg1, rg3 = (pydicom.dcmread(get_testdata_file(n), stop_before_pixels=True).StudyInstanceUID
+                for n in ("RG1_UNCR.dcm", "RG3_UNCR.dcm"))
+    assert dict(studies["n_images"]) == {f"study1/{rg1}": 3, f"study1/{rg3}": 1}
+    assert studies.loc[f"study1/{rg3}", "prob"] == pytest.approx(p[str(folder / "RG3")])
+    assert "held images of more than one DICOM study" in console.file.getvalue()
 
 
 def test_a_csv_of_relative_paths(tmp_path, tiny_root, ensemble):
