@@ -125,11 +125,15 @@ def read_dicom(raw: bytes, *, name: str = "<bytes>") -> DicomImage:
 
 def dicom_hints(raw: bytes) -> dict[str, str | None]:
     """The header's hints (``body_part``, ``view``, ``laterality``) and the study it belongs to
-    (``study_uid``: Study Instance UID), from the header alone."""
+    (``study_uid``: Study Instance UID), from the header alone; none when the header cannot be
+    read (:func:`read_dicom` then says why)."""
     import pydicom
 
     bare = not (len(raw) >= 132 and raw[128:132] == b"DICM")
-    ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True, force=bare)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True, force=bare)
+    except Exception:  # noqa: BLE001 - a broken header: read_dicom names the fault, not hints
+        return {}
     return {"body_part": _hint(ds, "BodyPartExamined"), "view": _hint(ds, "ViewPosition"),
             "laterality": _hint(ds, "ImageLaterality") or _hint(ds, "Laterality"),
             "study_uid": _hint(ds, "StudyInstanceUID")}

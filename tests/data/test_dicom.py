@@ -144,3 +144,12 @@ def test_a_file_without_the_part10_preamble_reads_as_the_same_image(syntax):
     np.testing.assert_array_equal(preprocess_image(bare, image_size=128),
                                   preprocess_image(part10, image_size=128))
     assert not is_dicom(b"\x08\x00" + b"\xff" * 10)  # a group-0008 start alone is not enough
+
+
+def test_hints_of_a_broken_header_are_empty_and_the_decoder_names_the_fault():
+    from raysearch.data.dicom import dicom_hints
+
+    broken = b"\x08\x00\x05\x00CS\xff\x7f" + b"\x00" * 40  # a length past the end of the file
+    assert is_dicom(broken) and not any(dicom_hints(broken).values())  # no crash, no hints
+    with pytest.raises(DataError, match="x.dcm"):
+        read_dicom(broken, name="x.dcm")
