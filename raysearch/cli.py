@@ -17,15 +17,18 @@ from raysearch.errors import ConfigError, RaysearchError
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    console = Console(stderr=True)
+    return console if console.is_terminal else Console(stderr=True, width=160, soft_wrap=True)
 
 
 def _stdout_console():
     from rich.console import Console
 
     console = Console()
-    if not console.is_terminal:  # logs and CI: wide enough that tables do not truncate
-        console = Console(width=160)
+    if not console.is_terminal:
+        # Logs and CI: wide enough that tables do not truncate, and a long line (a path) stays
+        # one line, so that grep and the next program see it whole.
+        console = Console(width=160, soft_wrap=True)
     return console
 
 

@@ -100,3 +100,14 @@ def test_init_writes_a_starter_space_that_validates(tmp_path, monkeypatch, capsy
     assert "exists" in capsys.readouterr().err and written.read_text() == "# mine\n"
     assert main(["init", "--template", "mura", "--force"]) == 0
     assert load_search_space(str(written)).name == "mura"
+
+
+def test_a_long_line_stays_one_line_when_the_output_is_not_a_terminal(tmp_path, capsys):
+    """Piped or logged, a summary that names a long path is one line, not wrapped at the console
+    width: grep and the next program see it whole."""
+    deep = tmp_path / ("d" * 120)
+    deep.mkdir()
+    assert main(["init", str(deep / "space.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert len(out) > 250 and out.count("\n") == 1
+    assert out.strip().endswith(f"raysearch tune {deep / 'space.yaml'}")

@@ -105,6 +105,12 @@ def run_serve(
 
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+    if not verbose:
+        # serve.start puts its own INFO handler on "ray.serve" and logs through it at once; a
+        # logger filter holds for handlers added later too.
+        import logging
+
+        logging.getLogger("ray.serve").addFilter(lambda r: r.levelno >= logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
     from raysearch.logs import quiet_libraries
 

@@ -98,6 +98,8 @@ def test_model_and_health(server):
     assert [m["trial_id"] for m in model["members"]] == ["a", "b"]
     assert model["task"]["labels"] == ["abnormal"] and model["threshold"] == 0.5
     assert httpx.get(f"{server['url']}/healthz", timeout=10).json()["status"] == "ok"
+    # Serve's own INFO lines stay off the terminal (stderr here) unless -v
+    assert " INFO " not in server["log"].read_text() and "serving " in server["log"].read_text()
     r = httpx.get(f"{server['url']}/v2/predict", timeout=10)  # Serve's own errors: JSON too
     assert r.status_code == 404 and "no endpoint /v2/predict" in r.json()["error"]
 
