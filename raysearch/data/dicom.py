@@ -46,9 +46,12 @@ def is_dicom(raw: bytes) -> bool:
     """A DICOM file: Part 10 (128 bytes of preamble, then ``DICM``), or a bare data set without
     the preamble, as older exporters write, told by its first tag: group 0002 (file meta) or
     0008 (identifying), little endian (PS3.5 sec. 7)."""
-    if len(raw) >= 132 and raw[128:132] == b"DICM":
-        return True
-    return _bare_dataset(raw)
+    return _has_preamble(raw) or _bare_dataset(raw)
+
+
+def _has_preamble(raw: bytes) -> bool:
+    """Part 10: 128 bytes of preamble, then ``DICM`` (PS3.10 sec. 7.1)."""
+    return len(raw) >= 132 and raw[128:132] == b"DICM"
 
 
 def _bare_dataset(raw: bytes) -> bool:
@@ -82,7 +85,7 @@ def read_dicom(raw: bytes, *, name: str = "<bytes>") -> DicomImage:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:
         raise DataError(f"{name} is a DICOM file and pydicom is not installed: {_INSTALL}") from None
-    bare = not (len(raw) >= 132 and raw[128:132] == b"DICM")  # no preamble: pydicom needs force
+    bare = not _has_preamble(raw)  # a bare data set: pydicom reads it only with force
     try:
         header = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True, force=bare)
     except Exception as e:  # noqa: BLE001 - pydicom raises many types on a broken header
@@ -129,7 +132,7 @@ def dicom_hints(raw: bytes) -> dict[str, str | None]:
     read (:func:`read_dicom` then says why)."""
     import pydicom
 
-    bare = not (len(raw) >= 132 and raw[128:132] == b"DICM")
+    bare = not _has_preamble(raw)
     try:
         ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True, force=bare)
     except Exception:  # noqa: BLE001 - a broken header: read_dicom names the fault, not hints
