@@ -175,9 +175,21 @@ def cmd_ensemble(args) -> int:
 
     run_ensemble(
         experiment=experiment, storage=args.storage, top=args.top, method=args.method,
-        tta=args.tta, out=args.out, n_boot=args.n_boot, seed=args.seed,
+        tta=args.tta, out=args.out, n_boot=args.n_boot, seed=args.seed, oof=args.oof,
         console=_stdout_console(),
     )
+    return 0
+
+
+def cmd_refit(args) -> int:
+    from raysearch.experiment import find_experiment
+
+    experiment = find_experiment(args.experiment, storage=args.storage)  # before Ray loads
+    from raysearch.search.refit import run_refit
+
+    run_refit(experiment=experiment, storage=args.storage, top=args.top, folds=args.folds,
+              seed=args.seed, address=args.address, verbose=args.verbose,
+              console=_stdout_console())
     return 0
 
 
@@ -213,6 +225,17 @@ def cmd_weights_fetch(args) -> int:
 
     uri = fetch_weights(args.arch, to=args.to)
     _stdout_console().print(f"{args.arch}: ImageNet weights staged at {uri}")
+    return 0
+
+
+def cmd_weights_stage_demo(args) -> int:
+    from raysearch.models.registry import check_arch
+
+    check_arch(args.arch)  # before torch loads
+    from raysearch.train.pretrain import stage_demo_weights
+
+    stage_demo_weights(args.to, arch=args.arch, image_size=args.image_size, epochs=args.epochs,
+                       size=args.size, console=_stdout_console())
     return 0
 
 
@@ -255,6 +278,21 @@ def cmd_bench(args) -> int:
         bench_serve(ensemble=args.ensemble, storage=args.storage or "reports",
                     studies=args.studies, clients=args.clients, rounds=args.rounds or 4,
                     console=console)
+    elif args.what == "train" and args.finetune:
+        from raysearch.bench.step import bench_finetune
+
+        r = bench_finetune(arch=args.arch, image_size=args.image_size or 64,
+                           batch_size=args.batch_size, mode=args.finetune,
+                           last_n_blocks=args.last_n_blocks, rounds=args.rounds or 3)
+        what = r["mode"] + (f", last {r['last_n_blocks']} blocks" if r["last_n_blocks"] else "")
+        console.print(
+            f"bench train --finetune: {r['arch']} {r['image_size']}px batch {r['batch_size']} on "
+            f"{r['device']} ({os.cpu_count()} cores): full {r['full_images_per_s']:.1f} images/s "
+            f"({r['full_trainable']:,} trainable), {what} {r['mode_images_per_s']:.1f} images/s "
+            f"({r['mode_trainable']:,} trainable) (medians); {what} / full "
+            f"{r['speedup']:.2f}x (median of {r['rounds']} paired rounds, range "
+            f"{r['speedup_low']:.2f}-{r['speedup_high']:.2f})"
+        )
     elif args.what == "train":
         bench.bench_train(root=args.root, arch=args.arch, image_size=args.image_size or 64,
                           batch_size=args.batch_size, rounds=args.rounds or 3, console=console)
@@ -416,7 +454,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-boot", type=int, default=1000,
                    help="bootstrap resamples of the test studies for the confidence intervals")
     s.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    s.add_argument("--oof", action="store_true",
+                   help="select on the out-of-fold predictions of `raysearch refit` (every "
+                   "training study) instead of the val split; each member is then the mean of "
+                   "its fold models")
     s.set_defaults(func=cmd_ensemble)
+
+    s = _command(sub, "refit", help="retrain the best configurations on k patient-grouped folds "
+                 "for out-of-fold predictions", common=common,
+                 examples=("raysearch refit --top 2 --folds 3",
+                           ("raysearch refit --experiment demo --top 4 --folds 5 && "
+                            "raysearch ensemble --experiment demo --oof")))
+    s.add_argument("--experiment", help="name, folder or URL (default: the most recent)")
+    s.add_argument("--storage", default="reports", help="where experiments live")
+    s.add_argument("--top", type=int, default=2,
+                   help="configurations to refit: the N trials with the lowest best val loss")
+    s.add_argument("--folds", type=int, default=5,
+                   help="k; the folds are saved as folds.parquet and reused by later refits")
+    s.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    s.add_argument("--address", help=address)
+    s.add_argument("-v", "--verbose", action="store_true", help=verbose)
+    s.set_defaults(func=cmd_refit)
 
     s = _command(sub, "status", help="an experiment's state, trials and time spent (no Ray)",
                  common=common, examples=("raysearch status", "raysearch status demo",
@@ -493,9 +551,25 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("arch", metavar="ARCH", help=f"the architecture, one of: {archs}")
     f.add_argument("--to", required=True, help="folder or URL (gs://bucket/weights/)")
     f.set_defaults(func=cmd_weights_fetch)
+    f = ws.add_parser(
+        "stage-demo", help="stand-in pretrained weights for the CPU demo, trained here",
+        description="Train a backbone on a separate synthetic dataset (another seed than the\n"
+        "demo data's) and stage it, head removed, as a weights file that trials load offline:\n"
+        "what the demo's finetune search (head, gradual, full) starts from where ImageNet\n"
+        "weights cannot be downloaded. About a minute on 2 CPU cores.",
+        epilog=_examples("raysearch weights stage-demo",
+                         "raysearch tune demo_finetune   # searches finetune from these weights"),
+        formatter_class=_HelpFormatter, parents=[common])
+    f.add_argument("--arch", default="resnet18", help=f"the architecture, one of: {archs}")
+    f.add_argument("--to", default="demo_weights", help="folder; the file is <to>/<arch>.pt")
+    f.add_argument("--image-size", type=int, default=64, help="pixels")
+    f.add_argument("--epochs", type=int, default=4, help="training epochs on the source data")
+    f.add_argument("--size", default="small", help="source dataset size (tiny, small, medium)")
+    f.set_defaults(func=cmd_weights_stage_demo)
 
     s = _command(sub, "bench", help="measure speed, side by side in one run", common=common,
                  examples=("raysearch bench data", "raysearch bench step --arch resnet18",
+                           "raysearch bench train --finetune head --arch densenet121",
                            "raysearch bench search --seeds 0 1",
                            "raysearch bench predict --ensemble reports/demo",
                            "raysearch bench serve --studies 300 --clients 16"))
@@ -509,6 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32,
                    help="step, train, predict: images per step")
     s.add_argument("--steps", type=int, default=30, help="step: timed batches per round")
+    s.add_argument("--finetune", choices=["head", "gradual", "full"],
+                   help="train: a trial of this finetune mode against a full one, epoch steps "
+                   "side by side, no Ray (default: the Ray trial against the pure model)")
+    s.add_argument("--last-n-blocks", type=int, metavar="N",
+                   help="train --finetune full|gradual: only the last N backbone blocks train")
     s.add_argument("--rounds", type=int,
                    help="data, step, train, predict, serve: alternating rounds of the two arms "
                    "(default 5; train 3; predict, serve 4); the median of the paired ratios is "

@@ -27,6 +27,7 @@ from raysearch.storage import is_url, read_bytes
 CLASS_WEIGHTINGS = ("none", "mura", "inverse", "balanced")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("plateau", "cosine")
+FINETUNE_MODES = ("full", "head", "gradual")  # raysearch.models.finetune
 AUGMENT_KEYS = ("rotation", "hflip", "scale_min", "scale_max", "translate", "brightness", "contrast")
 
 # ----------------------------------------------------------------------------- sane maxima
@@ -75,6 +76,11 @@ class TrialConfig:
     arch: str = "densenet169"
     weights: str = "imagenet"
     dropout: float = 0.0
+    # Transfer-learning mode (raysearch.models.finetune): full | head | gradual; gradual trains the
+    # head alone for `warmup_epochs`, then the backbone too at lr * backbone_lr_mult.
+    finetune: str = "full"
+    last_n_blocks: int | None = None  # None: the whole backbone; N: only its last N blocks
+    backbone_lr_mult: float | None = None  # None: 1.0 for full, 0.1 for gradual
     image_size: int = 320
     batch_size: int = 8
     optimizer: str = "adam"
@@ -106,6 +112,7 @@ class TrialConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
+        self._check_finetune()
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}", key="dropout")
         check_range("image_size", self.image_size, 16, MAX_IMAGE_SIZE)
@@ -132,6 +139,39 @@ class TrialConfig:
         if self.weights not in ("none", "imagenet") and not is_url(self.weights):
             # Trials run in another working directory: a relative weights path must be absolute.
             object.__setattr__(self, "weights", os.path.abspath(os.path.expanduser(self.weights)))
+
+    def _check_finetune(self) -> None:
+        from raysearch.models.registry import num_blocks
+
+        check_choice("finetune", self.finetune, FINETUNE_MODES)
+        if self.finetune != "full" and self.weights == "none":
+            raise ConfigError(
+                f"finetune: {self.finetune} freezes the backbone, but weights: none leaves it "
+                "random; give pretrained weights (imagenet, a file or a URL) or use finetune: full",
+                key="finetune",
+            )
+        if self.last_n_blocks is not None:
+            if self.finetune == "head":
+                raise ConfigError("last_n_blocks does not apply to finetune: head (only the head "
+                                  "trains); use finetune: full or gradual", key="last_n_blocks")
+            check_range("last_n_blocks", self.last_n_blocks, 1, num_blocks(self.arch))
+        if self.backbone_lr_mult is not None:
+            check_range("backbone_lr_mult", self.backbone_lr_mult, 1e-6, 10.0)
+        if self.finetune == "gradual" and not 1 <= self.warmup_epochs < self.max_epochs:
+            raise ConfigError(
+                "finetune: gradual trains the head alone for warmup_epochs epochs, so "
+                "`1 <= warmup_epochs < max_epochs` must hold, but got "
+                f"warmup_epochs={self.warmup_epochs!r}, max_epochs={self.max_epochs!r}",
+                key="warmup_epochs",
+            )
+
+    @property
+    def backbone_lr_factor(self) -> float:
+        """The backbone's learning rate over ``lr``: ``backbone_lr_mult``, or by default 1.0 for
+        ``full`` and 0.1 for ``gradual`` (ULMFiT's discriminative rates, arXiv:1801.06146)."""
+        if self.backbone_lr_mult is not None:
+            return self.backbone_lr_mult
+        return 0.1 if self.finetune == "gradual" else 1.0
 
     def augment_params(self):
         """The resolved :class:`~raysearch.data.augment.AugmentParams`: the preset, then overrides."""

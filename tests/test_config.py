@@ -363,6 +363,9 @@ def test_unreadable_config_file_names_the_file_and_the_reason(
 # One bad value for every TrialConfig field (max_epochs comes from scheduler.max_epochs).
 BAD_FIELD = {
     "arch": "alexnet",
+    "finetune": "frozen",
+    "last_n_blocks": 99,
+    "backbone_lr_mult": -1.0,
     "weights": 5,
     "dropout": 1.5,
     "image_size": 100000,

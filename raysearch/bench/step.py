@@ -132,3 +132,95 @@ def bench_step(
         "ratio": ratio.value, "ratio_median": ratio.median, "ratio_low": ratio.low,
         "ratio_high": ratio.high, "flag": ratio.flag, "ratio_text": ratio.text(),
     }
+
+
+def bench_finetune(
+    *,
+    arch: str,
+    image_size: int,
+    batch_size: int,
+    mode: str = "head",
+    last_n_blocks: int | None = None,
+    steps: int = 20,
+    warmup: int = 3,
+    rounds: int = 3,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Images per second of a ``full`` trial's epoch step against a ``mode`` trial's
+    (``finetune``: head, gradual's head-only epochs, or ``last_n_blocks``), side by side.
+
+    Both arms run :func:`raysearch.train.loop.train_epoch` on the same generated uint8 batches,
+    with the model frozen as the trial worker freezes it
+    (:func:`raysearch.models.finetune.set_trainable`) and an optimiser over
+    :func:`~raysearch.models.finetune.optimizer_groups`, in ``rounds`` alternating rounds of
+    ``steps`` batches (:func:`raysearch.bench.paired.alternate`). Returns the medians
+    ``full_images_per_s`` and ``mode_images_per_s``, ``speedup`` (the median of the per-round
+    ratios mode / full, with ``speedup_low``/``speedup_high``), and the trainable parameter
+    counts of each arm. No Ray, no dataset.
+    """
+    import statistics
+
+    from raysearch.bench.paired import alternate, paired_ratio
+    from raysearch.config import TrialConfig
+    from raysearch.data.augment import DeviceAugment
+    from raysearch.data.cache import ArrayStore
+    from raysearch.data.loader import BatchLoader
+    from raysearch.inference.predictor import autocast_for, best_device
+    from raysearch.models.factory import create_model
+    from raysearch.models.finetune import backbone_trains, optimizer_groups, set_trainable
+    from raysearch.train.loop import make_optimizer, train_epoch
+
+    device = torch.device(device) if device is not None else best_device()
+    cuda = device.type == "cuda"
+    _, amp_dtype = autocast_for(device)
+    cfg = TrialConfig(arch=arch, weights="none", image_size=image_size, batch_size=batch_size,
+                      augment="mura", lr=1e-4, max_epochs=2)
+    rng = np.random.default_rng(seed)
+    n = (steps + warmup) * batch_size
+    store = ArrayStore(rng.integers(0, 256, size=(n, image_size, image_size), dtype=np.uint8))
+    labels = (rng.random((n, 1)) > 0.5).astype(np.float32)
+
+    def arm(which: str):
+        torch.manual_seed(seed)
+        model = create_model(arch).to(device)
+        if cuda:
+            model = model.to(memory_format=torch.channels_last)
+        backbone = backbone_trains(which, 1, 1)  # gradual: its head-only epochs
+        blocks = last_n_blocks if which != "head" else None
+        trainable = set_trainable(model, arch, backbone=backbone, last_n_blocks=blocks)
+        groups = optimizer_groups(model, arch, mode=which, lr=1e-4, backbone_lr_mult=1.0,
+                                  last_n_blocks=blocks)
+        common = {
+            "augment": DeviceAugment(cfg.augment_params(), device=device, seed=seed,
+                                     channels_last=cuda),
+            "optimizer": make_optimizer(cfg, groups),
+            "scaler": torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16),
+            "weight_by_row": torch.ones(n, 1), "device": device,
+        }
+        warm = BatchLoader(store, np.arange(warmup * batch_size), labels[: warmup * batch_size],
+                           batch_size=batch_size, shuffle=False, pin_memory=cuda)
+        train_epoch(model, warm, **common)
+        timed = BatchLoader(store, np.arange(warmup * batch_size, n),
+                            labels[warmup * batch_size:], batch_size=batch_size, shuffle=True,
+                            seed=seed, pin_memory=cuda)
+
+        def run(i: int) -> float:
+            timed.set_epoch(i)
+            result = train_epoch(model, timed, **common)
+            return result.images / result.seconds
+
+        return run, trainable
+
+    full, full_params = arm("full")
+    other, other_params = arm(mode)
+    pairs = alternate(full, other, rounds=rounds)
+    ratio = paired_ratio(pairs)
+    return {
+        "arch": arch, "image_size": image_size, "batch_size": batch_size, "mode": mode,
+        "last_n_blocks": last_n_blocks, "device": str(device), "rounds": rounds,
+        "full_images_per_s": statistics.median(a for a, _ in pairs),
+        "mode_images_per_s": statistics.median(b for _, b in pairs),
+        "speedup": ratio.median, "speedup_low": ratio.low, "speedup_high": ratio.high,
+        "full_trainable": full_params, "mode_trainable": other_params,
+    }

@@ -9,7 +9,7 @@ import pandas as pd
 
 from raysearch.errors import ConfigError, DataError, name_some
 
-__all__ = ["split_patients"]
+__all__ = ["patient_folds", "split_patients"]
 
 
 def split_patients(
@@ -53,3 +53,40 @@ def split_patients(
         for i, patient in enumerate(members):
             assignment[patient] = "val" if i in chosen else "train"
     return assignment
+
+
+def patient_folds(images: pd.DataFrame, *, k: int, seed: int, group: str,
+                  label_columns: tuple[str, ...] | list[str] = ("label",)) -> pd.DataFrame:
+    """Assign every patient of ``images`` to one of ``k`` folds, stratified by group x label.
+
+    ``images``: one row per image with ``patient_id``, ``group`` (e.g. ``body_part``) and the
+    task's label columns (NaN = masked). An image's stratum is its group and whether any of its
+    labels is positive; scikit-learn's ``StratifiedGroupKFold`` (shuffled, ``random_state=seed``)
+    keeps each patient's images in one fold while matching every fold's stratum shares as well as
+    the patient grouping allows (the k-fold protocol of nnU-Net, Isensee et al. 2021, with the
+    patient grouping of MURA's own split). Returns a frame ``patient_id, fold`` (fold 0..k-1),
+    one row per patient, sorted by patient. Raises ConfigError for ``k < 2`` and DataError when
+    there are fewer patients than folds.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if not isinstance(k, (int, np.integer)) or k < 2:
+        raise ConfigError(f"--folds must be an integer >= 2, got {k!r}")
+    missing = {"patient_id", group, *label_columns} - set(images.columns)
+    if missing:
+        raise DataError(f"patient_folds needs columns {name_some(sorted(missing))}")
+    df = images.sort_values(["patient_id", *(["image_path"] if "image_path" in images else [])],
+                            kind="stable").reset_index(drop=True)
+    n_patients = df["patient_id"].nunique()
+    if n_patients < k:
+        raise DataError(f"{k} folds need at least {k} patients; the training data has {n_patients}")
+    positive = (df[list(label_columns)].fillna(0).to_numpy() > 0).any(axis=1)
+    strata = df[group].astype(str) + "/" + positive.astype(int).astype(str)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    fold = np.empty(len(df), dtype=np.int64)
+    for i, (_, held) in enumerate(splitter.split(np.zeros(len(df)), strata, df["patient_id"])):
+        fold[held] = i
+    out = pd.DataFrame({"patient_id": df["patient_id"], "fold": fold}).drop_duplicates()
+    if out["patient_id"].duplicated().any():  # StratifiedGroupKFold never splits a group
+        raise AssertionError("a patient landed in two folds")
+    return out.sort_values("patient_id", kind="stable").reset_index(drop=True)

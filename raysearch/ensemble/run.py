@@ -153,13 +153,15 @@ def category_table(
     n_boot: int,
     seed: int,
     task: Task | None = None,
+    splits: tuple[str, ...] = SPLITS,
 ) -> pd.DataFrame:
-    """``category_metrics`` for every model (name -> probability column), split and label, plus
-    the image-level AUC. The same bootstrap seed for every row keeps models comparable."""
+    """``category_metrics`` for every model (name -> probability column), split (``splits``:
+    test then the selection set, val or oof) and label, plus the image-level AUC. The same
+    bootstrap seed for every row keeps models comparable."""
     task = task or Task.from_dict(None)
     by_label = "label_name" in studies.columns
     rows = []
-    for split in SPLITS:
+    for split in splits:
         for label in task.labels:
             st = studies[studies["split"] == split]
             im = images[images["split"] == split]
@@ -290,11 +292,15 @@ def run_ensemble(
     out: str | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    oof: bool = False,
     console=None,
 ) -> str:
     """``raysearch ensemble``: select members, score them on test, write the reports.
 
     ``top`` is K for ``method="top"`` and the number of greedy rounds for ``method="greedy"``.
+    ``oof``: select on the out-of-fold predictions of ``raysearch refit`` instead of the val
+    split, and score each selected configuration as the mean of its fold models
+    (:mod:`raysearch.ensemble.oof`).
     Returns the output folder URI. Warns when the experiment is unfinished (an interrupted
     search); raises :class:`ExperimentLockedError` when another run writes the experiment and the
     output would go into it.
@@ -314,6 +320,11 @@ def run_ensemble(
     # One writer per experiment: an ensemble written into it while a search runs is refused.
     lock = ExperimentLock(exp_dir, command="ensemble") if inside else contextlib.nullcontext()
     with lock:
+        if oof:
+            from raysearch.ensemble.oof import run_oof_ensemble
+
+            return run_oof_ensemble(exp_dir, out_dir, top=top, method=method, tta=tta,
+                                    n_boot=n_boot, seed=seed, console=console)
         return _run_ensemble(
             exp_dir, out_dir, top=top, method=method, tta=tta, n_boot=n_boot, seed=seed,
             console=console,
@@ -362,6 +373,7 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, console) 
         # reports above decide at the task's threshold, the baseline's protocol).
         "threshold": thresholds[task.labels[0]] if task.k == 1 else thresholds,
         "threshold_rule": "max Cohen's kappa on val studies",
+        "selection": "val", "folds": None,
         "seed": seed, "device": predictor.device.type, "weights": weights,
         "task": task.to_dict(), "n_test_studies": int(studies.loc[studies["split"] == "test",
                                                                    "study_id"].nunique()),
@@ -381,10 +393,11 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, console) 
     return out_dir
 
 
-def val_thresholds(studies: pd.DataFrame, task: Task) -> dict[str, float]:
+def val_thresholds(studies: pd.DataFrame, task: Task, *, split: str = "val") -> dict[str, float]:
     """Per label, the threshold on the ensemble's study probability that maximises Cohen's kappa
-    on the val studies (:func:`raysearch.evaluation.metrics.choose_threshold`)."""
-    val = studies[studies["split"] == "val"]
+    on the selection set's studies (``split``: val, or oof for ``ensemble --oof``)
+    (:func:`raysearch.evaluation.metrics.choose_threshold`)."""
+    val = studies[studies["split"] == split]
     out = {}
     for label in task.labels:
         sub = val[val["label_name"] == label] if "label_name" in val.columns else val
@@ -393,7 +406,7 @@ def val_thresholds(studies: pd.DataFrame, task: Task) -> dict[str, float]:
 
 
 def _print_thresholds(studies: pd.DataFrame, thresholds: dict[str, float], task: Task, *,
-                      console) -> None:
+                      console, selection: str = "val") -> None:
     """One line per label: the val-chosen threshold and test kappa at it and at the default."""
     test = studies[studies["split"] == "test"]
     for label, t in thresholds.items():
@@ -402,7 +415,7 @@ def _print_thresholds(studies: pd.DataFrame, thresholds: dict[str, float], task:
         base = M.cohen_kappa(sub["label"], M.predict(sub["prob"], threshold=task.threshold))
         console.print(
             f"decision threshold{f' for {label}' if task.k > 1 else ''}: {t:.3f} (max kappa on "
-            f"val; predict and serve use it); test kappa {at:.3f} at it, {base:.3f} at "
+            f"{selection}; predict and serve use it); test kappa {at:.3f} at it, {base:.3f} at "
             f"{task.threshold:g}"
         )
 
@@ -419,19 +432,23 @@ def _warn_unfinished(name: str, info: dict[str, Any], trials: pd.DataFrame, *, c
         )
 
 
-def _print_tables(name: str, members_df, metrics, task: Task, *, console) -> None:
+def _print_tables(name: str, members_df, metrics, task: Task, *, console, best: str | None = None,
+                  selection: str = "val") -> None:
     """The terminal report: the members, then per group the ensemble against its best single
-    member (lowest best val_loss, chosen on val), on val and on test, per label."""
+    member (lowest best val_loss, chosen on the selection set), on it and on test, per label."""
     from raysearch.report.tables import ensemble_table, members_table
 
-    best = members_df.sort_values(["best_val_loss", "trial_id"], kind="stable")["trial_id"].iloc[0]
+    if best is None:
+        best = members_df.sort_values(["best_val_loss", "trial_id"],
+                                      kind="stable")["trial_id"].iloc[0]
     console.print(members_table(members_df, title=f"{name}: ensemble members"))
     for label in task.labels:
         rows = metrics if task.k == 1 else metrics[metrics["label_name"] == label]
         suffix = "" if task.k == 1 else f", {label}"
+        what = "val" if selection == "val" else "out-of-fold, every training study"
         console.print(ensemble_table(
-            rows, best=best, split="val", group=task.group,
-            title=f"selection set (val{suffix}): optimistic, the members were chosen on it",
+            rows, best=best, split=selection, group=task.group,
+            title=f"selection set ({what}{suffix}): optimistic, the members were chosen on it",
         ))
         console.print(ensemble_table(
             rows, best=best, split="test", group=task.group,

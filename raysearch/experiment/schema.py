@@ -188,8 +188,53 @@ TRIALS = FileSchema(
     _TRIAL_RESULT + (
         Column("wall_time_s", F64, "seconds the trial ran (Tune's time_total_s)"),
         Column("error", STR, "the last line of a failed trial's error; null otherwise"),
+        Column("cv_folds", I64, "`raysearch refit`: folds the configuration was refit on; "
+               "null for a configuration not refit"),
+        Column("cv_val_loss_mean", F64, "refit: mean over folds of the out-of-fold val loss"),
+        Column("cv_val_loss_sd", F64, "refit: its standard deviation over folds (ddof 1)"),
+        Column("cv_val_study_kappa_mean", F64,
+               "refit: mean over folds of the out-of-fold study kappa"),
+        Column("cv_val_study_kappa_sd", F64, "refit: its standard deviation over folds (ddof 1)"),
     ),
     config=True,
+)
+
+FOLDS = FileSchema(
+    "folds.parquet",
+    "`raysearch refit`: the patient-grouped, stratified folds of the training patients (train "
+    "and val splits; test is never in a fold), written once and reused by every later refit.",
+    (
+        Column("patient_id", STR, "a training patient"),
+        Column("fold", I64, "its fold, 0..k-1: the refit of fold f validates on these patients"),
+    ),
+)
+
+REFITS = FileSchema(
+    "refit/refits.parquet",
+    "`raysearch refit`: one row per (configuration, fold) refit, at its final epoch.",
+    (
+        Column("trial_id", STR, "the search trial whose configuration was refit"),
+        Column("fold", I64, "the fold held out (folds.parquet)"),
+        Column("epochs", I64, "epochs trained: the trial's best epoch in the search"),
+        Column("val_loss", F64, "loss on the held-out fold (image level)"),
+        Column("val_study_kappa", F64, "study kappa on the held-out fold"),
+        Column("checkpoint", STR, "the final checkpoint, relative to the experiment folder"),
+    ),
+)
+
+OOF_PREDICTIONS = FileSchema(
+    "refit/oof_predictions.parquet",
+    "`raysearch refit`: out-of-fold probabilities, every training image exactly once per "
+    "configuration (from the refit that held its patient out).",
+    (
+        Column("trial_id", STR, "the configuration (a search trial)"),
+        Column("fold", I64, "the fold the image was held out in"),
+        Column("image_path", STR, "the image"),
+        Column("label", I64, "the target (K = 1)"),
+        Column("label_<name>", F64, "a label's target (K > 1; NaN where masked)"),
+        Column("prob", F64, "the out-of-fold probability (K = 1)"),
+        Column("prob_<name>", F64, "a label's out-of-fold probability (K > 1)"),
+    ),
 )
 
 EPOCHS = FileSchema(
@@ -239,7 +284,7 @@ _PREDICTION = (
     Column("study_id", STR, "the study"),
     Column("patient_id", STR, "its patient"),
     Column("<group>", STR, "the task's group column (MURA: body_part)"),
-    Column("split", STR, "test | val"),
+    Column("split", STR, "test | val (or oof: `ensemble --oof`, every training image)"),
     Column("label_name", STR, "the label of this row (tasks of K > 1 labels only)"),
     Column("label", I64, "the target (0/1)"),
     Column("prob", F64, "the ensemble's probability"),
@@ -264,7 +309,7 @@ CATEGORY_METRICS = FileSchema(
     "Study-level metrics per model, split and group (then ALL), with bootstrap kappa intervals.",
     (
         Column("model", STR, "ensemble, or a member's trial id"),
-        Column("split", STR, "test | val"),
+        Column("split", STR, "test | val (or oof: `ensemble --oof`, every training image)"),
         Column("label_name", STR, "the label (tasks of K > 1 labels only)"),
         Column("<group>", STR, "a group (MURA: body_part), then ALL"),
         Column("n_studies", I64, "studies in the cell"),
@@ -283,7 +328,8 @@ CATEGORY_METRICS = FileSchema(
     ),
 )
 
-FILES = (TRIALS, EPOCHS, MEMBERS, STUDY_PREDICTIONS, IMAGE_PREDICTIONS, CATEGORY_METRICS)
+FILES = (TRIALS, EPOCHS, MEMBERS, STUDY_PREDICTIONS, IMAGE_PREDICTIONS, CATEGORY_METRICS, FOLDS,
+         REFITS, OOF_PREDICTIONS)
 
 # ensemble/ensemble.json, written last by `raysearch ensemble` (its presence marks a complete
 # run): key -> (JSON type, meaning).
@@ -301,6 +347,10 @@ ENSEMBLE_JSON = {
     "threshold": ("number or object", "the decision threshold that predict and serve use, "
                   + "chosen on val studies (one label: a number; several: label -> number)"),
     "threshold_rule": ("string", "how it was chosen: max Cohen's kappa on val studies"),
+    "selection": ("string", ("val: members chosen on the val split; oof: on the out-of-fold "
+                             "predictions of `raysearch refit` (`ensemble --oof`), each member "
+                             "then the mean of its fold models")),
+    "folds": ("integer", "--oof: the folds of each member (null otherwise)"),
 }
 
 

@@ -113,10 +113,13 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor]) -> int
 
     Only the BatchNorm layers run in train mode, so dropout and stochastic depth stay off. Under
     ``torch.distributed`` every rank passes its own batches and the statistics are averaged
-    across ranks. Returns the number of batches seen; with no BatchNorm, or no batches, the
-    model is left as it was. The model's train/eval modes are restored.
+    across ranks. BatchNorm layers whose parameters are frozen (``finetune``) are left alone.
+    Returns the number of batches seen; with no trainable BatchNorm, or no batches, the model is
+    left as it was. The model's train/eval modes are restored.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    # A frozen BatchNorm (finetune: head, or outside last_n_blocks) keeps its statistics.
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and any(p.requires_grad for p in m.parameters(recurse=False))]
     if not bns:
         return 0
     saved = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in bns]

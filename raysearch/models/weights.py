@@ -276,6 +276,9 @@ def resolve_weights_file(source: str, *, arch: str, cache_dir: str | None) -> st
         return _cached_url(source, cache_dir=cache_dir)
     path = os.path.abspath(os.path.expanduser(source.removeprefix("file://")))
     if not os.path.isfile(path):
+        if os.path.basename(os.path.dirname(path)) == "demo_weights":
+            raise WeightsError(f"weights file not found: {source}; stage the demo's stand-in "
+                               f"weights first: raysearch weights stage-demo --arch {arch}")
         raise WeightsError(
             f"weights file not found: {source} (weights must be 'none', 'imagenet', "
             "a file path or a URL)"

@@ -221,6 +221,17 @@ def parse_search_space(
     if "max_epochs" in trial:
         raise ConfigError("trial.max_epochs is set by scheduler.max_epochs; remove it from `trial`")
     space = _parse_space(mapping(raw["space"], "space"), trial_keys)
+    # Weights files are read inside trials, whose working directory Ray changes: a relative path
+    # is taken from where `raysearch tune` runs (as data.root is), wherever it is written.
+    if isinstance(trial.get("weights"), str):
+        trial["weights"] = weights_path(trial["weights"])
+    space = tuple(dataclasses.replace(p, values=tuple(
+        weights_path(v) if isinstance(v, str) else v for v in p.values))
+        if p.name == "weights" else p for p in space)
+    search["points_to_evaluate"] = tuple(
+        {**point, "weights": weights_path(point["weights"])}
+        if isinstance(point.get("weights"), str) else point
+        for point in search["points_to_evaluate"])
     spec = SearchSpace(
         name=typed("name", name if name is not None else raw.get("name", "search"), str),
         data=data_cfg,
@@ -234,6 +245,14 @@ def parse_search_space(
     check_name(spec.name, what="name")
     _check_space_consistency(spec)
     return spec
+
+
+def weights_path(value: str) -> str:
+    """A ``weights`` setting with a relative file path made absolute (``none``, ``imagenet``
+    and URLs as given)."""
+    if value in ("none", "imagenet"):
+        return value
+    return norm_path(value)
 
 
 def _parse_space(raw: dict[str, Any], trial_keys: set[str]) -> tuple[Param, ...]:

@@ -73,8 +73,11 @@ def targets(frame: pd.DataFrame, task: Task) -> np.ndarray:
 # ----------------------------------------------------------------------------- optimisation
 
 
-def make_optimizer(cfg: TrialConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """Adam or AdamW (``cfg.optimizer``) at ``cfg.lr`` with ``cfg.weight_decay``."""
+def make_optimizer(cfg: TrialConfig, params: Iterable[torch.nn.Parameter] | Iterable[dict]
+                   ) -> torch.optim.Optimizer:
+    """Adam or AdamW (``cfg.optimizer``) at ``cfg.lr`` with ``cfg.weight_decay``, over
+    ``params`` or parameter groups with their own ``lr``
+    (:func:`raysearch.models.finetune.optimizer_groups`)."""
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -143,7 +146,10 @@ def train_epoch(
     stepped after every optimiser step (the per-step cosine schedule); ``nan_loss`` makes the loss
     NaN (fault injection, to test that a failing trial fails cleanly).
     """
+    from raysearch.models.finetune import freeze_batchnorm
+
     model.train()
+    freeze_batchnorm(model)  # a frozen backbone's BatchNorm keeps its pretrained statistics
     autocast, _ = autocast_for(device)
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=device)

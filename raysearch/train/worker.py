@@ -128,6 +128,7 @@ def train_loop_per_worker(config: LoopConfig, session=None) -> None:
     from raysearch.data.loader import BatchLoader
     from raysearch.inference.predictor import autocast_for
     from raysearch.models.factory import create_model, recompute_bn_stats
+    from raysearch.models.finetune import backbone_trains, optimizer_groups, set_trainable
     from raysearch.models.weights import load_checkpoint_weights
     from raysearch.train.losses import label_weights
 
@@ -163,12 +164,20 @@ def train_loop_per_worker(config: LoopConfig, session=None) -> None:
     model = create_model(cfg.arch, weights=cfg.weights, dropout=cfg.dropout, num_labels=task.k)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
+    # What trains (finetune: full | head | gradual): frozen before DDP wraps the model, so that
+    # DDP neither allocates gradient buckets for nor all-reduces the frozen backbone.
+    backbone_on = backbone_trains(cfg.finetune, 1, cfg.warmup_epochs)  # a resume past a
+    # gradual trial's head-only epochs unfreezes at its first epoch below
+    set_trainable(model, cfg.arch, backbone=backbone_on, last_n_blocks=cfg.last_n_blocks)
     model = session.prepare_model(model)
     raw_model = model.module if hasattr(model, "module") else model
     augment = DeviceAugment(
         cfg.augment_params(), device=device, seed=cfg.seed * 1000 + rank, channels_last=cuda
     )
-    optimizer = make_optimizer(cfg, model.parameters())
+    optimizer = make_optimizer(cfg, optimizer_groups(
+        raw_model, cfg.arch, mode=cfg.finetune, lr=cfg.lr, backbone_lr_mult=cfg.backbone_lr_factor,
+        last_n_blocks=cfg.last_n_blocks,
+    ))
     scheduler = make_lr_schedule(cfg, optimizer, len(loader))
     autocast, amp_dtype = autocast_for(device)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
@@ -198,6 +207,13 @@ def train_loop_per_worker(config: LoopConfig, session=None) -> None:
         return
 
     for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
+        # --- unfreeze the backbone when a gradual trial's head-only epochs are over
+        if backbone_trains(cfg.finetune, epoch, cfg.warmup_epochs) and not backbone_on:
+            backbone_on = True
+            set_trainable(raw_model, cfg.arch, backbone=True, last_n_blocks=cfg.last_n_blocks)
+            if world > 1:  # DDP registers its parameters when it wraps: wrap again with them all
+                model = session.prepare_model(raw_model)
+
         # --- train one epoch
         loader.set_epoch(epoch)
         result = train_epoch(
