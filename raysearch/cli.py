@@ -176,7 +176,8 @@ def cmd_ensemble(args) -> int:
     run_ensemble(
         experiment=experiment, storage=args.storage, top=args.top, method=args.method,
         tta=args.tta, out=args.out, n_boot=args.n_boot, seed=args.seed,
-        console=_stdout_console(),
+        target_sensitivity=args.target_sensitivity, worklist_rule=args.worklist_rule,
+        test_data=args.test_data, test_format=args.format, console=_stdout_console(),
     )
     return 0
 
@@ -405,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = _command(sub, "ensemble", help="select members, score on test, write reports",
                  common=common, examples=("raysearch ensemble --top 4",
                                           ("raysearch ensemble --experiment demo --method "
-                                           "greedy --top 8 --tta")))
+                                           "greedy --top 8 --tta"),
+                                          ("raysearch ensemble --experiment chexpert "
+                                           "--test-data data/nih --format nih")))
     s.add_argument("--experiment", help="name, folder or URL (default: the most recent)")
     s.add_argument("--storage", default="reports", help="where experiments live")
     s.add_argument("--top", type=int, default=4, help="K members (top-k) / max rounds (greedy)")
@@ -416,6 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-boot", type=int, default=1000,
                    help="bootstrap resamples of the test studies for the confidence intervals")
     s.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    s.add_argument("--target-sensitivity", type=float, default=0.9,
+                   help="per label, the threshold chosen on val reaches this sensitivity "
+                        "(threshold_metrics.parquet)")
+    s.add_argument("--worklist-rule", choices=["max", "noisy_or"], default="max",
+                   help="P(any finding) of the triage worklist when the task has no "
+                        "any_finding label: the max over findings, or 1 - prod(1 - p)")
+    s.add_argument("--test-data", metavar="ROOT",
+                   help="cross-dataset test: also score the ensemble on this other dataset, "
+                        "through the label mapping (e.g. CheXpert -> NIH)")
+    s.add_argument("--format", help="data.format of --test-data (e.g. nih; default: detected)")
     s.set_defaults(func=cmd_ensemble)
 
     s = _command(sub, "status", help="an experiment's state, trials and time spent (no Ray)",

@@ -43,6 +43,9 @@ everything has been computed, so a failure leaves no partial file behind)::
     worklist.parquet           the test studies by P(any finding) (raysearch.evaluation.triage)
     triage.parquet             abnormal studies found in the first 10/20/50% of that list
                                against a random order, with intervals
+    cross_dataset.parquet      with ``test_data``: per label, the ensemble's AUC and AP on its
+                               own test split and on the other dataset, side by side, through
+                               the label mapping (raysearch.evaluation.crossdataset)
     ensemble.json              the settings of the run and the member weights (written last)
 
 Every column's type, and ensemble.json's keys, are in :mod:`raysearch.experiment.schema`
@@ -77,6 +80,7 @@ from raysearch.ensemble.selection import (
     usable_trials,
 )
 from raysearch.errors import CheckpointError, ConfigError
+from raysearch.evaluation import crossdataset as X
 from raysearch.evaluation import labels as L
 from raysearch.evaluation import metrics as M
 from raysearch.evaluation import triage as T
@@ -261,6 +265,74 @@ def triage_frames(
     return work, T.triage_table(work, n_boot=n_boot, seed=seed), used
 
 
+def read_other_dataset(root: str, fmt: str | None, *, console=None) -> tuple[pd.DataFrame, Task]:
+    """The other dataset of the cross-dataset test, read by its reader
+    (:func:`raysearch.data.prepare.read_dataset`, ``data.format`` = ``fmt``)."""
+    from raysearch.config import DataConfig
+    from raysearch.data.prepare import read_dataset
+
+    try:
+        data = DataConfig(root=root, **({"format": fmt} if fmt else {}))
+    except TypeError as e:  # a DataConfig without `format`: a build without the other readers
+        raise ConfigError(f"--format {fmt}: this build reads only MURA (no data.format)") from e
+    return read_dataset(data, console=console)
+
+
+def _format_of(info: dict[str, Any], task: Task) -> str:
+    """The experiment's dataset format: data.format as saved, else the task's name."""
+    fmt = (info.get("data") or {}).get("format")
+    return str(fmt if fmt and fmt != "auto" else task.name).lower()
+
+
+def cross_dataset(
+    predictor, *, home_task: Task, home_format: str, home_metrics: pd.DataFrame,
+    other_manifest: pd.DataFrame, other_task: Task, other_format: str, cache_dir: str,
+    tta: bool, n_boot: int, seed: int, console=None,
+) -> tuple[pd.DataFrame, X.LabelMapping]:
+    """The ensemble of ``predictor`` scored on another dataset: every image of
+    ``other_manifest`` (none was seen in training, early stopping or selection), its
+    probabilities mapped to the other task's labels (:func:`raysearch.evaluation.crossdataset.
+    map_labels`: the explicit mapping between the two formats, else equal names), studies
+    aggregated by the other task's rule, AUC and AP per shared label with patient-bootstrap
+    intervals, side by side with ``home_metrics`` (label_metrics.parquet rows of the
+    ensemble on test). Returns the table and the mapping."""
+    mapping = X.map_labels(home_task.labels, other_task.labels,
+                           X.mapping_for(home_format, other_format))
+    # A reader's notes in .attrs (MURA: skipped files, as DataFrames) would make pandas compare
+    # them on every concat (and fail: a DataFrame has no truth value); the scores need none.
+    other_manifest = other_manifest.copy()
+    other_manifest.attrs = {}
+    if console is not None:
+        console.print(
+            f"cross-dataset test on {other_format} ({len(other_manifest)} images): "
+            f"{len(mapping.shared)} shared label(s)"
+            + (f"; not shared: {', '.join([*mapping.home_only, *mapping.other_only])}"
+               if mapping.home_only or mapping.other_only else "")
+        )
+    if not mapping.shared:
+        other_rank = pd.DataFrame(columns=["label_name", other_task.group, *L.RANKING_COLUMNS])
+    else:
+        images, probs = predict_split(predictor, other_manifest.assign(split="external"),
+                                      other_task, split="external", cache_dir=cache_dir, tta=tta,
+                                      console=console)
+        ens = sum(predictor.weights[t] * np.asarray(p, np.float64).reshape(len(images),
+                                                                           home_task.k)
+                  for t, p in probs.items())
+        stacked = X.stack_mapped(images, ens, home_labels=home_task.labels,
+                                 other_columns=dict(zip(other_task.labels,
+                                                        other_task.label_columns)),
+                                 mapping=mapping)
+        studies = M.aggregate_studies(stacked, prob_cols=["prob"], group=other_task.group,
+                                      rule=other_task.aggregation, keys=["label_name"])
+        other_rank = L.ranking_metrics(studies, group=other_task.group,
+                                       groups=other_task.groups, n_boot=n_boot, seed=seed)
+    home = home_metrics[(home_metrics["model"] == "ensemble") & (home_metrics["split"] == "test")]
+    table = X.side_by_side(home, other_rank, mapping, home_group=home_task.group,
+                           other_group=other_task.group)
+    table.insert(0, "other_format", other_format)
+    return table, mapping
+
+
 def members_frame(
     members: list[Member],
     weights: dict[str, float],
@@ -343,6 +415,8 @@ def run_ensemble(
     seed: int = 0,
     target_sensitivity: float = L.TARGET_SENSITIVITY,
     worklist_rule: str = "max",
+    test_data: str | None = None,
+    test_format: str | None = None,
     console=None,
 ) -> str:
     """``raysearch ensemble``: select members, score them on test, write the reports.
@@ -351,6 +425,8 @@ def run_ensemble(
     ``target_sensitivity``: the sensitivity each label's val-chosen threshold must reach on val
     (threshold_metrics.parquet); ``worklist_rule``: ``max`` or ``noisy_or``, how P(any finding)
     is derived when the task has no ``any_finding`` label (:mod:`raysearch.evaluation.triage`).
+    ``test_data`` (with ``test_format``, its ``data.format``): another dataset to score the
+    ensemble on, through the label mapping (:func:`cross_dataset`).
     Returns the output folder URI. Warns when the experiment is unfinished (an interrupted
     search); raises :class:`ExperimentLockedError` when another run writes the experiment and the
     output would go into it.
@@ -377,16 +453,19 @@ def run_ensemble(
     with lock:
         return _run_ensemble(
             exp_dir, out_dir, top=top, method=method, tta=tta, n_boot=n_boot, seed=seed,
-            target_sensitivity=target_sensitivity, worklist_rule=worklist_rule, console=console,
+            target_sensitivity=target_sensitivity, worklist_rule=worklist_rule,
+            test_data=test_data, test_format=test_format, console=console,
         )
 
 
 def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, target_sensitivity,
-                  worklist_rule, console) -> str:
+                  worklist_rule, test_data, test_format, console) -> str:
     from raysearch.inference.predictor import Predictor
 
     info, trials, manifest, task = _read_experiment(exp_dir)
     name = info.get("name") or exp_dir.rstrip("/").rsplit("/", 1)[-1]
+    # The other dataset is read first: a bad root or format fails before any inference.
+    other = read_other_dataset(test_data, test_format, console=console) if test_data else None
     _warn_unfinished(name, info, trials, console=console)
 
     # --- select members on the saved val predictions
@@ -427,6 +506,15 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, target_se
     )
     work, triage, used_rule = triage_frames(studies, task, rule=worklist_rule, n_boot=n_boot,
                                             seed=seed)
+    cross, other_format = None, None
+    if other is not None:
+        other_format = str(test_format or other[1].name).lower()
+        cross, _ = cross_dataset(
+            predictor, home_task=task, home_format=_format_of(info, task), home_metrics=label_df,
+            other_manifest=other[0], other_task=other[1], other_format=other_format,
+            cache_dir=_cache_dir(exp_dir, info), tta=tta, n_boot=n_boot, seed=seed,
+            console=console,
+        )
     summary = {
         "experiment": exp_dir, "method": method, "top": top, "tta": tta, "n_boot": n_boot,
         # The decision threshold for predict and serve, per label, chosen on val studies (the
@@ -435,6 +523,7 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, target_se
         "threshold_rule": "max Cohen's kappa on val studies",
         "seed": seed, "device": predictor.device.type, "weights": weights,
         "target_sensitivity": target_sensitivity, "worklist_rule": used_rule,
+        "test_data": test_data, "test_format": other_format,
         "task": task.to_dict(), "n_test_studies": int(studies.loc[studies["split"] == "test",
                                                                    "study_id"].nunique()),
     }
@@ -450,6 +539,8 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, target_se
                   group=g)
     write_parquet(work, join(out_dir, "worklist.parquet"), S.WORKLIST, group=g)
     write_parquet(triage, join(out_dir, "triage.parquet"), S.TRIAGE)
+    if cross is not None:
+        write_parquet(cross, join(out_dir, "cross_dataset.parquet"), S.CROSS_DATASET)
     # MURA's worklist.csv keeps its columns; with several labels it is worklist.parquet's list.
     work_csv = worklist(studies, task) if task.k == 1 else work
     atomic_write_text(join(out_dir, "worklist.csv"), work_csv.to_csv(index=False))
@@ -458,6 +549,12 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, target_se
     _print_thresholds(studies, thresholds, task, console=console)
     _print_label_tables(label_df, threshold_df, triage, task, best=best, rule=used_rule,
                         target=target_sensitivity, console=console)
+    if cross is not None:
+        from raysearch.report.tables import cross_dataset_table
+
+        console.print(cross_dataset_table(
+            cross, title=f"cross-dataset test: {name} on its test split and on {test_data} "
+                         f"({other_format})"))
     console.print(f"results: {out_dir}")
     return out_dir
 

@@ -375,8 +375,28 @@ TRIAGE = FileSchema(
     ),
 )
 
+_SIDE = (("n_studies", I64, "studies with the label known"), ("n_positive", I64, "positives"),
+         ("auc", F64, "ROC AUC"), ("auc_low", F64, f"its {_CI}, low end"),
+         ("auc_high", F64, "its high end"), ("ap", F64, "average precision"),
+         ("ap_low", F64, f"its {_CI}, low end"), ("ap_high", F64, "its high end"))
+
+CROSS_DATASET = FileSchema(
+    "ensemble/cross_dataset.parquet",
+    "`raysearch ensemble --test-data ROOT`: per label, the ensemble on its own test split (home) "
+    "and on every image of another dataset (other), through the label mapping "
+    "(raysearch.evaluation.crossdataset).",
+    (
+        Column("other_format", STR, "the other dataset's format (e.g. nih)"),
+        Column("label_name", STR, "the home label (null for a label only the other has)"),
+        Column("other_label_name", STR, "its partner in the other dataset (null if none)"),
+        Column("status", STR, "shared | home only | other only"),
+        *(Column(f"home_{n}", t, f"home test: {d}") for n, t, d in _SIDE),
+        *(Column(f"other_{n}", t, f"other dataset: {d}") for n, t, d in _SIDE),
+    ),
+)
+
 FILES = (TRIALS, EPOCHS, MEMBERS, STUDY_PREDICTIONS, IMAGE_PREDICTIONS, CATEGORY_METRICS,
-         LABEL_METRICS, THRESHOLD_METRICS, WORKLIST, TRIAGE)
+         LABEL_METRICS, THRESHOLD_METRICS, WORKLIST, TRIAGE, CROSS_DATASET)
 
 # ensemble/ensemble.json, written last by `raysearch ensemble` (its presence marks a complete
 # run): key -> (JSON type, meaning).
@@ -398,6 +418,8 @@ ENSEMBLE_JSON = {
                            + "threshold_metrics.parquet reach on val"),
     "worklist_rule": ("string", "how worklist.parquet's p_any is computed: any_finding (the "
                       + "task's label), max or noisy_or over the finding labels"),
+    "test_data": ("string or null", "--test-data: the other dataset of the cross-dataset test"),
+    "test_format": ("string or null", "its format (--format)"),
 }
 
 

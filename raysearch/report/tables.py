@@ -295,3 +295,27 @@ def triage_table(triage: pd.DataFrame, *, title: str | None = None) -> Table:
             fmt(r["random_captured"]), ci_cell(r["lift"], r["lift_low"], r["lift_high"]),
         )
     return table
+
+
+def cross_dataset_table(cross: pd.DataFrame, *, title: str | None = None) -> Table:
+    """cross_dataset.parquet: per label, AUC and AP (95% intervals) on the home test split and
+    on the other dataset, side by side; unshared labels say so."""
+    table = Table(title=title, title_justify="left")
+    for name in ("label", "other label", "status"):
+        table.add_column(name)
+    for side in ("home", "other"):
+        table.add_column(f"{side} n", justify="right")
+        table.add_column(f"{side} AUC [95% CI]", justify="right", min_width=18)
+        table.add_column(f"{side} AP [95% CI]", justify="right", min_width=18)
+    for r in cross.to_dict("records"):
+        cells = []
+        for side in ("home", "other"):
+            n = r[f"{side}_n_studies"]
+            cells += ([str(int(n)),
+                       ci_cell(r[f"{side}_auc"], r[f"{side}_auc_low"], r[f"{side}_auc_high"]),
+                       ci_cell(r[f"{side}_ap"], r[f"{side}_ap_low"], r[f"{side}_ap_high"])]
+                      if n else ["-", "-", "-"])
+        table.add_row(fmt(r["label_name"]) if isinstance(r["label_name"], str) else "-",
+                      r["other_label_name"] if isinstance(r["other_label_name"], str) else "-",
+                      r["status"], *cells)
+    return table

@@ -186,3 +186,95 @@ def test_terminal_report_has_the_label_threshold_and_triage_tables(chest_run):
     assert "per label" in text and "Pleural Effusion" in text
     assert "F1@0.4" in text and "sens 0.8 on val" in text
     assert "abnormal studies found vs a random order" in text
+
+
+# ----------------------------------------------------------------------------- cross-dataset
+
+
+def nih_manifest(chest: pd.DataFrame, seed: int = 1) -> tuple[pd.DataFrame, Task]:
+    """The chest run's test images as a hand-made NIH-like dataset: NIH label names (Effusion,
+    not Pleural Effusion), one study per image, a label of its own (Hernia)."""
+    rng = np.random.default_rng(seed)
+    task = Task(name="nih", labels=("Atelectasis", "Cardiomegaly", "Effusion", "Hernia"),
+                group="view", groups=("PA", "AP"), aggregation="mean")
+    test = chest[chest["split"] == "test"]
+    out = test[["image_path", "patient_id"]].copy()
+    out["study_id"] = out["image_path"]
+    out["view"] = np.where(rng.random(len(out)) < 0.5, "PA", "AP")
+    out["split"] = "test"
+    for col in task.label_columns:
+        out[col] = (rng.random(len(out)) < 0.4).astype(float)
+    return out.reset_index(drop=True), task
+
+
+def test_the_ensemble_is_scored_on_another_dataset_through_the_mapping(chest_run):
+    from sklearn.metrics import roc_auc_score
+
+    from raysearch.ensemble.run import cross_dataset
+    from raysearch.inference.predictor import Predictor
+
+    other, nih = nih_manifest(chest_run["manifest"])
+    home = _read(chest_run, "label_metrics.parquet")
+    with open(join(chest_run["out"], "ensemble.json")) as f:
+        cache_dir = json.load(f)["experiment"]  # any writable folder does for the cache
+    table, mapping = cross_dataset(
+        Predictor.from_dir(chest_run["out"], device="cpu"), home_task=TASK,
+        home_format="chexpert", home_metrics=home, other_manifest=other, other_task=nih,
+        other_format="nih", cache_dir=join(cache_dir, "cache"), tta=False, n_boot=50, seed=0,
+    )
+    assert mapping.shared == (("Cardiomegaly", "Cardiomegaly"), ("Pleural Effusion", "Effusion"))
+    assert table["status"].tolist() == ["shared"] * 2 + ["home only"] * 2 + ["other only"] * 2
+    assert [None if pd.isna(v) else v for v in table["other_label_name"]] == [
+        "Cardiomegaly", "Effusion", None, None, "Atelectasis", "Hernia"]
+    # the other side is the ensemble's image probability of the home label against NIH's target
+    images = _read(chest_run, "image_predictions.parquet")
+    images = images[(images["split"] == "test") & (images["label_name"] == "Pleural Effusion")]
+    prob = images.drop_duplicates("image_path").set_index("image_path")["prob"]
+    row = table[table["label_name"] == "Pleural Effusion"].iloc[0]
+    assert row["other_n_studies"] == len(other)
+    y = other["label_effusion"].astype(int)
+    p = prob.reindex(other["image_path"]).to_numpy()
+    assert row["other_auc"] == pytest.approx(roc_auc_score(y, p))
+    home_all = home[(home["model"] == "ensemble") & (home["split"] == "test")
+                    & (home["view"] == M.ALL) & (home["label_name"] == "Pleural Effusion")]
+    assert row["home_auc"] == pytest.approx(home_all["auc"].iloc[0], nan_ok=True)
+
+
+def test_cli_ensemble_with_test_data_writes_the_side_by_side_table(tmp_path, tiny_root, capsys):
+    """`raysearch ensemble --test-data ROOT` end to end on a one-label experiment, the other
+    dataset read by read_dataset (the tiny MURA data again: one label shared by name)."""
+    from raysearch.cli import main
+    from raysearch.data.mura import read_mura
+    from raysearch.models.factory import create_model
+
+    manifest = read_mura(tiny_root, val_fraction=0.3, seed=0)
+    storage, exp = str(tmp_path / "reports"), str(tmp_path / "reports" / "mura1")
+    val = manifest[manifest["split"] == "val"]
+    cfg = TrialConfig(arch="mobilenet_v3_small", weights="none", image_size=32, batch_size=16)
+    atomic_write_parquet(manifest, join(exp, "manifest.parquet"))
+    ckpt = join(exp, "train-t1", "checkpoint_000001")
+    preds = val[["image_path", "study_id", "patient_id", "body_part", "label"]].assign(
+        prob=np.where(val["label"] == 1, 0.7, 0.3))
+    atomic_write_parquet(preds, join(ckpt, "val_predictions.parquet"))
+    buf = io.BytesIO()
+    torch.save(create_model("mobilenet_v3_small", weights="none").state_dict(), buf)
+    atomic_write_bytes(join(ckpt, "model.pt"), buf.getvalue())
+    atomic_write_text(join(ckpt, "trial.json"), json.dumps(cfg.to_dict()))
+    atomic_write_parquet(pd.DataFrame([{"trial_id": "t1", "status": "completed", "epochs": 1,
+                                        "best_val_loss": 0.5, "best_epoch": 1,
+                                        "best_checkpoint": ckpt, **cfg.to_dict()}]),
+                         join(exp, "trials.parquet"))
+    atomic_write_text(join(exp, "experiment.json"), json.dumps(
+        {"name": "mura1", "storage": storage, "experiment_dir": exp, "data": {},
+         "cache_dir": str(tmp_path / "cache")}))
+    rc = main(["ensemble", "--experiment", exp, "--storage", storage, "--top", "1",
+               "--n-boot", "30", "--test-data", tiny_root])
+    assert rc == 0, capsys.readouterr().err
+    cross = pd.read_parquet(join(exp, "ensemble", "cross_dataset.parquet"))
+    assert cross["status"].tolist() == ["shared"] and cross["label_name"].tolist() == ["abnormal"]
+    assert cross["other_n_studies"].iloc[0] == manifest["study_id"].nunique()
+    with open(join(exp, "ensemble", "ensemble.json")) as f:
+        summary = json.load(f)
+    assert summary["test_data"] == tiny_root and summary["test_format"] == "mura"
+    assert "cross-dataset test" in capsys.readouterr().out
+    assert_matches_schema(join(exp, "ensemble"))
