@@ -99,12 +99,37 @@ def _bins(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, starts
 
 
-def _bin_sums(W: np.ndarray, y: np.ndarray, order: np.ndarray, starts: np.ndarray):
-    """Positive and negative weight per score bin: two ``[B, n_bins]`` arrays, ascending."""
-    Wo, yo = W[:, order], y[order].astype(np.float64)
+def _bin_sums(Wo: np.ndarray, yo: np.ndarray, starts: np.ndarray):
+    """Positive and negative weight per score bin: two ``[B, n_bins]`` arrays, ascending.
+    ``Wo`` and ``yo`` are already in score order."""
+    total = np.add.reduceat(Wo, starts, axis=1)
     pos = np.add.reduceat(Wo * yo, starts, axis=1)
-    neg = np.add.reduceat(Wo * (1.0 - yo), starts, axis=1)
-    return pos, neg
+    return pos, total - pos
+
+
+def _auc_from_bins(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    neg_below = np.cumsum(neg, axis=1) - neg
+    num = np.sum(pos * (neg_below + 0.5 * neg), axis=1)
+    den = pos.sum(1) * neg.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+def _ap_from_bins(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    pos, neg = pos[:, ::-1], neg[:, ::-1]  # highest score first
+    tps, fps = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(tps + fps > 0, tps / (tps + fps), 0.0)
+        n_pos = tps[:, -1]
+        return np.where(n_pos > 0, np.sum(pos * precision, axis=1) / n_pos, np.nan)
+
+
+def _weighted(y: object, scores: object, W: object) -> tuple[np.ndarray, np.ndarray] | None:
+    y, s, W = np.asarray(y), np.asarray(scores, np.float64), np.atleast_2d(np.asarray(W, float))
+    if y.size == 0:
+        return None
+    order, starts = _bins(s)
+    return _bin_sums(W[:, order], y[order].astype(np.float64), starts)
 
 
 def weighted_auc(y: object, scores: object, W: object) -> np.ndarray:
@@ -113,15 +138,8 @@ def weighted_auc(y: object, scores: object, W: object) -> np.ndarray:
     Mann-Whitney statistic, ties between a positive and a negative counting one half, as
     ``sklearn.metrics.roc_auc_score(y, scores, sample_weight=w)``. Shape ``[B]``; nan for a
     row without positive or without negative weight."""
-    y, s, W = np.asarray(y), np.asarray(scores, np.float64), np.atleast_2d(np.asarray(W, float))
-    if y.size == 0:
-        return np.full(len(W), np.nan)
-    pos, neg = _bin_sums(W, y, *_bins(s))
-    neg_below = np.cumsum(neg, axis=1) - neg
-    num = np.sum(pos * (neg_below + 0.5 * neg), axis=1)
-    den = pos.sum(1) * neg.sum(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, num / den, np.nan)
+    bins = _weighted(y, scores, W)
+    return np.full(len(np.atleast_2d(W)), np.nan) if bins is None else _auc_from_bins(*bins)
 
 
 def weighted_ap(y: object, scores: object, W: object) -> np.ndarray:
@@ -129,16 +147,8 @@ def weighted_ap(y: object, scores: object, W: object) -> np.ndarray:
     AP = sum_k (R_k - R_{k-1}) P_k over the distinct scores from highest to lowest, as
     ``sklearn.metrics.average_precision_score(y, scores, sample_weight=w)`` (no interpolation).
     Shape ``[B]``; nan for a row without positive weight."""
-    y, s, W = np.asarray(y), np.asarray(scores, np.float64), np.atleast_2d(np.asarray(W, float))
-    if y.size == 0:
-        return np.full(len(W), np.nan)
-    pos, neg = _bin_sums(W, y, *_bins(s))
-    pos, neg = pos[:, ::-1], neg[:, ::-1]  # highest score first
-    tps, fps = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(tps + fps > 0, tps / (tps + fps), 0.0)
-        n_pos = tps[:, -1]
-        return np.where(n_pos > 0, np.sum(pos * precision, axis=1) / n_pos, np.nan)
+    bins = _weighted(y, scores, W)
+    return np.full(len(np.atleast_2d(W)), np.nan) if bins is None else _ap_from_bins(*bins)
 
 
 def _prf_from_counts(tp, fp, fn):
@@ -181,12 +191,15 @@ def _cell(
     if n_pat:
         per_patient = np.zeros((n_pat, 3 * T))
         np.add.at(per_patient, codes, per_study)
+        order, starts = _bins(p)
+        codes_sorted, y_sorted = codes[order], y[order].astype(np.float64)
         for start, times in patient_resamples(n_pat, n_boot=n_boot, seed=seed,
                                               cells_per_draw=len(y)):
             sl = slice(start, start + len(times))
-            W = times[:, codes].astype(np.float64)  # study weights [b, N]
-            boot["auc"][sl] = weighted_auc(y, p, W)
-            boot["ap"][sl] = weighted_ap(y, p, W)
+            # study weights [b, N], in score order: how often each study's patient was drawn
+            bins = _bin_sums(times[:, codes_sorted].astype(np.float64), y_sorted, starts)
+            boot["auc"][sl] = _auc_from_bins(*bins)
+            boot["ap"][sl] = _ap_from_bins(*bins)
             counts = (times.astype(np.float64) @ per_patient).reshape(len(times), 3, T)
             boot_prf[sl] = np.stack(_prf_from_counts(*counts.transpose(1, 0, 2)), axis=1)
     ranking = {
