@@ -4,6 +4,7 @@ demo images, with real K-logit checkpoints scored on test by the predictor. No R
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 
@@ -11,11 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from rich.console import Console
 
+from raysearch.cli import main
 from raysearch.config import TrialConfig
 from raysearch.data.dataset import Task
-from raysearch.ensemble.run import run_ensemble
 from raysearch.evaluation import labels as L
 from raysearch.evaluation import metrics as M
 from raysearch.evaluation import triage as T
@@ -89,10 +89,16 @@ def chest_run(tmp_path_factory, tiny_root):
     storage = str(tmp_path_factory.mktemp("chest_reports"))
     cache_dir = str(tmp_path_factory.mktemp("chest_cache"))
     exp = make_chest_experiment(storage, manifest, cache_dir=cache_dir)
-    console = Console(file=io.StringIO(), width=150, color_system=None)
-    out = run_ensemble(experiment=exp, storage=storage, top=2, method="greedy", n_boot=100,
-                       seed=0, target_sensitivity=0.8, console=console)
-    return {"out": out, "manifest": manifest, "text": console.file.getvalue()}
+    # Through the command line, with a cross-dataset test on the tiny MURA data (read by
+    # read_dataset; its one label, "abnormal", is shared with none of the chest labels).
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        rc = main(["ensemble", "--experiment", exp, "--storage", storage, "--top", "2",
+                   "--method", "greedy", "--n-boot", "100", "--target-sensitivity", "0.8",
+                   "--test-data", tiny_root])
+    assert rc == 0, text.getvalue()
+    return {"out": join(exp, "ensemble"), "manifest": manifest, "text": text.getvalue(),
+            "tiny_root": tiny_root}
 
 
 def _read(run, name: str) -> pd.DataFrame:
@@ -240,41 +246,14 @@ def test_the_ensemble_is_scored_on_another_dataset_through_the_mapping(chest_run
     assert row["home_auc"] == pytest.approx(home_all["auc"].iloc[0], nan_ok=True)
 
 
-def test_cli_ensemble_with_test_data_writes_the_side_by_side_table(tmp_path, tiny_root, capsys):
-    """`raysearch ensemble --test-data ROOT` end to end on a one-label experiment, the other
-    dataset read by read_dataset (the tiny MURA data again: one label shared by name)."""
-    from raysearch.cli import main
-    from raysearch.data.mura import read_mura
-    from raysearch.models.factory import create_model
-
-    manifest = read_mura(tiny_root, val_fraction=0.3, seed=0)
-    storage, exp = str(tmp_path / "reports"), str(tmp_path / "reports" / "mura1")
-    val = manifest[manifest["split"] == "val"]
-    cfg = TrialConfig(arch="mobilenet_v3_small", weights="none", image_size=32, batch_size=16)
-    atomic_write_parquet(manifest, join(exp, "manifest.parquet"))
-    ckpt = join(exp, "train-t1", "checkpoint_000001")
-    preds = val[["image_path", "study_id", "patient_id", "body_part", "label"]].assign(
-        prob=np.where(val["label"] == 1, 0.7, 0.3))
-    atomic_write_parquet(preds, join(ckpt, "val_predictions.parquet"))
-    buf = io.BytesIO()
-    torch.save(create_model("mobilenet_v3_small", weights="none").state_dict(), buf)
-    atomic_write_bytes(join(ckpt, "model.pt"), buf.getvalue())
-    atomic_write_text(join(ckpt, "trial.json"), json.dumps(cfg.to_dict()))
-    atomic_write_parquet(pd.DataFrame([{"trial_id": "t1", "status": "completed", "epochs": 1,
-                                        "best_val_loss": 0.5, "best_epoch": 1,
-                                        "best_checkpoint": ckpt, **cfg.to_dict()}]),
-                         join(exp, "trials.parquet"))
-    atomic_write_text(join(exp, "experiment.json"), json.dumps(
-        {"name": "mura1", "storage": storage, "experiment_dir": exp, "data": {},
-         "cache_dir": str(tmp_path / "cache")}))
-    rc = main(["ensemble", "--experiment", exp, "--storage", storage, "--top", "1",
-               "--n-boot", "30", "--test-data", tiny_root])
-    assert rc == 0, capsys.readouterr().err
-    cross = pd.read_parquet(join(exp, "ensemble", "cross_dataset.parquet"))
-    assert cross["status"].tolist() == ["shared"] and cross["label_name"].tolist() == ["abnormal"]
-    assert cross["other_n_studies"].iloc[0] == manifest["study_id"].nunique()
-    with open(join(exp, "ensemble", "ensemble.json")) as f:
+def test_cli_test_data_of_a_dataset_sharing_no_label_reports_every_label_unshared(chest_run):
+    cross = _read(chest_run, "cross_dataset.parquet")
+    assert cross["status"].tolist() == ["home only"] * 4 + ["other only"]
+    assert [v for v in cross["label_name"] if isinstance(v, str)] == list(TASK.labels)
+    assert cross["other_label_name"].tolist()[-1] == "abnormal"
+    assert (cross["other_n_studies"] == 0).all() and cross["other_auc"].isna().all()
+    assert (cross.loc[cross["status"] == "home only", "home_n_studies"] > 0).all()
+    with open(join(chest_run["out"], "ensemble.json")) as f:
         summary = json.load(f)
-    assert summary["test_data"] == tiny_root and summary["test_format"] == "mura"
-    assert "cross-dataset test" in capsys.readouterr().out
-    assert_matches_schema(join(exp, "ensemble"))
+    assert summary["test_data"] == chest_run["tiny_root"] and summary["test_format"] == "mura"
+    assert "cross-dataset test" in chest_run["text"] and "not shared" in chest_run["text"]
