@@ -424,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(threshold_metrics.parquet)")
     s.add_argument("--worklist-rule", choices=["max", "noisy_or"], default="max",
                    help="P(any finding) of the triage worklist when the task has no "
-                        "any_finding label: the max over findings, or 1 - prod(1 - p)")
+                        "Sick (any-finding) label: the max over findings, or 1 - prod(1 - p)")
     s.add_argument("--test-data", metavar="ROOT",
                    help="cross-dataset test: also score the ensemble on this other dataset, "
                         "through the label mapping (e.g. CheXpert -> NIH)")

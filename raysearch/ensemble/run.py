@@ -424,7 +424,7 @@ def run_ensemble(
     ``top`` is K for ``method="top"`` and the number of greedy rounds for ``method="greedy"``.
     ``target_sensitivity``: the sensitivity each label's val-chosen threshold must reach on val
     (threshold_metrics.parquet); ``worklist_rule``: ``max`` or ``noisy_or``, how P(any finding)
-    is derived when the task has no ``any_finding`` label (:mod:`raysearch.evaluation.triage`).
+    is derived when the task has no any-finding label (Sick) (:mod:`raysearch.evaluation.triage`).
     ``test_data`` (with ``test_format``, its ``data.format``): another dataset to score the
     ensemble on, through the label mapping (:func:`cross_dataset`).
     Returns the output folder URI. Warns when the experiment is unfinished (an interrupted

@@ -3,8 +3,8 @@ abnormal studies the first 10, 20 and 50% of the list hold against a random orde
 ray).
 
 Source report 3's goal (DOMAIN.md): sort a radiologist's worklist so that likely-abnormal studies
-come first. A task with an ``any_finding`` label (report 3's single "Sick" model) ranks by that
-label's probability. Otherwise P(any finding) is derived from the per-label probabilities
+come first. A task with an "any finding" label (named ``Sick``, report 3's single model, or
+``any_finding``) ranks by that label's probability. Otherwise P(any finding) is derived from the per-label probabilities
 p_1..p_K of the finding labels, by one of two rules:
 
 * ``max`` (the default): max_k p_k. It is the lower Fréchet bound of P(any) (max_k p_k <= P(A_1
@@ -18,7 +18,7 @@ p_1..p_K of the finding labels, by one of two rules:
 
 "No Finding" (positive means normal) and "Support Devices" (a device is no finding; report 3's
 "Sick" label left it out) are not finding labels. A study is abnormal when any finding label is
-known positive (with an ``any_finding`` label: that label); normal when every known finding
+known positive (with an any-finding label: that label); normal when every known finding
 label is negative; unknown (left out of the triage figures, kept on the list) when all of its
 finding labels are masked. A masked label thus counts as "not found", as a radiologist's report
 that does not mention it.
@@ -52,7 +52,9 @@ __all__ = [
     "worklist",
 ]
 
-ANY_FINDING = "any_finding"  # the slug of a task's "any finding" label
+# Slugs of a task's "any finding" label: the CheXpert reader's option any_finding adds "Sick"
+# (report 3's name; raysearch.data.labels.ANY_FINDING), a CSV dataset may call it any_finding.
+ANY_FINDING = ("sick", "any_finding")
 NOT_FINDINGS = ("no_finding", "support_devices")  # slugs of labels that are no finding
 RULES = ("max", "noisy_or")
 FRACTIONS = (0.1, 0.2, 0.5)
@@ -71,7 +73,7 @@ def worklist(
     studies: pd.DataFrame, *, group: str, prob_col: str = "prob", rule: str = "max",
 ) -> tuple[pd.DataFrame, str]:
     """The studies from most to least likely abnormal (ties by study id), and the rule used
-    (``any_finding`` label, ``max`` or ``noisy_or``).
+    (``any_finding``: the task's Sick / any_finding label; ``max`` or ``noisy_or``).
 
     ``studies`` has one row per (study, label): ``study_id, patient_id, <group>, label_name,
     label`` (0/1, NaN = masked) and ``prob_col``; without ``label_name`` (one label) each row is
@@ -84,10 +86,10 @@ def worklist(
         raise ValueError(f"worklist rule: must be one of {', '.join(RULES)}, got {rule!r}")
     frame = studies if "label_name" in studies.columns else studies.assign(label_name="abnormal")
     slugs = frame["label_name"].map(_slug)
-    if (slugs == ANY_FINDING).any():
-        used, findings = ANY_FINDING, frame[slugs == ANY_FINDING]
+    if slugs.isin(ANY_FINDING).any():
+        used, findings = "any_finding", frame[slugs.isin(ANY_FINDING)]
     else:
-        used, findings = rule, frame[~slugs.isin([*NOT_FINDINGS, ANY_FINDING])]
+        used, findings = rule, frame[~slugs.isin([*NOT_FINDINGS, *ANY_FINDING])]
         if findings.empty:
             raise ValueError("worklist: no label is a finding (all are "
                              f"{', '.join(sorted(set(frame['label_name'])))})")

@@ -345,7 +345,7 @@ WORKLIST = FileSchema(
         Column("study_id", STR, "the study"),
         Column("patient_id", STR, "its patient"),
         Column("<group>", STR, "the task's group column"),
-        Column("p_any", F64, "P(any finding): the any_finding label, else the max (or "
+        Column("p_any", F64, "P(any finding): the task's Sick (any_finding) label, else the max (or "
                "noisy-or) over finding labels (ensemble.json's worklist_rule)"),
         Column("abnormal", I64, "1 when a finding label is known positive, 0 when all known "
                "are negative, null when every finding label is masked"),
@@ -417,7 +417,7 @@ ENSEMBLE_JSON = {
     "target_sensitivity": ("number", "the sensitivity the val_sensitivity thresholds of "
                            + "threshold_metrics.parquet reach on val"),
     "worklist_rule": ("string", "how worklist.parquet's p_any is computed: any_finding (the "
-                      + "task's label), max or noisy_or over the finding labels"),
+                      + "task's Sick label), max or noisy_or over the finding labels"),
     "test_data": ("string or null", "--test-data: the other dataset of the cross-dataset test"),
     "test_format": ("string or null", "its format (--format)"),
 }

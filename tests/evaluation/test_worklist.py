@@ -63,8 +63,9 @@ def test_noisy_or_rule_is_one_minus_the_product():
         T.worklist(_stacked(HAND), group="view", rule="sum")
 
 
-def test_an_any_finding_label_is_used_when_the_task_has_it():
-    hand = {s: {**labels, "Any Finding": (y, p)}
+@pytest.mark.parametrize("name", ["Sick", "Any Finding"])
+def test_an_any_finding_label_is_used_when_the_task_has_it(name):
+    hand = {s: {**labels, name: (y, p)}
             for (s, labels), (y, p) in zip(HAND.items(), [(1, .2), (0, .9), (NAN, .5), (1, .6)])}
     work, used = T.worklist(_stacked(hand), group="view")
     assert used == "any_finding"
