@@ -175,7 +175,9 @@ def cmd_ensemble(args) -> int:
 
     run_ensemble(
         experiment=experiment, storage=args.storage, top=args.top, method=args.method,
-        tta=args.tta, out=args.out, n_boot=args.n_boot, seed=args.seed, oof=args.oof,
+        tta=args.tta, out=args.out, n_boot=args.n_boot, seed=args.seed,
+        target_sensitivity=args.target_sensitivity, worklist_rule=args.worklist_rule,
+        test_data=args.test_data, test_format=args.format, oof=args.oof,
         console=_stdout_console(),
     )
     return 0
@@ -443,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = _command(sub, "ensemble", help="select members, score on test, write reports",
                  common=common, examples=("raysearch ensemble --top 4",
                                           ("raysearch ensemble --experiment demo --method "
-                                           "greedy --top 8 --tta")))
+                                           "greedy --top 8 --tta"),
+                                          ("raysearch ensemble --experiment chexpert "
+                                           "--test-data data/nih --format nih")))
     s.add_argument("--experiment", help="name, folder or URL (default: the most recent)")
     s.add_argument("--storage", default="reports", help="where experiments live")
     s.add_argument("--top", type=int, default=4, help="K members (top-k) / max rounds (greedy)")
@@ -458,6 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="select on the out-of-fold predictions of `raysearch refit` (every "
                    "training study) instead of the val split; each member is then the mean of "
                    "its fold models")
+    s.add_argument("--target-sensitivity", type=float, default=0.9,
+                   help="per label, the threshold chosen on val reaches this sensitivity "
+                        "(threshold_metrics.parquet)")
+    s.add_argument("--worklist-rule", choices=["max", "noisy_or"], default="max",
+                   help="P(any finding) of the triage worklist when the task has no "
+                        "Sick (any-finding) label: the max over findings, or 1 - prod(1 - p)")
+    s.add_argument("--test-data", metavar="ROOT",
+                   help="cross-dataset test: also score the ensemble on this other dataset, "
+                        "through the label mapping (e.g. CheXpert -> NIH)")
+    s.add_argument("--format", help="data.format of --test-data (e.g. nih; default: detected)")
     s.set_defaults(func=cmd_ensemble)
 
     s = _command(sub, "refit", help="retrain the best configurations on k patient-grouped folds "

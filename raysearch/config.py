@@ -106,6 +106,10 @@ class TrialConfig:
     brightness: float | None = None
     contrast: float | None = None
     seed: int = 0
+    # Binary relevance (source report 3): one single-logit model per label of the task instead
+    # of one model with K outputs (models.PerLabelModels); K times the compute and weights.
+    # Last, so that the config columns of earlier releases keep their order.
+    binary_relevance: bool = False
 
     def __post_init__(self) -> None:
         check_choice("arch", self.arch, _architectures())

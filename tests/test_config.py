@@ -389,6 +389,7 @@ BAD_FIELD = {
     "brightness": "bright",
     "contrast": 2.0,
     "seed": -1,
+    "binary_relevance": "maybe",
 }
 
 

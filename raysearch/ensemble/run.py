@@ -32,7 +32,20 @@ everything has been computed, so a failure leaves no partial file behind)::
                                kappa, kappa_low, kappa_high, sensitivity, specificity, auc,
                                tp, fp, tn, fn, image_auc
     worklist.csv               the test studies, most likely abnormal first: rank, study_id,
-                               patient_id, body_part, prob, pred, label
+                               patient_id, body_part, prob, pred, label (K > 1: the columns
+                               of worklist.parquet)
+    label_metrics.parquet      per model (ensemble, best single member), split, label_name and
+                               group: ROC AUC and average precision with patient-bootstrap
+                               95% intervals (raysearch.evaluation.labels)
+    threshold_metrics.parquet  the same cells: precision, recall, F1 (with intervals) at 0.4,
+                               0.5, 0.6, 0.7, 0.8 and at the val-chosen threshold for the
+                               target sensitivity (``rule == "val_sensitivity"``)
+    worklist.parquet           the test studies by P(any finding) (raysearch.evaluation.triage)
+    triage.parquet             abnormal studies found in the first 10/20/50% of that list
+                               against a random order, with intervals
+    cross_dataset.parquet      with ``test_data``: per label, the ensemble's AUC and AP on its
+                               own test split and on the other dataset, side by side, through
+                               the label mapping (raysearch.evaluation.crossdataset)
     ensemble.json              the settings of the run and the member weights (written last)
 
 Every column's type, and ensemble.json's keys, are in :mod:`raysearch.experiment.schema`
@@ -59,15 +72,18 @@ from raysearch.ensemble.members import (
     stack_labels,
 )
 from raysearch.ensemble.selection import (
-    column_log_losses,
     greedy_picks,
+    label_mean_log_losses,
     none_usable,
     select_top,
     study_matrix,
     usable_trials,
 )
 from raysearch.errors import CheckpointError, ConfigError
+from raysearch.evaluation import crossdataset as X
+from raysearch.evaluation import labels as L
 from raysearch.evaluation import metrics as M
+from raysearch.evaluation import triage as T
 from raysearch.experiment import (
     ExperimentLock,
     find_experiment,
@@ -213,6 +229,112 @@ def worklist(studies: pd.DataFrame, task: Task | None = None) -> pd.DataFrame:
     return out
 
 
+def label_tables(
+    studies: pd.DataFrame, *, models: dict[str, str], task: Task, n_boot: int, seed: int,
+    target_sensitivity: float = L.TARGET_SENSITIVITY,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """label_metrics.parquet and threshold_metrics.parquet: :func:`raysearch.evaluation.labels.
+    label_metrics` for every model (name -> probability column) on test and on val. Each model's
+    val_sensitivity threshold per label is chosen on its own val studies
+    (:func:`~raysearch.evaluation.labels.sensitivity_threshold`) and applied unchanged to test."""
+    st = studies if "label_name" in studies.columns else studies.assign(label_name=task.labels[0])
+    ranking, at = [], []
+    for model, col in models.items():
+        val = st[st["split"] == "val"]
+        chosen = {label: L.sensitivity_threshold(sub["label"], sub[col], target=target_sensitivity)
+                  for label, sub in val.groupby("label_name", sort=False)}
+        for split in SPLITS:
+            sub = st[st["split"] == split]
+            if sub.empty:
+                continue
+            r, a = L.label_metrics(sub, prob_col=col, group=task.group, groups=task.groups,
+                                   chosen=chosen, n_boot=n_boot, seed=seed)
+            for frame in (r, a):
+                frame.insert(0, "split", split)
+                frame.insert(0, "model", model)
+            ranking.append(r)
+            at.append(a)
+    return pd.concat(ranking, ignore_index=True), pd.concat(at, ignore_index=True)
+
+
+def triage_frames(
+    studies: pd.DataFrame, task: Task, *, rule: str, n_boot: int, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """worklist.parquet and triage.parquet for the ensemble's test studies, and the rule used
+    (:mod:`raysearch.evaluation.triage`)."""
+    test = studies[studies["split"] == "test"]
+    work, used = T.worklist(test, group=task.group, prob_col="prob", rule=rule)
+    return work, T.triage_table(work, n_boot=n_boot, seed=seed), used
+
+
+def read_other_dataset(root: str, fmt: str | None, *, console=None) -> tuple[pd.DataFrame, Task]:
+    """The other dataset of the cross-dataset test, read by its reader
+    (:func:`raysearch.data.prepare.read_dataset`, ``data.format`` = ``fmt``)."""
+    from raysearch.config import DataConfig
+    from raysearch.data.prepare import read_dataset
+
+    try:
+        data = DataConfig(root=root, **({"format": fmt} if fmt else {}))
+    except TypeError as e:  # a DataConfig without `format`: a build without the other readers
+        raise ConfigError(f"--format {fmt}: this build reads only MURA (no data.format)") from e
+    return read_dataset(data, console=console)
+
+
+def _format_of(info: dict[str, Any], task: Task) -> str:
+    """The experiment's dataset format: data.format as saved, else the task's name."""
+    fmt = (info.get("data") or {}).get("format")
+    return str(fmt if fmt and fmt != "auto" else task.name).lower()
+
+
+def cross_dataset(
+    predictor, *, home_task: Task, home_format: str, home_metrics: pd.DataFrame,
+    other_manifest: pd.DataFrame, other_task: Task, other_format: str, cache_dir: str,
+    tta: bool, n_boot: int, seed: int, console=None,
+) -> tuple[pd.DataFrame, X.LabelMapping]:
+    """The ensemble of ``predictor`` scored on another dataset: every image of
+    ``other_manifest`` (none was seen in training, early stopping or selection), its
+    probabilities mapped to the other task's labels (:func:`raysearch.evaluation.crossdataset.
+    map_labels`: the explicit mapping between the two formats, else equal names), studies
+    aggregated by the other task's rule, AUC and AP per shared label with patient-bootstrap
+    intervals, side by side with ``home_metrics`` (label_metrics.parquet rows of the
+    ensemble on test). Returns the table and the mapping."""
+    mapping = X.map_labels(home_task.labels, other_task.labels,
+                           X.mapping_for(home_format, other_format))
+    # A reader's notes in .attrs (MURA: skipped files, as DataFrames) would make pandas compare
+    # them on every concat (and fail: a DataFrame has no truth value); the scores need none.
+    other_manifest = other_manifest.copy()
+    other_manifest.attrs = {}
+    if console is not None:
+        console.print(
+            f"cross-dataset test on {other_format} ({len(other_manifest)} images): "
+            f"{len(mapping.shared)} shared label(s)"
+            + (f"; not shared: {', '.join([*mapping.home_only, *mapping.other_only])}"
+               if mapping.home_only or mapping.other_only else "")
+        )
+    if not mapping.shared:
+        other_rank = pd.DataFrame(columns=["label_name", other_task.group, *L.RANKING_COLUMNS])
+    else:
+        images, probs = predict_split(predictor, other_manifest.assign(split="external"),
+                                      other_task, split="external", cache_dir=cache_dir, tta=tta,
+                                      console=console)
+        ens = sum(predictor.weights[t] * np.asarray(p, np.float64).reshape(len(images),
+                                                                           home_task.k)
+                  for t, p in probs.items())
+        stacked = X.stack_mapped(images, ens, home_labels=home_task.labels,
+                                 other_columns=dict(zip(other_task.labels,
+                                                        other_task.label_columns)),
+                                 mapping=mapping)
+        studies = M.aggregate_studies(stacked, prob_cols=["prob"], group=other_task.group,
+                                      rule=other_task.aggregation, keys=["label_name"])
+        other_rank = L.ranking_metrics(studies, group=other_task.group,
+                                       groups=other_task.groups, n_boot=n_boot, seed=seed)
+    home = home_metrics[(home_metrics["model"] == "ensemble") & (home_metrics["split"] == "test")]
+    table = X.side_by_side(home, other_rank, mapping, home_group=home_task.group,
+                           other_group=other_task.group)
+    table.insert(0, "other_format", other_format)
+    return table, mapping
+
+
 def members_frame(
     members: list[Member],
     weights: dict[str, float],
@@ -224,8 +346,9 @@ def members_frame(
     task: Task,
 ) -> pd.DataFrame:
     by_id = trials.set_index("trial_id")
-    labels, S = study_matrix(val_images, [val_probs[m.trial_id] for m in members], task)
-    study_losses = column_log_losses(labels, S)
+    labels, S, names = study_matrix(val_images, [val_probs[m.trial_id] for m in members], task,
+                                    with_label_names=True)
+    study_losses = label_mean_log_losses(labels, S, names)
     rows = []
     for rank, (m, loss) in enumerate(zip(members, study_losses), 1):
         t = by_id.loc[m.trial_id]
@@ -292,6 +415,10 @@ def run_ensemble(
     out: str | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    target_sensitivity: float = L.TARGET_SENSITIVITY,
+    worklist_rule: str = "max",
+    test_data: str | None = None,
+    test_format: str | None = None,
     oof: bool = False,
     console=None,
 ) -> str:
@@ -301,6 +428,11 @@ def run_ensemble(
     ``oof``: select on the out-of-fold predictions of ``raysearch refit`` instead of the val
     split, and score each selected configuration as the mean of its fold models
     (:mod:`raysearch.ensemble.oof`).
+    ``target_sensitivity``: the sensitivity each label's val-chosen threshold must reach on val
+    (threshold_metrics.parquet); ``worklist_rule``: ``max`` or ``noisy_or``, how P(any finding)
+    is derived when the task has no any-finding label (Sick) (:mod:`raysearch.evaluation.triage`).
+    ``test_data`` (with ``test_format``, its ``data.format``): another dataset to score the
+    ensemble on, through the label mapping (:func:`cross_dataset`).
     Returns the output folder URI. Warns when the experiment is unfinished (an interrupted
     search); raises :class:`ExperimentLockedError` when another run writes the experiment and the
     output would go into it.
@@ -314,6 +446,11 @@ def run_ensemble(
         raise ConfigError(f"--top must be >= 1, got {top}")
     if n_boot < 1:
         raise ConfigError(f"--n-boot must be >= 1, got {n_boot}")
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise ConfigError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
+    if worklist_rule not in T.RULES:
+        raise ConfigError(f"--worklist-rule: unknown value {worklist_rule!r}; allowed: "
+                          f"{', '.join(T.RULES)}")
     exp_dir = find_experiment(experiment, storage=storage)
     out_dir = out or join(exp_dir, "ensemble")
     inside = join(out_dir).startswith(exp_dir.rstrip("/") + "/")
@@ -323,19 +460,27 @@ def run_ensemble(
         if oof:
             from raysearch.ensemble.oof import run_oof_ensemble
 
+            if test_data is not None:
+                raise ConfigError("--oof with --test-data is not supported yet: run the "
+                                  "cross-dataset test on a val-selected ensemble")
+
             return run_oof_ensemble(exp_dir, out_dir, top=top, method=method, tta=tta,
                                     n_boot=n_boot, seed=seed, console=console)
         return _run_ensemble(
             exp_dir, out_dir, top=top, method=method, tta=tta, n_boot=n_boot, seed=seed,
-            console=console,
+            target_sensitivity=target_sensitivity, worklist_rule=worklist_rule,
+            test_data=test_data, test_format=test_format, console=console,
         )
 
 
-def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, console) -> str:
+def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, target_sensitivity,
+                  worklist_rule, test_data, test_format, console) -> str:
     from raysearch.inference.predictor import Predictor
 
     info, trials, manifest, task = _read_experiment(exp_dir)
     name = info.get("name") or exp_dir.rstrip("/").rsplit("/", 1)[-1]
+    # The other dataset is read first: a bad root or format fails before any inference.
+    other = read_other_dataset(test_data, test_format, console=console) if test_data else None
     _warn_unfinished(name, info, trials, console=console)
 
     # --- select members on the saved val predictions
@@ -367,6 +512,24 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, console) 
     members_df = members_frame(members, weights, trials, val_images=val_images,
                                val_probs=val_probs, picks=picks, task=task)
     thresholds = val_thresholds(studies, task)
+    # Per label: the ensemble and its best single member (lowest best val_loss), as the tables
+    # compare them; every member would multiply the bootstrap's cost for little insight.
+    best = _best_member(members_df)
+    label_df, threshold_df = label_tables(
+        studies, models={"ensemble": "prob", best: prob_column(best)}, task=task, n_boot=n_boot,
+        seed=seed, target_sensitivity=target_sensitivity,
+    )
+    work, triage, used_rule = triage_frames(studies, task, rule=worklist_rule, n_boot=n_boot,
+                                            seed=seed)
+    cross, other_format = None, None
+    if other is not None:
+        other_format = str(test_format or other[1].name).lower()
+        cross, _ = cross_dataset(
+            predictor, home_task=task, home_format=_format_of(info, task), home_metrics=label_df,
+            other_manifest=other[0], other_task=other[1], other_format=other_format,
+            cache_dir=_cache_dir(exp_dir, info), tta=tta, n_boot=n_boot, seed=seed,
+            console=console,
+        )
     summary = {
         "experiment": exp_dir, "method": method, "top": top, "tta": tta, "n_boot": n_boot,
         # The decision threshold for predict and serve, per label, chosen on val studies (the
@@ -375,6 +538,8 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, console) 
         "threshold_rule": "max Cohen's kappa on val studies",
         "selection": "val", "folds": None,
         "seed": seed, "device": predictor.device.type, "weights": weights,
+        "target_sensitivity": target_sensitivity, "worklist_rule": used_rule,
+        "test_data": test_data, "test_format": other_format,
         "task": task.to_dict(), "n_test_studies": int(studies.loc[studies["split"] == "test",
                                                                    "study_id"].nunique()),
     }
@@ -385,10 +550,27 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, console) 
     write_parquet(studies, join(out_dir, "study_predictions.parquet"), S.STUDY_PREDICTIONS, group=g)
     write_parquet(images, join(out_dir, "image_predictions.parquet"), S.IMAGE_PREDICTIONS, group=g)
     write_parquet(metrics, join(out_dir, "category_metrics.parquet"), S.CATEGORY_METRICS, group=g)
-    atomic_write_text(join(out_dir, "worklist.csv"), worklist(studies, task).to_csv(index=False))
+    write_parquet(label_df, join(out_dir, "label_metrics.parquet"), S.LABEL_METRICS, group=g)
+    write_parquet(threshold_df, join(out_dir, "threshold_metrics.parquet"), S.THRESHOLD_METRICS,
+                  group=g)
+    write_parquet(work, join(out_dir, "worklist.parquet"), S.WORKLIST, group=g)
+    write_parquet(triage, join(out_dir, "triage.parquet"), S.TRIAGE)
+    if cross is not None:
+        write_parquet(cross, join(out_dir, "cross_dataset.parquet"), S.CROSS_DATASET)
+    # MURA's worklist.csv keeps its columns; with several labels it is worklist.parquet's list.
+    work_csv = worklist(studies, task) if task.k == 1 else work
+    atomic_write_text(join(out_dir, "worklist.csv"), work_csv.to_csv(index=False))
     atomic_write_text(join(out_dir, "ensemble.json"), json.dumps(summary, indent=1))
     _print_tables(name, members_df, metrics, task, console=console)
     _print_thresholds(studies, thresholds, task, console=console)
+    _print_label_tables(label_df, threshold_df, triage, task, best=best, rule=used_rule,
+                        target=target_sensitivity, console=console)
+    if cross is not None:
+        from raysearch.report.tables import cross_dataset_table
+
+        console.print(cross_dataset_table(
+            cross, title=f"cross-dataset test: {name} on its test split and on {test_data} "
+                         f"({other_format})"))
     console.print(f"results: {out_dir}")
     return out_dir
 
@@ -432,16 +614,40 @@ def _warn_unfinished(name: str, info: dict[str, Any], trials: pd.DataFrame, *, c
         )
 
 
+def _best_member(members_df: pd.DataFrame) -> str:
+    """The member with the lowest best val_loss (chosen on val): the single model to beat."""
+    return members_df.sort_values(["best_val_loss", "trial_id"], kind="stable")["trial_id"].iloc[0]
+
+
+def _print_label_tables(label_df, threshold_df, triage, task: Task, *, best: str, rule: str,
+                        target: float, console) -> None:
+    """Per label on test: AUC and AP of the ensemble and its best member, the ensemble's
+    precision/recall/F1 at the thresholds; then the triage figures of the worklist."""
+    from raysearch.report.tables import label_table, threshold_table, triage_table
+
+    console.print(label_table(label_df, best=best, split="test", group=task.group,
+                              title=f"test, per label (all {task.group.replace('_', ' ')}s): "
+                                    f"ensemble vs best single member {best}"))
+    console.print(threshold_table(threshold_df, model="ensemble", split="test",
+                                  group=task.group, target=target,
+                                  title="test, ensemble: precision / recall / F1 by threshold"))
+    console.print(triage_table(triage, title=f"test worklist by P(any finding) ({rule}): "
+                                             "abnormal studies found vs a random order"))
+
+
 def _print_tables(name: str, members_df, metrics, task: Task, *, console, best: str | None = None,
                   selection: str = "val") -> None:
     """The terminal report: the members, then per group the ensemble against its best single
-    member (lowest best val_loss, chosen on the selection set), on it and on test, per label."""
+    member (lowest best val_loss, chosen on the selection set: val, or oof for ``--oof``), on
+    it and on test. With K > 1 labels the per-label tables that follow take their place (two
+    kappa tables per label would bury them; they are all in category_metrics.parquet)."""
     from raysearch.report.tables import ensemble_table, members_table
 
     if best is None:
-        best = members_df.sort_values(["best_val_loss", "trial_id"],
-                                      kind="stable")["trial_id"].iloc[0]
+        best = _best_member(members_df)
     console.print(members_table(members_df, title=f"{name}: ensemble members"))
+    if task.k > 1:
+        return
     for label in task.labels:
         rows = metrics if task.k == 1 else metrics[metrics["label_name"] == label]
         suffix = "" if task.k == 1 else f", {label}"

@@ -3,7 +3,9 @@
 Top-k takes the ``k`` trials with the lowest best val_loss, equally weighted (the MURA paper's
 rule). Greedy selection (Caruana et al., ICML 2004) adds, with replacement, whichever trial
 lowers the *study-level* log loss of the ensemble on ``val`` most, and keeps the best ensemble
-seen along the way. Both work on the val probabilities saved in the checkpoints: nothing is
+seen along the way. With K > 1 labels that loss is the mean over labels of each label's mean
+binary cross-entropy over its known (unmasked) studies, the search objective's rule, so a label
+that is rarely masked does not outweigh one that often is. Both work on the val probabilities saved in the checkpoints: nothing is
 re-run.
 """
 
@@ -23,6 +25,7 @@ __all__ = [
     "column_log_losses",
     "greedy_picks",
     "greedy_select",
+    "label_mean_log_losses",
     "none_usable",
     "select_top",
     "study_matrix",
@@ -102,8 +105,9 @@ def greedy_picks(
     if not val_probs:
         raise ValueError("greedy_select: no candidates")
     names = list(val_probs)
-    labels, S = study_matrix(images, [val_probs[n] for n in names], task)
-    single = column_log_losses(labels, S)
+    labels, S, label_names = study_matrix(images, [val_probs[n] for n in names], task,
+                                          with_label_names=True)
+    single = label_mean_log_losses(labels, S, label_names)
     order = np.argsort(single, kind="stable")
 
     picks = np.zeros(len(names), dtype=np.int64)
@@ -113,11 +117,12 @@ def greedy_picks(
         if r < min(init, len(names)):
             j = int(order[r])
         else:
-            j = int(np.argmin(column_log_losses(labels, (total[:, None] + S) / (r + 1))))
+            j = int(np.argmin(label_mean_log_losses(labels, (total[:, None] + S) / (r + 1),
+                                                    label_names)))
         picks = picks.copy()
         picks[j] += 1
         total += S[:, j]
-        loss = float(column_log_losses(labels, (total / (r + 1))[:, None])[0])
+        loss = float(label_mean_log_losses(labels, (total / (r + 1))[:, None], label_names)[0])
         if loss < best_loss:
             best_loss, best_picks = loss, picks
     chosen = sorted(np.flatnonzero(best_picks), key=lambda j: (-best_picks[j], single[j], j))
@@ -125,13 +130,14 @@ def greedy_picks(
 
 
 def study_matrix(
-    images: pd.DataFrame, probs: list[np.ndarray], task: Task | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+    images: pd.DataFrame, probs: list[np.ndarray], task: Task | None = None, *,
+    with_label_names: bool = False,
+):
     """Targets and a (rows x candidates) matrix of study probabilities, one row per (study,
-    known label), studies aggregated by the task's rule (MURA's view means by default).
+    known label), studies aggregated by the task's rule (MURA's view means, CheXpert's max).
 
     ``images`` holds the task's label columns; each of ``probs`` is ``[N]`` or ``[N, K]``,
-    aligned with its rows."""
+    aligned with its rows. With ``with_label_names`` also each row's label name."""
     task = task or Task.from_dict(None)
     cols = [f"_p{i}" for i in range(len(probs))]
     frame = images.reset_index(drop=True)
@@ -141,7 +147,8 @@ def study_matrix(
     stacked = stack_labels(frame, dict(zip(cols, probs)), task)
     studies = M.aggregate_studies(stacked, prob_cols=cols, group=task.group,
                                   rule=task.aggregation, keys=["label_name"])
-    return studies["label"].to_numpy(np.float64), studies[cols].to_numpy(np.float64)
+    out = studies["label"].to_numpy(np.float64), studies[cols].to_numpy(np.float64)
+    return (*out, studies["label_name"].to_numpy()) if with_label_names else out
 
 
 def column_log_losses(labels: np.ndarray, P: np.ndarray) -> np.ndarray:
@@ -149,3 +156,14 @@ def column_log_losses(labels: np.ndarray, P: np.ndarray) -> np.ndarray:
     P = np.clip(P, _EPS, 1.0 - _EPS)
     y = labels[:, None]
     return -(y * np.log(P) + (1.0 - y) * np.log1p(-P)).mean(axis=0)
+
+
+def label_mean_log_losses(labels: np.ndarray, P: np.ndarray, label_names: np.ndarray) -> np.ndarray:
+    """Per column of ``P`` (rows: (study, known label) pairs, ``label_names`` naming each row's
+    label), the mean over labels of each label's mean binary cross-entropy. With one label it
+    is :func:`column_log_losses` itself (MURA's selection is unchanged to the last bit)."""
+    names = pd.unique(np.asarray(label_names))
+    if len(names) <= 1:
+        return column_log_losses(labels, P)
+    per_label = [column_log_losses(labels[label_names == n], P[label_names == n]) for n in names]
+    return np.mean(per_label, axis=0)

@@ -18,7 +18,7 @@ lengths, labels outside {0, 1}, NaN probabilities) are programming errors and ra
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -304,17 +304,33 @@ def bootstrap_kappas(
     per_group = np.bincount(codes * 4 + 2 * y + p, minlength=4 * n_groups)
     per_group = per_group.reshape(n_groups, 4).astype(np.float64)  # tn, fp, fn, tp
 
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _MAX_BOOT_CELLS // n_groups)
     kappas = np.empty(n_boot, dtype=np.float64)
+    for start, times_drawn in patient_resamples(n_groups, n_boot=n_boot, seed=seed):
+        tn, fp, fn, tp = (times_drawn.astype(np.float64) @ per_group).T
+        kappas[start : start + len(times_drawn)] = _kappa_from_counts(tp, fp, tn, fn)
+    return kappas
+
+
+def patient_resamples(
+    n_groups: int, *, n_boot: int, seed: int, cells_per_draw: int | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The patient bootstrap's replicates, in chunks: ``(start, times_drawn)`` where
+    ``times_drawn[b, g]`` (int64, shape ``[chunk, n_groups]``) is how often replicate
+    ``start + b`` drew group (patient) ``g``. Each replicate draws ``n_groups`` groups with
+    replacement (Efron and Tibshirani 1993, ch. 6; whole patients, because studies of one
+    patient are not independent). A chunk holds at most about ``_MAX_BOOT_CELLS`` cells of
+    ``cells_per_draw`` (default ``n_groups``) each, which bounds memory; one seed gives the same
+    replicates whatever the caller computes from them.
+    """
+    if n_groups < 1:
+        raise ValueError(f"n_groups: must be >= 1, got {n_groups}")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _MAX_BOOT_CELLS // max(n_groups, cells_per_draw or n_groups))
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
         draws = rng.integers(0, n_groups, size=(b, n_groups))
         flat = (np.arange(b)[:, None] * n_groups + draws).ravel()
-        times_drawn = np.bincount(flat, minlength=b * n_groups).reshape(b, n_groups)
-        tn, fp, fn, tp = (times_drawn.astype(np.float64) @ per_group).T
-        kappas[start : start + b] = _kappa_from_counts(tp, fp, tn, fn)
-    return kappas
+        yield start, np.bincount(flat, minlength=b * n_groups).reshape(b, n_groups)
 
 
 def bootstrap_kappa_ci(

@@ -273,7 +273,8 @@ MEMBERS = FileSchema(
         Column("best_epoch", I64, "as trials.parquet"),
         Column("status", STR, "as trials.parquet"),
         Column("val_study_kappa", F64, "as trials.parquet"),
-        Column("val_study_log_loss", F64, "its study-level log loss on val (selection set)"),
+        Column("val_study_log_loss", F64, "its study-level log loss on val (selection set; "
+               "K > 1 labels: the mean over labels of each label's log loss)"),
         Column("best_checkpoint", STR,
                "full URI of the member's checkpoint (called checkpoint before release 0.3)"),
     ),
@@ -328,8 +329,120 @@ CATEGORY_METRICS = FileSchema(
     ),
 )
 
-FILES = (TRIALS, EPOCHS, MEMBERS, STUDY_PREDICTIONS, IMAGE_PREDICTIONS, CATEGORY_METRICS, FOLDS,
-         REFITS, OOF_PREDICTIONS)
+_CI = "95% patient-bootstrap interval"
+
+LABEL_METRICS = FileSchema(
+    "ensemble/label_metrics.parquet",
+    "Per model (the ensemble and its best single member), split, label and group (then ALL): "
+    "ranking metrics of the study probabilities, masked labels left out.",
+    (
+        Column("model", STR, "ensemble, or the best single member's trial id"),
+        Column("split", STR, "test | val"),
+        Column("label_name", STR, "the label"),
+        Column("<group>", STR, "a group (MURA: body_part), then ALL"),
+        Column("n_studies", I64, "studies with this label known"),
+        Column("n_patients", I64, "their patients (the bootstrap's units)"),
+        Column("n_positive", I64, "positive studies"),
+        Column("auc", F64, "ROC AUC (scikit-learn); nan with one class"),
+        Column("auc_low", F64, f"its {_CI}, low end"),
+        Column("auc_high", F64, "its high end"),
+        Column("ap", F64, "average precision (PR AUC, scikit-learn); nan without positives"),
+        Column("ap_low", F64, f"its {_CI}, low end"),
+        Column("ap_high", F64, "its high end"),
+    ),
+)
+
+THRESHOLD_METRICS = FileSchema(
+    "ensemble/threshold_metrics.parquet",
+    "Per model, split, label and group: precision, recall and F1 at source report 3's "
+    "thresholds (0.4 to 0.8) and at the threshold chosen on val for the target sensitivity.",
+    (
+        Column("model", STR, "as label_metrics.parquet"),
+        Column("split", STR, "test | val"),
+        Column("label_name", STR, "the label"),
+        Column("<group>", STR, "a group, then ALL"),
+        Column("rule", STR, "fixed | val_sensitivity (chosen on the model's val studies)"),
+        Column("threshold", F64, "positive when prob > threshold; nan when no threshold "
+               "reached the target on val"),
+        Column("n_studies", I64, "studies with this label known"),
+        Column("tp", I64, "true positives"),
+        Column("fp", I64, "false positives"),
+        Column("tn", I64, "true negatives"),
+        Column("fn", I64, "false negatives"),
+        Column("precision", F64, "scikit-learn; nan without predicted positives"),
+        Column("precision_low", F64, f"its {_CI}, low end"),
+        Column("precision_high", F64, "its high end"),
+        Column("recall", F64, "sensitivity; nan without positives"),
+        Column("recall_low", F64, f"its {_CI}, low end"),
+        Column("recall_high", F64, "its high end"),
+        Column("f1", F64, "F1"),
+        Column("f1_low", F64, f"its {_CI}, low end"),
+        Column("f1_high", F64, "its high end"),
+        Column("specificity", F64, "true negative rate"),
+    ),
+)
+
+WORKLIST = FileSchema(
+    "ensemble/worklist.parquet",
+    "The test studies, most likely abnormal first (raysearch.evaluation.triage).",
+    (
+        Column("rank", I64, "1 = read first"),
+        Column("study_id", STR, "the study"),
+        Column("patient_id", STR, "its patient"),
+        Column("<group>", STR, "the task's group column"),
+        Column("p_any", F64, "P(any finding): the task's Sick (any_finding) label, else the max (or "
+               "noisy-or) over finding labels (ensemble.json's worklist_rule)"),
+        Column("abnormal", I64, "1 when a finding label is known positive, 0 when all known "
+               "are negative, null when every finding label is masked"),
+        Column("n_findings", I64, "finding labels known positive"),
+        Column("top_label", STR, "the most likely finding"),
+        Column("top_prob", F64, "its probability"),
+    ),
+)
+
+TRIAGE = FileSchema(
+    "ensemble/triage.parquet",
+    "Abnormal test studies in the first 10/20/50% of the worklist against a random order.",
+    (
+        Column("fraction", F64, "share of the list read"),
+        Column("n_studies", I64, "studies whose abnormality is known"),
+        Column("n_abnormal", I64, "abnormal studies among them"),
+        Column("n_top", I64, "studies in the first fraction (ceil(fraction * n_studies))"),
+        Column("found", I64, "abnormal studies among those"),
+        Column("expected_random", F64, "abnormal studies a random order puts there on average"),
+        Column("captured", F64, "found / n_abnormal"),
+        Column("captured_low", F64, f"its {_CI}, low end"),
+        Column("captured_high", F64, "its high end"),
+        Column("random_captured", F64, "what a random order captures on average (n_top / n)"),
+        Column("lift", F64, "captured / random_captured"),
+        Column("lift_low", F64, f"its {_CI}, low end"),
+        Column("lift_high", F64, "its high end"),
+    ),
+)
+
+_SIDE = (("n_studies", I64, "studies with the label known"), ("n_positive", I64, "positives"),
+         ("auc", F64, "ROC AUC"), ("auc_low", F64, f"its {_CI}, low end"),
+         ("auc_high", F64, "its high end"), ("ap", F64, "average precision"),
+         ("ap_low", F64, f"its {_CI}, low end"), ("ap_high", F64, "its high end"))
+
+CROSS_DATASET = FileSchema(
+    "ensemble/cross_dataset.parquet",
+    "`raysearch ensemble --test-data ROOT`: per label, the ensemble on its own test split (home) "
+    "and on every image of another dataset (other), through the label mapping "
+    "(raysearch.evaluation.crossdataset).",
+    (
+        Column("other_format", STR, "the other dataset's format (e.g. nih)"),
+        Column("label_name", STR, "the home label (null for a label only the other has)"),
+        Column("other_label_name", STR, "its partner in the other dataset (null if none)"),
+        Column("status", STR, "shared | home only | other only"),
+        *(Column(f"home_{n}", t, f"home test: {d}") for n, t, d in _SIDE),
+        *(Column(f"other_{n}", t, f"other dataset: {d}") for n, t, d in _SIDE),
+    ),
+)
+
+FILES = (TRIALS, EPOCHS, MEMBERS, STUDY_PREDICTIONS, IMAGE_PREDICTIONS, CATEGORY_METRICS,
+         LABEL_METRICS, THRESHOLD_METRICS, WORKLIST, TRIAGE, CROSS_DATASET, FOLDS, REFITS,
+         OOF_PREDICTIONS)
 
 # ensemble/ensemble.json, written last by `raysearch ensemble` (its presence marks a complete
 # run): key -> (JSON type, meaning).
@@ -351,6 +464,12 @@ ENSEMBLE_JSON = {
                              "predictions of `raysearch refit` (`ensemble --oof`), each member "
                              "then the mean of its fold models")),
     "folds": ("integer", "--oof: the folds of each member (null otherwise)"),
+    "target_sensitivity": ("number", "the sensitivity the val_sensitivity thresholds of "
+                           + "threshold_metrics.parquet reach on val"),
+    "worklist_rule": ("string", "how worklist.parquet's p_any is computed: any_finding (the "
+                      + "task's Sick label), max or noisy_or over the finding labels"),
+    "test_data": ("string or null", "--test-data: the other dataset of the cross-dataset test"),
+    "test_format": ("string or null", "its format (--format)"),
 }
 
 

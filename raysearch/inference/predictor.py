@@ -118,7 +118,8 @@ def load_member_model(member: TrialCheckpoint, *, k: int, device: torch.device) 
             f"dict ({type(e).__name__}: {first_line(e)[:200]})"
         ) from e
     cfg = member.config
-    model = create_model(cfg.arch, weights="none", dropout=cfg.dropout, num_labels=k)
+    model = create_model(cfg.arch, weights="none", dropout=cfg.dropout, num_labels=k,
+                         binary_relevance=cfg.binary_relevance)
     load_checkpoint_weights(
         model, state, arch=cfg.arch, source=f"trial {member.trial_id}: model.pt in {member.checkpoint}"
     )

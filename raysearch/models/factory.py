@@ -4,7 +4,8 @@ its starting weights (see :mod:`raysearch.models.weights`).
 ``create_model(arch, weights=..., dropout=...)`` builds a torchvision backbone *without* letting
 torchvision download anything, replaces its classifier with ``nn.Sequential(nn.Dropout(p),
 nn.Linear(in_features, K))`` (K logits, one per label of the task) and loads ``weights`` into it.
-Never imports ray.
+With ``binary_relevance`` it builds K such models of one logit each instead, one per label
+(:class:`PerLabelModels`), as source report 3 trained CheXpert. Never imports ray.
 """
 
 from __future__ import annotations
@@ -20,12 +21,32 @@ from raysearch.errors import ConfigError
 from raysearch.models.registry import ARCHITECTURES, check_arch
 from raysearch.models.weights import apply_pretrained, read_state_dict, resolve_weights_file
 
-__all__ = ["check_weights", "checkpoint_bytes", "create_model", "recompute_bn_stats"]
+__all__ = ["PerLabelModels", "check_weights", "checkpoint_bytes", "create_model",
+           "recompute_bn_stats"]
 
 logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- the factory
+
+
+class PerLabelModels(nn.Module):
+    """Binary relevance (Tsoumakas and Katakis 2007; source report 3's one model per CheXpert
+    label): K independent single-logit models as one module, ``[B, 3, H, W]`` images to
+    ``[B, K]`` logits, column k from model k.
+
+    Trained with the masked per-label BCE, label k's loss reaches the parameters of model k
+    only, and Adam keeps its moments per parameter, so one optimiser trains K separate models
+    (their learning-rate schedule and early stopping follow the mean val loss, as the joint
+    model's do). State-dict keys: ``per_label.<k>.<the single model's key>``.
+    """
+
+    def __init__(self, models: Iterable[nn.Module]):
+        super().__init__()
+        self.per_label = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.per_label], dim=1)
 
 
 def create_model(
@@ -35,13 +56,16 @@ def create_model(
     dropout: float = 0.0,
     num_labels: int = 1,
     cache_dir: str | None = None,
+    binary_relevance: bool = False,
 ) -> nn.Module:
     """Build ``arch`` with a head of ``num_labels`` logits and load ``weights`` into it.
 
     ``weights`` is ``"none"``, ``"imagenet"``, a local path or an fsspec URL (see
     :mod:`raysearch.models.weights`). The model maps ``[B, 3, H, W]`` float images to ``[B, K]``
-    logits, K = ``num_labels`` (one per label of the task; MURA: 1, "abnormal"). Raises
-    :class:`ConfigError` for an unknown architecture or a bad dropout or label count, and
+    logits, K = ``num_labels`` (one per label of the task; MURA: 1, "abnormal"). With
+    ``binary_relevance`` and K > 1 it is :class:`PerLabelModels` of K single-logit models,
+    each from ``weights`` (K = 1: the one model either way). Raises :class:`ConfigError` for an
+    unknown architecture or a bad dropout or label count, and
     :class:`~raysearch.errors.WeightsError` for weights that are missing or do not fit.
     """
     check_arch(arch)
@@ -49,6 +73,12 @@ def create_model(
         raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
     if not 1 <= num_labels <= 1000:
         raise ConfigError(f"num_labels must be in [1, 1000], got {num_labels!r}")
+    if binary_relevance and num_labels > 1:
+        return PerLabelModels(
+            create_model(arch, weights=weights, dropout=dropout, num_labels=1,
+                         cache_dir=cache_dir)
+            for _ in range(num_labels)
+        )
     # weights=None: torchvision must never download on its own (no timeout, no clear error).
     model = torchvision.models.get_model(arch, weights=None)
     _standard_batchnorm_momentum(model)

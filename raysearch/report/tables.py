@@ -207,3 +207,115 @@ def ensemble_table(
                 cells += [fmt(r["accuracy"]), kappa]
         table.add_row(str(part), str(int(e["n_studies"])), *cells)
     return table
+
+
+def ci_cell(value: Any, low: Any, high: Any) -> str:
+    """'0.812 [0.77, 0.85]': a metric with its interval ('-' parts where undefined)."""
+    if low is None or (isinstance(low, float) and math.isnan(low)):
+        return fmt(value)
+    return f"{fmt(value)} [{fmt(low, 2)}, {fmt(high, 2)}]"
+
+
+def label_table(
+    metrics: pd.DataFrame, *, best: str, split: str, group: str = "body_part",
+    title: str | None = None,
+) -> Table:
+    """Per label (label_metrics.parquet rows, the ``ALL`` group of ``split``): studies,
+    positives, and ROC AUC and average precision with their 95% intervals for the ensemble and
+    the single member ``best``."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("label")
+    table.add_column("studies", justify="right")
+    table.add_column("pos", justify="right")
+    for who in ("ensemble", "single"):
+        table.add_column(f"{who} AUC [95% CI]", justify="right", min_width=18)
+        table.add_column(f"{who} AP [95% CI]", justify="right", min_width=18)
+    rows = metrics[(metrics["split"] == split) & (metrics[group] == "ALL")]
+    ens = rows[rows["model"] == "ensemble"].set_index("label_name")
+    one = rows[rows["model"] == best].set_index("label_name")
+    for label, e in ens.iterrows():
+        cells = []
+        for r in (e, one.loc[label] if label in one.index else None):
+            if r is None:
+                cells += ["-", "-"]
+            else:
+                cells += [ci_cell(r["auc"], r["auc_low"], r["auc_high"]),
+                          ci_cell(r["ap"], r["ap_low"], r["ap_high"])]
+        table.add_row(str(label), str(int(e["n_studies"])), str(int(e["n_positive"])), *cells)
+    return table
+
+
+def threshold_table(
+    metrics: pd.DataFrame, *, model: str, split: str, group: str = "body_part",
+    target: float | None = None, title: str | None = None,
+) -> Table:
+    """Per label (threshold_metrics.parquet rows of ``model`` and ``split``, the ``ALL``
+    group): F1 at each fixed threshold, then the val-chosen threshold with its precision and
+    recall (95% interval) and F1."""
+    rows = metrics[(metrics["model"] == model) & (metrics["split"] == split)
+                   & (metrics[group] == "ALL")]
+    fixed = sorted(rows.loc[rows["rule"] == "fixed", "threshold"].unique())
+    table = Table(title=title, title_justify="left")
+    table.add_column("label")
+    for t in fixed:
+        table.add_column(f"F1@{t:g}", justify="right")
+    sens = f"sens {target:g}" if target is not None else "val-chosen"
+    table.add_column(f"t ({sens} on val)", justify="right")
+    table.add_column("precision [95% CI]", justify="right", min_width=18)
+    table.add_column("recall [95% CI]", justify="right", min_width=18)
+    table.add_column("F1", justify="right")
+    for label, sub in rows.groupby("label_name", sort=False):
+        at = sub[sub["rule"] == "fixed"].set_index("threshold")
+        cells = [fmt(at.loc[t, "f1"]) if t in at.index else "-" for t in fixed]
+        chosen = sub[sub["rule"] == "val_sensitivity"]
+        if chosen.empty:
+            cells += ["-", "-", "-", "-"]
+        else:
+            c = chosen.iloc[0]
+            cells += [fmt(c["threshold"]),
+                      ci_cell(c["precision"], c["precision_low"], c["precision_high"]),
+                      ci_cell(c["recall"], c["recall_low"], c["recall_high"]), fmt(c["f1"])]
+        table.add_row(str(label), *cells)
+    return table
+
+
+def triage_table(triage: pd.DataFrame, *, title: str | None = None) -> Table:
+    """triage.parquet: per share of the worklist read, the abnormal studies found against a
+    random order's expectation, the share of all abnormal studies captured (95% interval) and
+    the lift over random."""
+    table = Table(title=title, title_justify="left")
+    for name in ("first", "studies", "found", "random", "captured [95% CI]", "random captures",
+                 "lift [95% CI]"):
+        table.add_column(name, justify="right", min_width=18 if "CI" in name else None)
+    for r in triage.to_dict("records"):
+        table.add_row(
+            f"{r['fraction']:.0%}", str(int(r["n_top"])),
+            f"{int(r['found'])} of {int(r['n_abnormal'])}", fmt(r["expected_random"], 1),
+            ci_cell(r["captured"], r["captured_low"], r["captured_high"]),
+            fmt(r["random_captured"]), ci_cell(r["lift"], r["lift_low"], r["lift_high"]),
+        )
+    return table
+
+
+def cross_dataset_table(cross: pd.DataFrame, *, title: str | None = None) -> Table:
+    """cross_dataset.parquet: per label, AUC and AP (95% intervals) on the home test split and
+    on the other dataset, side by side; unshared labels say so."""
+    table = Table(title=title, title_justify="left")
+    for name in ("label", "other label", "status"):
+        table.add_column(name)
+    for side in ("home", "other"):
+        table.add_column(f"{side} n", justify="right")
+        table.add_column(f"{side} AUC [95% CI]", justify="right", min_width=18)
+        table.add_column(f"{side} AP [95% CI]", justify="right", min_width=18)
+    for r in cross.to_dict("records"):
+        cells = []
+        for side in ("home", "other"):
+            n = r[f"{side}_n_studies"]
+            cells += ([str(int(n)),
+                       ci_cell(r[f"{side}_auc"], r[f"{side}_auc_low"], r[f"{side}_auc_high"]),
+                       ci_cell(r[f"{side}_ap"], r[f"{side}_ap_low"], r[f"{side}_ap_high"])]
+                      if n else ["-", "-", "-"])
+        table.add_row(fmt(r["label_name"]) if isinstance(r["label_name"], str) else "-",
+                      r["other_label_name"] if isinstance(r["other_label_name"], str) else "-",
+                      r["status"], *cells)
+    return table

@@ -190,7 +190,9 @@ def _prepare(spec, exp_dir, spec_yaml, *, restoring, overwrite, console) -> Task
         check_free_space(
             manifest=manifest, image_sizes=image_sizes(spec), cache_dir=spec.cache_dir,
             experiment_dir=exp_dir,
-            checkpoint_bytes=max(checkpoint_bytes(a) for a, _ in weight_sources(spec)),
+            # binary relevance keeps one model per label in a checkpoint
+            checkpoint_bytes=max(checkpoint_bytes(a) for a, _ in weight_sources(spec))
+            * (task.k if "True" in _values(spec, "binary_relevance") else 1),
             num_trials=spec.search.num_samples, console=console,
         )
     else:

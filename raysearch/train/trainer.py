@@ -305,7 +305,9 @@ def _run_single_locked(cfg, rest, data, *, storage, name, exp_dir, cache_dir, fr
                                     group=task.group):
             console.print(f"[yellow]{note}[/]")
     check_free_space(manifest=manifest, image_sizes=[cfg.image_size], cache_dir=cache_dir,
-                     experiment_dir=exp_dir, checkpoint_bytes=checkpoint_bytes(cfg.arch),
+                     experiment_dir=exp_dir,
+                     checkpoint_bytes=checkpoint_bytes(cfg.arch)
+                     * (task.k if cfg.binary_relevance else 1),
                      num_trials=1, console=console)
     if fresh:
         remove_experiment(exp_dir, storage=storage)

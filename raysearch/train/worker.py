@@ -161,7 +161,8 @@ def train_loop_per_worker(config: LoopConfig, session=None) -> None:
 
     # --- model, optimiser, schedule
     torch.manual_seed(cfg.seed)  # head initialisation; the worker process is ours alone
-    model = create_model(cfg.arch, weights=cfg.weights, dropout=cfg.dropout, num_labels=task.k)
+    model = create_model(cfg.arch, weights=cfg.weights, dropout=cfg.dropout, num_labels=task.k,
+                         binary_relevance=cfg.binary_relevance)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     # What trains (finetune: full | head | gradual): frozen before DDP wraps the model, so that
