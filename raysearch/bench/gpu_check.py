@@ -189,6 +189,52 @@ def check_ray(device: torch.device, *, small: bool) -> tuple[bool, str] | None:
                 f"{r['val_time_s']:.2f} s, checkpoint {r['checkpoint_write_s']:.2f} s")
 
 
+def check_finetune(device: torch.device, *, small: bool) -> tuple[bool, str]:
+    """A ``head`` trial's epoch steps on the device (AMP, channels_last on CUDA): the frozen
+    backbone, BatchNorm statistics included, is bit-for-bit unchanged, the head moved; and its
+    speed against a ``full`` trial's (``raysearch bench train --finetune head``)."""
+    import numpy as np
+
+    from raysearch.bench.step import bench_finetune
+    from raysearch.config import TrialConfig
+    from raysearch.data.augment import DeviceAugment
+    from raysearch.data.cache import ArrayStore
+    from raysearch.data.loader import BatchLoader
+    from raysearch.models.factory import create_model
+    from raysearch.models.finetune import optimizer_groups, set_trainable
+    from raysearch.train.loop import make_optimizer, train_epoch
+
+    arch, size, batch = ("resnet18", 64, 8) if small else ("densenet121", 224, 32)
+    cuda = device.type == "cuda"
+    model = create_model(arch).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    set_trainable(model, arch, backbone=False)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = TrialConfig(arch=arch, weights="imagenet", finetune="head", image_size=size, lr=1e-2)
+    rng = np.random.default_rng(0)
+    store = ArrayStore(rng.integers(0, 256, size=(4 * batch, size, size), dtype=np.uint8))
+    loader = BatchLoader(store, np.arange(4 * batch), (rng.random((4 * batch, 1)) > 0.5)
+                         .astype(np.float32), batch_size=batch, shuffle=False, pin_memory=cuda)
+    train_epoch(model, loader, augment=DeviceAugment(cfg.augment_params(), device=device, seed=0,
+                                                     channels_last=cuda),
+                optimizer=make_optimizer(cfg, optimizer_groups(model, arch, mode="head", lr=1e-2,
+                                                               backbone_lr_mult=1.0)),
+                scaler=torch.amp.GradScaler("cuda", enabled=False),
+                weight_by_row=torch.ones(4 * batch, 1), device=device)
+    after = model.state_dict()
+    head = [k for k in before if k.startswith(("classifier.", "fc."))]
+    moved = [k for k in before if k not in head and not torch.equal(before[k], after[k])]
+    head_moved = any(not torch.equal(before[k], after[k]) for k in head)
+    r = bench_finetune(arch=arch, image_size=size, batch_size=batch, mode="head",
+                       steps=3 if small else 20, warmup=1 if small else 3,
+                       rounds=2 if small else 3, device=device)
+    return not moved and head_moved, (
+        f"{arch} {size}px head trial: {len(moved)} backbone tensors moved (want 0), head "
+        f"{'moved' if head_moved else 'DID NOT MOVE'}; head {r['mode_images_per_s']:.1f} img/s vs "
+        f"full {r['full_images_per_s']:.1f} img/s ({r['speedup']:.2f}x)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description=__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="the same checks in small, on the CPU")
@@ -204,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"device   {name}; torch {torch.__version__}, cuda {torch.version.cuda}, "
           f"bf16 {'yes' if bf16 else 'no'}, {os.cpu_count()} CPU cores", flush=True)
     results = [_run(n, fn) for n, fn in check_step(device, small=args.cpu)]
+    results.append(_run("finetune", lambda: check_finetune(device, small=args.cpu)))
     results.append(_run("predictor", lambda: check_predictor(device, small=args.cpu)))
     results.append(_run("ddp", lambda: check_ddp(device, small=args.cpu)))
     if args.no_ray:

@@ -181,13 +181,12 @@ def bench_finetune(
     store = ArrayStore(rng.integers(0, 256, size=(n, image_size, image_size), dtype=np.uint8))
     labels = (rng.random((n, 1)) > 0.5).astype(np.float32)
 
-    def arm(which: str):
+    def arm(which: str, blocks: int | None):
         torch.manual_seed(seed)
         model = create_model(arch).to(device)
         if cuda:
             model = model.to(memory_format=torch.channels_last)
         backbone = backbone_trains(which, 1, 1)  # gradual: its head-only epochs
-        blocks = last_n_blocks if which != "head" else None
         trainable = set_trainable(model, arch, backbone=backbone, last_n_blocks=blocks)
         groups = optimizer_groups(model, arch, mode=which, lr=1e-4, backbone_lr_mult=1.0,
                                   last_n_blocks=blocks)
@@ -212,8 +211,8 @@ def bench_finetune(
 
         return run, trainable
 
-    full, full_params = arm("full")
-    other, other_params = arm(mode)
+    full, full_params = arm("full", None)
+    other, other_params = arm(mode, last_n_blocks if mode != "head" else None)
     pairs = alternate(full, other, rounds=rounds)
     ratio = paired_ratio(pairs)
     return {

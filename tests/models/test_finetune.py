@@ -220,3 +220,19 @@ def test_a_relative_weights_path_in_a_space_is_taken_from_where_tune_runs(tmp_pa
     assert spec.space[0].values == (str(tmp_path / "w" / "a.pt"), str(tmp_path / "w" / "b.pt"),
                                     "imagenet")
     assert spec.search.points_to_evaluate[0]["weights"] == str(tmp_path / "w" / "b.pt")
+
+
+def test_bench_train_finetune_compares_a_frozen_arm_with_a_full_one():
+    from raysearch.bench.step import bench_finetune
+
+    r = bench_finetune(arch="resnet18", image_size=32, batch_size=8, mode="full",
+                       last_n_blocks=1, steps=2, warmup=1, rounds=2, device="cpu")
+    full = sum(p.numel() for p in create_model("resnet18").parameters())
+    assert r["full_trainable"] == full
+    layer4_and_head = sum(p.numel() for n, p in create_model("resnet18").named_parameters()
+                          if n.startswith(("layer4.", "fc.")))
+    assert r["mode_trainable"] == layer4_and_head
+    assert r["full_images_per_s"] > 0 and r["mode_images_per_s"] > 0 and r["speedup"] > 0
+    head = bench_finetune(arch="resnet18", image_size=32, batch_size=8, mode="head", steps=2,
+                          warmup=1, rounds=1, device="cpu")
+    assert head["mode_trainable"] == 512 + 1
