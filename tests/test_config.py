@@ -75,7 +75,7 @@ def test_cli_overrides_win():
 
 BAD = [
     (spec_with("colour", "red"), "unknown key `colour`; allowed: data, name, resources, scheduler, search, space, storage, trial"),
-    (spec_with("data.rot", "/x"), "unknown key `data.rot`; allowed: cache_dir, root, seed, skip_bad, val_fraction"),
+    (spec_with("data.rot", "/x"), "unknown key `data.rot`; allowed: aggregation, any_finding, blank, cache_dir, drop_all_negative, format, group_column, labels, path_column, patient_column, root, seed, skip_bad, split_column, study_column, test_fraction, uncertain, val_fraction, views"),
     (spec_with("data.val_fraction", "lots"), "`data.val_fraction` must be float, got 'lots'"),
     (spec_with("data.val_fraction", 1.5), "data.val_fraction must be in (0, 1), got 1.5"),
     (spec_with("search.num_samples", 0), "search.num_samples must be >= 1, got 0"),
