@@ -91,7 +91,7 @@ def _codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Label cells -> raw codes (1, 0, -1, NaN for empty) and a mask of the cells that are none
     of these."""
     text = values.astype(object).where(values.notna(), "").astype(str).str.strip()
-    num = pd.to_numeric(text.where(text != "", "nan"), errors="coerce").to_numpy(np.float64)
+    num = pd.to_numeric(text.where(text != "", "nan"), errors="coerce").to_numpy(np.float64, copy=True)
     bad = (~np.isin(num, (1.0, 0.0, -1.0)) & ~np.isnan(num)) | (np.isnan(num)
                                                                 & ~text.isin(["", "nan", "NaN"])
                                                                 .to_numpy())

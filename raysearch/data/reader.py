@@ -113,10 +113,11 @@ def finish(frame: pd.DataFrame, data, *, available: tuple[str, ...], name: str, 
     if frame.empty:
         raise DataError(f"no usable images in the {name} data at {problems.root}")
     policy = LabelPolicy.from_data(data)
+    # The split comes first, so that every policy sees the same patients in each split.
+    frame, note = _split(frame, data, has_official_test=has_official_test)
     kept, names, steps = apply_policy(frame, labels, policy, findings=available)
     if kept.empty:
         raise DataError(f"no images left in the {name} data after the label policy {policy!r}")
-    kept, note = _split(kept, data, has_official_test=has_official_test)
     cols = [f"label_{c.split('label_', 1)[1]}" for c in kept.columns if c.startswith("label_")]
     maskable = tuple(n for n, c in zip(names, cols) if kept[c].isna().any())
     if len(names) == 1:  # the K = 1 contract: `label`, int 0/1
@@ -143,7 +144,8 @@ def finish(frame: pd.DataFrame, data, *, available: tuple[str, ...], name: str, 
     kept.attrs["skipped"] = problems.frame()
     kept.attrs["steps"] = steps
     kept.attrs["split_note"] = note
-    kept.attrs["policy"] = policy_table(frame, kept, names, steps=steps, policy=policy,
+    shown = kept.rename(columns={"label": cols[0]}) if task.k == 1 else kept
+    kept.attrs["policy"] = policy_table(frame, shown, names, steps=steps, policy=policy,
                                         title=f"{name} labels")
     return kept, task
 
@@ -194,3 +196,29 @@ def check_choice_only(data, *, name: str, allowed: tuple[str, ...]) -> None:
         if key not in allowed and getattr(data, key) != getattr(defaults, key):
             raise ConfigError(f"data.{key} does not apply to the {name} format")
 
+
+
+def summary_table(manifest: pd.DataFrame, task: Task, *, title: str | None = None):
+    """A Rich table of a manifest of a reader with several labels: per split and group, the
+    patients, studies and images, and per label the positive studies (after the policy; a
+    study is positive when any of its images is, as the max aggregation scores it)."""
+    from rich.table import Table
+
+    table = Table(title=title or f"{task.name} manifest")
+    table.add_column("split")
+    table.add_column(task.group)
+    for name in ("patients", "studies", "images"):
+        table.add_column(name, justify="right")
+    splits = [s for s in ("train", "val", "test") if (manifest["split"] == s).any()]
+    for split in [*splits, "all"]:
+        part = manifest if split == "all" else manifest[manifest["split"] == split]
+        groups = [g for g in [*task.groups, *sorted(set(part[task.group]) - set(task.groups))]
+                  if (part[task.group] == g).any()]
+        for g in groups if split != "all" else []:
+            sub = part[part[task.group] == g]
+            table.add_row("", str(g), f"{sub['patient_id'].nunique():,}",
+                          f"{sub['study_id'].nunique():,}", f"{len(sub):,}")
+        table.add_row(split, "ALL", f"{part['patient_id'].nunique():,}",
+                      f"{part['study_id'].nunique():,}", f"{len(part):,}", style="bold",
+                      end_section=True)
+    return table
