@@ -249,6 +249,13 @@ class DataConfig:
             if value is not None and not (isinstance(value, str) and value):
                 raise ConfigError(f"data.{name} must be a column name, got {value!r}")
 
+    def reader_options(self) -> list[str]:
+        """The options for the formats with several labels that differ from their defaults
+        (MURA refuses them rather than ignore them)."""
+        shared = {"root", "val_fraction", "seed", "cache_dir", "skip_bad", "format"}
+        return [f.name for f in fields(self) if f.name not in shared
+                and getattr(self, f.name) != f.default]
+
     @property
     def label_choice(self) -> str | list[str]:
         """``labels`` as YAML writes it: a word, or a list of names."""

@@ -43,18 +43,11 @@ def read_dataset(data, *, console=None) -> tuple[pd.DataFrame, Task]:
 def _check_mura_options(data) -> None:
     """MURA has one label and its own split: options for the other formats are refused, not
     silently ignored."""
-    import dataclasses
-
-    from raysearch.config import DataConfig
     from raysearch.errors import ConfigError
 
-    default = DataConfig()
-    for field in dataclasses.fields(DataConfig):
-        if field.name in ("root", "val_fraction", "seed", "cache_dir", "skip_bad", "format"):
-            continue
-        if getattr(data, field.name) != getattr(default, field.name):
-            raise ConfigError(f"data.{field.name} does not apply to the mura format (one label, "
-                              "official valid as test)")
+    if extra := data.reader_options():
+        raise ConfigError(f"data.{extra[0]} does not apply to the mura format (one label, "
+                          "official valid as test)")
 
 
 def prepare_data(

@@ -186,18 +186,6 @@ def check_patients_in_one_split(frame: pd.DataFrame, column: str, *, where: str)
                         f"(leakage): {name_some(both)}")
 
 
-def check_choice_only(data, *, name: str, allowed: tuple[str, ...]) -> None:
-    """Refuse DataConfig options set away from their defaults that ``name`` does not use."""
-    from raysearch.config import DataConfig
-
-    defaults = DataConfig()
-    for key in ("path_column", "patient_column", "study_column", "group_column", "split_column",
-                "views"):
-        if key not in allowed and getattr(data, key) != getattr(defaults, key):
-            raise ConfigError(f"data.{key} does not apply to the {name} format")
-
-
-
 def summary_table(manifest: pd.DataFrame, task: Task, *, title: str | None = None):
     """A Rich table of a manifest of a reader with several labels: per split and group, the
     patients, studies and images, and per label the positive studies (after the policy; a
