@@ -107,9 +107,9 @@ def finish(frame: pd.DataFrame, data, *, available: tuple[str, ...], name: str, 
     ``data.test_fraction`` is given, which then splits all patients and drops the official test
     rows, as source report 3 split CheXpert's train.csv alone).
     """
+    # A wrong option is told before the data's problems: it is the quicker fix.
+    labels = choose_labels(available, data.labels, competition=competition, what=name)
     problems.raise_unless(data.skip_bad)
-    labels = choose_labels(available, data.labels, competition=competition,
-                           what=f"{name}")
     if frame.empty:
         raise DataError(f"no usable images in the {name} data at {problems.root}")
     policy = LabelPolicy.from_data(data)
