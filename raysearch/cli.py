@@ -129,8 +129,14 @@ def cmd_demo_data(args) -> int:
     from raysearch.data.synth import make_demo_data
 
     t0 = time.perf_counter()
-    root = make_demo_data(args.dir, seed=args.seed, size=args.size, label_noise=args.label_noise,
-                          overwrite=args.overwrite)
+    if args.format == "mura":
+        root = make_demo_data(args.dir, seed=args.seed, size=args.size,
+                              label_noise=args.label_noise, overwrite=args.overwrite)
+    else:
+        from raysearch.data.synth_chest import make_chexpert_demo, make_nih_demo
+
+        make = make_chexpert_demo if args.format == "chexpert" else make_nih_demo
+        root = make(args.dir, seed=args.seed, size=args.size, overwrite=args.overwrite)
     _stdout_console().print(f"demo dataset ({args.size}, seed {args.seed}) -> {root} "
                             f"in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -407,15 +413,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the manifest to this Parquet file")
     s.set_defaults(func=cmd_data)
 
-    s = _command(sub, "demo-data", help="write a synthetic dataset in the MURA-v1.1 layout",
-                 common=common, examples=("raysearch demo-data demo_data",
-                                          "raysearch demo-data /tmp/demo --size tiny --seed 1"))
-    s.add_argument("dir", help="folder to write (MURA-v1.1 is created inside it)")
+    s = _command(sub, "demo-data", help="write a synthetic dataset in the MURA-v1.1, "
+                 "CheXpert-v1.0-small or ChestX-ray14 layout", common=common,
+                 examples=("raysearch demo-data demo_data",
+                           "raysearch demo-data /tmp/demo --size tiny --seed 1",
+                           "raysearch demo-data chest_demo --format chexpert",
+                           "raysearch demo-data chest_demo --format nih"))
+    s.add_argument("dir", help="folder to write (MURA-v1.1, CheXpert-v1.0-small or "
+                   "ChestX-ray14 is created inside it)")
+    s.add_argument("--format", default="mura", choices=["mura", "chexpert", "nih"],
+                   help="the layout and labels: MURA (one label), CheXpert (14 observations, "
+                   "uncertain and blank values, frontal and lateral views) or ChestX-ray14 "
+                   "(NIH names)")
     s.add_argument("--seed", type=int, default=0, help="seed of the generated images and labels")
     s.add_argument("--size", default="small", choices=["tiny", "small", "medium", "large"],
                    help="how many patients and images")
     s.add_argument("--label-noise", type=float, default=0.03,
-                   help="fraction of studies whose label is flipped")
+                   help="fraction of studies whose label is flipped (mura)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace demo data made here before (never a folder demo-data did not make)")
     s.set_defaults(func=cmd_demo_data)
