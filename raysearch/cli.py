@@ -381,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "manifest) and summarise it", common=common,
                  examples=("raysearch data demo_data", "raysearch data --space demo",
                            "raysearch data /data/MURA-v1.1 --skip-bad --out manifest.parquet",
-                           "raysearch data /data/CheXpert-v1.0-small --uncertain drop "
-                           "--drop-all-negative --test-fraction 0.2",
+                           ("raysearch data /data/CheXpert-v1.0-small --uncertain drop "
+                           "--drop-all-negative --test-fraction 0.2"),
                            "raysearch data my_manifest.csv --labels Cardiomegaly,Edema"))
     s.add_argument("root", nargs="?", help="the dataset folder (MURA-v1.1, CheXpert-v1.0(-small), "
                    "ChestX-ray14) or its parent, or a CSV/Parquet manifest (path or URL); "

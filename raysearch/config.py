@@ -100,9 +100,15 @@ class TrialConfig:
     brightness: float | None = None
     contrast: float | None = None
     seed: int = 0
+    # The uncertainty policy of this trial's training targets (ignore, zeros, ones, drop),
+    # re-derived from the manifest's raw label codes; None keeps data.uncertain's. Val and test
+    # keep data.uncertain's targets, so that val_loss compares trials of different policies.
+    uncertain: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("arch", self.arch, _architectures())
+        if self.uncertain is not None:
+            check_choice("uncertain", self.uncertain, UNCERTAIN_POLICIES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("class_weighting", self.class_weighting, CLASS_WEIGHTINGS)

@@ -386,6 +386,7 @@ BAD_FIELD = {
     "brightness": "bright",
     "contrast": 2.0,
     "seed": -1,
+    "uncertain": "sometimes",
 }
 
 

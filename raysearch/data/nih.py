@@ -96,7 +96,7 @@ def read_nih_csv(source, *, name: str = "Data_Entry_2017.csv") -> pd.DataFrame:
         "follow_up": table.get("Follow-up #", pd.Series("", index=table.index)).str.strip(),
         "view": table["View Position"].str.strip().str.upper(),
     })
-    sets = [set(x.strip() for x in names) for names in findings]
+    sets = [{x.strip() for x in names} for names in findings]
     for label in NIH_LABELS:
         frame[raw_column(label)] = np.array([label in s for s in sets], dtype=np.float64)
     return frame

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import numpy as np
 import pandas as pd
 
 from raysearch import storage
 from raysearch.data.dataset import Task
 from raysearch.data.labels import LabelPolicy, apply_policy, choose_labels, policy_table
 from raysearch.data.split import split_by_fractions
-from raysearch.errors import ConfigError, DataError, name_some
+from raysearch.errors import DataError, name_some
 
 __all__ = ["Problems", "finish", "list_files"]
 

@@ -328,8 +328,8 @@ def make_nih_demo(out_dir: str, *, seed: int = 0, size: str = "small",
     root = _start(out_dir, "ChestX-ray14", overwrite=overwrite,
                   meta={"format": "nih", "seed": seed, "size": size})
     rng = np.random.default_rng(seed + 7_919)  # not the CheXpert demo's patients
-    lines = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
-             "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n"]
+    lines = [("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
+             "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n")]
     jobs, test, train_val = [], [], []
     total = spec.train_patients + spec.valid_patients
     for number in range(1, total + 1):

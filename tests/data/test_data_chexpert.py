@@ -129,15 +129,15 @@ def test_unknown_label_and_options(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda t: t[3].__setitem__(7, "2.0"), "train.csv row 5: Cardiomegaly is '2.0'; CheXpert "
-                                           "labels are 1.0, 0.0, -1.0 or blank"),
-    (lambda t: t[1].__setitem__(7, "0.0"), r"study's views disagree on the labels \(1\): "
-                                           "train/patient00001/study1"),
-    (lambda t: t[1].__setitem__(3, "Frontal"), "train.csv row 3: Frontal/Lateral is 'Frontal' "
-                                               "but the file is a lateral view"),
+    (lambda t: t[3].__setitem__(7, "2.0"), ("train.csv row 5: Cardiomegaly is '2.0'; CheXpert "
+                                           "labels are 1.0, 0.0, -1.0 or blank")),
+    (lambda t: t[1].__setitem__(7, "0.0"), (r"study's views disagree on the labels \(1\): "
+                                           "train/patient00001/study1")),
+    (lambda t: t[1].__setitem__(3, "Frontal"), ("train.csv row 3: Frontal/Lateral is 'Frontal' "
+                                               "but the file is a lateral view")),
     (lambda t: t[0].__setitem__(0, "CheXpert-v1.0-small/train/p1/study1/view1_frontal.jpg"),
-     "train.csv row 2: 'CheXpert-v1.0-small/train/p1/study1/view1_frontal.jpg' is not a "
-     "CheXpert image path"),
+     ("train.csv row 2: 'CheXpert-v1.0-small/train/p1/study1/view1_frontal.jpg' is not a "
+     "CheXpert image path")),
     (lambda t: t.append(row(f"{REL}/valid/patient00002/study9/view1_frontal.jpg")),
      "is not under train/"),
 ])
