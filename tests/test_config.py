@@ -530,3 +530,21 @@ def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path, text, wher
     message = str(info.value)
     assert message.startswith(f"{bad}, {where}: not valid YAML: {what}"), message
     assert "\n" not in message
+
+
+def test_shipped_chexpert_spaces_validate_and_start_from_report_3():
+    """search_spaces/chexpert.yaml's first point is source report 3's setup (ResNet-50, Adam 1e-3,
+    plateau patience 5, early stopping patience 10, batch 16, U-Ignore); the policy is searched."""
+    spec = load_search_space("search_spaces/chexpert.yaml")
+    first = spec.trial_config(dict(spec.search.points_to_evaluate[0]))
+    assert (first.arch, first.weights, first.optimizer, first.lr, first.lr_schedule,
+            first.plateau_patience, first.early_stop_patience, first.batch_size,
+            first.uncertain) == ("resnet50", "imagenet", "adam", 1e-3, "plateau", 5, 10, 16,
+                                 "ignore")
+    params = {p.name: p for p in spec.space}
+    assert set(params["arch"].values) == {"densenet121", "resnet50"}
+    assert set(params["image_size"].values) <= set(range(224, 321))
+    assert set(params["uncertain"].values) == {"ignore", "zeros", "ones", "drop"}
+    assert spec.data.format == "chexpert" and spec.trial["hflip"] == 0.0
+    demo = load_search_space("search_spaces/chexpert_demo.yaml")
+    assert demo.trial["weights"] == "none" and demo.data.format == "chexpert"
