@@ -226,3 +226,15 @@ def test_real_train_csv_reads_with_stand_in_images(tmp_path):
     assert m.groupby("patient_id")["split"].nunique().max() == 1
     assert not any(m[c].isna().any() for c in task.label_columns)
     assert not (m[list(task.label_columns)].to_numpy(np.float64) == 0).all(axis=1).any()
+
+
+def test_mura_weighting_counts_a_study_in_each_view_it_has(tmp_path):
+    """class_weighting mura weighs per group; CheXpert's group (view) varies within a study, so
+    a study with a lateral view must count in the lateral group too (it gave NaN weights)."""
+    from raysearch.train.losses import label_weights
+
+    make_tree(tmp_path)
+    m, task = read(tmp_path, labels=["Cardiomegaly", "Edema"])
+    w = label_weights(m, task=task, scheme="mura")  # every image, as if all were training
+    known = ~m[list(task.label_columns)].isna().to_numpy()
+    assert np.isfinite(w).all() and (w[known] > 0).all()
