@@ -76,8 +76,11 @@ class LabelPolicy:
 
     @classmethod
     def from_data(cls, data) -> LabelPolicy:
+        """The policies of a DataConfig; "Sick" listed in ``data.labels`` asks for any_finding."""
+        listed = not isinstance(data.labels, str) and ANY_FINDING in data.labels
         return cls(uncertain=data.uncertain, blank=data.blank,
-                   drop_all_negative=data.drop_all_negative, any_finding=data.any_finding)
+                   drop_all_negative=data.drop_all_negative,
+                   any_finding=data.any_finding or listed)
 
     def __repr__(self) -> str:
         return (f"LabelPolicy(uncertain={self.uncertain}, blank={self.blank}, drop_all_negative="

@@ -12,7 +12,8 @@ options (``data.*_column``) or found by their default names:
     labels                               ``data.labels`` names them; ``all``: every other column
 
 A label is 1 (positive), 0 (negative), or -1 / empty (uncertain / unknown), as CheXpert writes
-them; the label policies (:mod:`raysearch.data.labels`) decide what is trained on. Validated as
+them; the label policies (:mod:`raysearch.data.labels`) decide what is trained on ("Sick",
+any_finding, looks at the chosen label columns but "No Finding" and "Support Devices"). Validated as
 MURA is: missing files, images listed twice, label values outside 1/0/-1/empty, and the images
 of one study disagreeing on the patient or the labels are each named in one DataError line
 (or left out with ``skip_bad``). A split column that puts one patient in two splits is refused.

@@ -86,6 +86,8 @@ def test_any_finding_and_a_single_label(tmp_path):
     assert task.labels == ("A", "B", "Sick")
     # Sick: 1 where A or B is 1 (a,b,e,g,j); 0 where both are 0 after blank->0 (d,h); else masked
     assert counts(m, "Sick") == (5, 2, 3)
+    m, task = read(path, labels=["A", "Sick"])  # listing Sick asks for it; in a CSV it looks
+    assert task.labels == ("A", "Sick") and counts(m, "Sick") == (3, 5, 2)  # at the chosen labels
     m, task = read(path, labels=["B"], uncertain="ones")
     assert task.labels == ("B",) and task.label_columns == ("label",)
     assert m["label"].dtype == np.int64 and int(m["label"].sum()) == 4
