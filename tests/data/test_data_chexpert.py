@@ -238,3 +238,20 @@ def test_mura_weighting_counts_a_study_in_each_view_it_has(tmp_path):
     w = label_weights(m, task=task, scheme="mura")  # every image, as if all were training
     known = ~m[list(task.label_columns)].isna().to_numpy()
     assert np.isfinite(w).all() and (w[known] > 0).all()
+
+
+def test_raysearch_data_prints_the_policy_table(tmp_path, capsys):
+    from raysearch.cli import main
+
+    make_tree(tmp_path)
+    assert main(["data", str(tmp_path), "--uncertain", "drop", "--drop-all-negative",
+                 "--labels", "No Finding,Cardiomegaly,Edema", "--val-fraction", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "chexpert manifest" in out and "→ masked" in out
+    assert "images: read 13, uncertain dropped 2, all negative dropped 5, kept 6" in out
+    edema = next(line for line in out.splitlines() if line.startswith("│ Edema"))
+    # before: 2 positive (patient 3, valid's 64541), 2 negative (patient 7, valid's 64542),
+    # 2 uncertain (patient 1's views), 7 blank; after, of the 6 images kept: 2 positive, 4 negative
+    assert [int(c) for c in edema.split("│")[2:-1]] == [2, 2, 2, 7, 2, 4, 0]
+    assert main(["data", str(tmp_path), "--format", "nih"]) == 2
+    assert "no ChestX-ray14 dataset" in capsys.readouterr().err
