@@ -53,6 +53,7 @@ def choose_labels(available: tuple[str, ...], choice, *, competition: tuple[str,
                   what: str = "the dataset") -> tuple[str, ...]:
     """The labels ``choice`` (``all``, ``competition`` or a list of names) picks from
     ``available``, in the order given. Raises ConfigError naming an unknown label."""
+    _check_slugs(available)
     if choice == "all":
         return tuple(available)
     if choice == "competition":
@@ -64,6 +65,16 @@ def choose_labels(available: tuple[str, ...], choice, *, competition: tuple[str,
         raise ConfigError(f"data.labels: unknown label {unknown[0]!r} in {what}; its labels: "
                           f"{', '.join(available)}")
     return tuple(x for x in choice if x != ANY_FINDING)
+
+
+def _check_slugs(names) -> None:
+    """Two labels whose column names would be the same ('Pleural Effusion', 'pleural_effusion')."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if slug(name) in seen:
+            raise ConfigError(f"data.labels: {seen[slug(name)]!r} and {name!r} would share the "
+                              f"column label_{slug(name)}; rename one")
+        seen[slug(name)] = name
 
 
 class LabelPolicy:

@@ -20,7 +20,7 @@ from collections import defaultdict
 import pandas as pd
 
 from raysearch import storage
-from raysearch.data.dataset import Task
+from raysearch.data.dataset import Task, slug
 from raysearch.data.labels import LabelPolicy, apply_policy, choose_labels, policy_table
 from raysearch.data.split import split_by_fractions
 from raysearch.errors import DataError, name_some
@@ -117,7 +117,7 @@ def finish(frame: pd.DataFrame, data, *, available: tuple[str, ...], name: str, 
     kept, names, steps = apply_policy(frame, labels, policy, findings=available)
     if kept.empty:
         raise DataError(f"no images left in the {name} data after the label policy {policy!r}")
-    cols = [f"label_{c.split('label_', 1)[1]}" for c in kept.columns if c.startswith("label_")]
+    cols = [f"label_{slug(n)}" for n in names]
     maskable = tuple(n for n, c in zip(names, cols) if kept[c].isna().any())
     if len(names) == 1:  # the K = 1 contract: `label`, int 0/1
         known = kept[cols[0]].notna()

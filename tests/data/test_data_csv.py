@@ -203,3 +203,10 @@ def test_retarget_changes_only_the_uncertain_cells(tmp_path):
     assert retarget(m1, t1, "ones")["label"].tolist().count(1) == 5
     with pytest.raises(DataError, match="trial.uncertain needs the raw label codes"):
         retarget(m.drop(columns=["raw_a"]), task, "ones")
+
+
+def test_labels_that_would_share_a_column_are_refused(tmp_path):
+    rows = [(*r[:5], r[4]) for r in ROWS]
+    with pytest.raises(ConfigError, match="'A b' and 'a_b' would share the column label_a_b"):
+        read(write(tmp_path, rows, header=("path", "patient_id", "study_id", "group", "A b",
+                                           "a_b")))
