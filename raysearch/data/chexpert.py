@@ -30,6 +30,7 @@ from raysearch.data.reader import (
     finish,
     list_files,
 )
+from raysearch.data.roots import find_chexpert_root
 from raysearch.errors import DataError, os_reason
 
 __all__ = ["CHEXPERT_LABELS", "COMPETITION_LABELS", "find_chexpert_root", "read_chexpert",
@@ -42,27 +43,10 @@ CHEXPERT_LABELS = (
 )  # fmt: skip
 # The CheXpert competition's five (the paper, sec. 5).
 COMPETITION_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
-RELEASES = ("CheXpert-v1.0-small", "CheXpert-v1.0")
 META_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
 VIEWS = ("frontal", "lateral")
 _PATH_RE = (r"^(?:[^/]+/)?(?P<official>train|valid)/(?P<patient>patient\d+)/(?P<study>study\d+)/"
             r"(?P<image>view\d+_(?P<view>frontal|lateral)\.jpg)$")
-
-
-def find_chexpert_root(root: str) -> str:
-    """The release folder (the one holding ``train.csv``): ``root`` itself or its
-    ``CheXpert-v1.0-small`` / ``CheXpert-v1.0`` folder. DataError naming ``root`` otherwise."""
-    fs, path = storage.get_fs(root)
-    path = path.rstrip("/")
-    if fs.exists(f"{path}/train.csv"):
-        return str(root).rstrip("/")
-    for name in RELEASES:
-        if fs.exists(f"{path}/{name}/train.csv"):
-            return storage.join(str(root).rstrip("/"), name)
-    if not fs.exists(path):
-        raise DataError(f"dataset folder does not exist: {root}")
-    raise DataError(f"no CheXpert dataset at {root}: expected train.csv in it or in "
-                    f"{root}/{RELEASES[0]}")
 
 
 def read_chexpert_csv(source, *, name: str = "train.csv", official: str = "train") -> pd.DataFrame:

@@ -58,11 +58,11 @@ def check_data_root(data) -> str:
 
         check_mura_root(data.root)
     elif fmt == "chexpert":
-        from raysearch.data.chexpert import find_chexpert_root
+        from raysearch.data.roots import find_chexpert_root
 
         find_chexpert_root(data.root)
     elif fmt == "nih":
-        from raysearch.data.nih import find_nih_csv
+        from raysearch.data.roots import find_nih_csv
 
         find_nih_csv(data.root)
     else:

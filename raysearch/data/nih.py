@@ -31,6 +31,7 @@ from raysearch.data.reader import (
     finish,
     list_files,
 )
+from raysearch.data.roots import find_nih_csv
 from raysearch.errors import ConfigError, DataError, name_some, os_reason
 
 __all__ = ["NIH_COMPETITION", "NIH_LABELS", "find_nih_csv", "read_nih", "read_nih_csv"]
@@ -46,19 +47,6 @@ NO_FINDING = "No Finding"
 VIEWS = ("PA", "AP")
 REQUIRED = ("Image Index", "Finding Labels", "Patient ID", "View Position")
 _IMAGE_DIR_RE = re.compile(r"^(?:images_\d+/)?(?:images/)?[^/]+\.png$", re.IGNORECASE)
-
-
-def find_nih_csv(root: str) -> str:
-    """The ``Data_Entry_2017*.csv`` of ``root`` (the newest name when several); DataError
-    naming ``root`` when there is none."""
-    fs, path = storage.get_fs(root)
-    path = path.rstrip("/")
-    if not fs.exists(path):
-        raise DataError(f"dataset folder does not exist: {root}")
-    found = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{path}/Data_Entry_2017*.csv"))
-    if not found:
-        raise DataError(f"no ChestX-ray14 dataset at {root}: expected Data_Entry_2017*.csv in it")
-    return storage.join(str(root).rstrip("/"), found[-1])
 
 
 def read_nih_csv(source, *, name: str = "Data_Entry_2017.csv") -> pd.DataFrame:
