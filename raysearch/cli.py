@@ -438,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                  examples=("raysearch init", "raysearch init my_space.yaml --template mura"))
     s.add_argument("path", nargs="?", default="search_space.yaml", help="file to write")
     s.add_argument("--template", default="demo", choices=packaged(SEARCH_SPACES_DIR),
-                   help="the shipped space to start from (demo: CPU, demo data; mura: GPU, MURA)")
+                   help="the shipped space to start from (demo: CPU, demo data; mura: GPU, MURA; "
+                   "chexpert: GPU, CheXpert; chexpert_demo: CPU, chest demo data)")
     s.add_argument("--force", action="store_true", help="replace the file if it exists")
     s.set_defaults(func=cmd_init)
 
