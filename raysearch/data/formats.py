@@ -77,6 +77,7 @@ def read_any(data, *, check_files: bool = True):
     """Read ``data`` with its format's reader: (manifest, task). MURA goes through
     :func:`raysearch.data.prepare.read_dataset`'s own path; this is for the other formats."""
     fmt = resolve_format(data)
+    _check_options(data, fmt)
     if fmt == "chexpert":
         from raysearch.data.chexpert import read_chexpert
 
@@ -90,3 +91,16 @@ def read_any(data, *, check_files: bool = True):
 
         return read_csv_manifest(data.root, data, check_files=check_files)
     raise DataError(f"read_any reads chexpert, nih and csv, not {fmt}")
+
+
+_COLUMNS = ("path_column", "patient_column", "study_column", "group_column", "split_column")
+
+
+def _check_options(data, fmt: str) -> None:
+    """An option set for another format is refused by name, not silently ignored."""
+    from raysearch.errors import ConfigError
+
+    foreign = {"chexpert": _COLUMNS, "nih": _COLUMNS, "csv": ("views",)}.get(fmt, ())
+    for name in data.reader_options():
+        if name in foreign:
+            raise ConfigError(f"data.{name} does not apply to the {fmt} format")

@@ -125,6 +125,8 @@ def test_read_dataset_detects_csv(tmp_path):
     path = write(tmp_path)
     m, task = read_dataset(DataConfig(root=path))
     assert task.name == "csv" and len(m) == 10
+    with pytest.raises(ConfigError, match="data.views does not apply to the csv format"):
+        read_dataset(DataConfig(root=path, views="frontal"))
     with pytest.raises(ConfigError, match="data.views does not apply to the mura format"):
         from raysearch.data.prepare import _check_mura_options
 
