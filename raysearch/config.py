@@ -233,7 +233,9 @@ class DataConfig:
             labels = tuple(labels)
             object.__setattr__(self, "labels", labels)
         if isinstance(labels, str):
-            check_choice("data.labels", labels, LABEL_SETS)
+            if labels not in LABEL_SETS:
+                raise ConfigError(f"data.labels: unknown value {labels!r}; allowed: all, "
+                                  f"competition, or a list of label names ([{labels}] for this one)")
         elif not (isinstance(labels, tuple) and labels
                   and all(isinstance(x, str) and x.strip() for x in labels)):
             raise ConfigError("data.labels must be all, competition or a non-empty list of "

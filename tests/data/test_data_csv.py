@@ -178,8 +178,9 @@ def test_missing_image_is_named_and_skip_bad_leaves_it_out(tmp_path):
 def test_unknown_label_is_named(tmp_path):
     with pytest.raises(ConfigError, match="data.labels: no label column 'C'"):
         read(write(tmp_path), labels=["A", "C"])
-    with pytest.raises(ConfigError, match="data.labels: unknown value 'some'"):
-        DataConfig(labels="some")
+    with pytest.raises(ConfigError, match=r"data.labels: unknown value 'A'; allowed: all, "
+                                          r"competition, or a list of label names \(\[A\] for"):
+        DataConfig(labels="A")
     assert not math.isnan(DataConfig(test_fraction=0.2).test_fraction)
 
 
