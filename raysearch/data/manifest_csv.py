@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -133,8 +134,7 @@ def read_csv_manifest(root: str, data, *, check_files: bool = True):
         "rel": paths,
         "patient_id": table[cols["patient"]].astype(str).str.strip(),
     })
-    frame["image_path"] = [p if storage.is_url(p) or os.path.isabs(p) else storage.join(base, p)
-                           for p in paths]
+    frame["image_path"] = [_resolve(base, p) for p in paths]
     frame["study_id"] = (table[cols["study"]].astype(str).str.strip() if cols["study"]
                          else frame["rel"])
     group = cols["group"] or "group"
@@ -181,12 +181,29 @@ def read_csv_manifest(root: str, data, *, check_files: bool = True):
                   has_official_test=has_split)
 
 
+def _resolve(base: str, path: str) -> str:
+    """A manifest's image path: a URL or absolute path as it is; a relative one below the
+    manifest's folder (``..`` resolved, for local folders and URLs alike)."""
+    if storage.is_url(path) or os.path.isabs(path):
+        return path
+    if storage.is_url(base):
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, path))}"
+    return os.path.normpath(os.path.join(base, path))
+
+
+def _below(path: str) -> bool:
+    """A relative path that stays below the manifest's folder (one listing finds it)."""
+    return not (storage.is_url(path) or os.path.isabs(path)
+                or posixpath.normpath(path).startswith(".."))
+
+
 def _check_files(frame: pd.DataFrame, base: str, problems: Problems) -> pd.DataFrame:
-    relative = ~frame["rel"].map(lambda p: storage.is_url(p) or os.path.isabs(p))
+    relative = frame["rel"].map(_below)
     rel, other = frame.loc[relative], frame.loc[~relative]
     if len(rel):
         files = list_files(base)
-        rel = rel.assign(rel=rel["rel"].str.replace(r"^(\./)+", "", regex=True))
+        rel = rel.assign(rel=rel["rel"].map(posixpath.normpath))
         rel = check_missing(rel, files, problems)
     if len(other):
         with ThreadPoolExecutor(16) as pool:

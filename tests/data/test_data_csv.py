@@ -4,6 +4,7 @@ named in one line."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -213,3 +214,21 @@ def test_labels_that_would_share_a_column_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="'A b' and 'a_b' would share the column label_a_b"):
         read(write(tmp_path, rows, header=("path", "patient_id", "study_id", "group", "A b",
                                            "a_b")))
+
+
+def test_paths_outside_the_manifest_folder_and_absolute(tmp_path):
+    rows = list(ROWS)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "k.png").write_bytes(b"x")
+    rows[0] = ("../elsewhere/k.png", *ROWS[0][1:])
+    rows[1] = (str(tmp_path / "sub" / "img" / "b.png"), *ROWS[1][1:])
+    rows[2] = ("./img/c.png", *ROWS[2][1:])
+    (tmp_path / "sub").mkdir()
+    path = write(tmp_path / "sub", rows)
+    m, _ = read(path)
+    assert set(m["image_path"]) >= {str(tmp_path / "elsewhere" / "k.png"),
+                                    str(tmp_path / "sub" / "img" / "b.png"),
+                                    str(tmp_path / "sub" / "img" / "c.png")}
+    os.remove(tmp_path / "elsewhere" / "k.png")
+    with pytest.raises(DataError, match=r"image listed but missing \(1\): ../elsewhere/k.png"):
+        read(path)
