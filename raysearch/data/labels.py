@@ -148,7 +148,7 @@ def apply_policy(frame: pd.DataFrame, labels: tuple[str, ...], policy: LabelPoli
     return out.reset_index(drop=True), names, steps
 
 
-def retarget(frame: pd.DataFrame, task: Task, uncertain: str | None) -> pd.DataFrame:
+def retarget(frame: pd.DataFrame, task: Task, *, uncertain: str | None) -> pd.DataFrame:
     """The rows of ``frame`` (a split of a manifest) with their targets re-derived under another
     uncertainty policy ``uncertain`` (``trial.uncertain``; None keeps the manifest's targets).
 

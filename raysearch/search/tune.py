@@ -100,7 +100,7 @@ def check_class_weighting(spec: SearchSpace, manifest, task, *, console) -> None
     train = manifest[manifest["split"] == "train"]
     # trial.uncertain re-derives training targets from the raw label codes (not MURA's)
     for policy in sorted(_values(spec, "uncertain") - {"None"}):
-        if retarget(train, task, policy).empty:
+        if retarget(train, task, uncertain=policy).empty:
             raise DataError(f"uncertain {policy}: no training images are left")
     for scheme in sorted(_values(spec, "class_weighting")):
         if task.k > 1:

@@ -73,7 +73,7 @@ def training_rows(manifest: pd.DataFrame, cache, task: Task, *, uncertain: str |
     train = split_rows(manifest, cache, "train")
     if uncertain is None:
         return train
-    frame = retarget(train.frame, task, uncertain)
+    frame = retarget(train.frame, task, uncertain=uncertain)
     if frame.empty:
         raise DataError(f"trial.uncertain {uncertain}: no training images are left")
     return SplitRows(rows=cache.rows_for(frame["image_path"].tolist()), frame=frame)

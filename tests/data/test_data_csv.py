@@ -190,23 +190,23 @@ def test_retarget_changes_only_the_uncertain_cells(tmp_path):
     from raysearch.data.labels import retarget
 
     m, task = read(write(tmp_path, SPLIT_ROWS, header=SPLIT_HEADER))  # U-Ignore, blanks 0
-    assert retarget(m, task, None) is m
-    ones = retarget(m, task, "ones")
+    assert retarget(m, task, uncertain=None) is m
+    ones = retarget(m, task, uncertain="ones")
     assert counts(ones, "A") == (5, 5, 0) and counts(ones, "B") == (4, 6, 0)
-    zeros = retarget(m, task, "zeros")
+    zeros = retarget(m, task, uncertain="zeros")
     assert counts(zeros, "A") == (3, 7, 0)
-    assert len(retarget(m, task, "drop")) == 7
-    assert counts(retarget(m, task, "ignore"), "A") == counts(m, "A")
+    assert len(retarget(m, task, uncertain="drop")) == 7
+    assert counts(retarget(m, task, uncertain="ignore"), "A") == counts(m, "A")
     # blanks keep the data's policy: with blank ignore they stay masked under `ones`
     mb, tb = read(write(tmp_path, SPLIT_ROWS, header=SPLIT_HEADER), blank="ignore")
-    assert counts(retarget(mb, tb, "ones"), "B") == (4, 3, 3)
+    assert counts(retarget(mb, tb, uncertain="ones"), "B") == (4, 3, 3)
     # one label: `ignore` cannot mask an int label, so those rows go
     m1, t1 = read(write(tmp_path, SPLIT_ROWS, header=SPLIT_HEADER), labels=["A"],
                   uncertain="zeros")
-    assert len(retarget(m1, t1, "ignore")) == 8
-    assert retarget(m1, t1, "ones")["label"].tolist().count(1) == 5
+    assert len(retarget(m1, t1, uncertain="ignore")) == 8
+    assert retarget(m1, t1, uncertain="ones")["label"].tolist().count(1) == 5
     with pytest.raises(DataError, match="trial.uncertain needs the raw label codes"):
-        retarget(m.drop(columns=["raw_a"]), task, "ones")
+        retarget(m.drop(columns=["raw_a"]), task, uncertain="ones")
 
 
 def test_labels_that_would_share_a_column_are_refused(tmp_path):
