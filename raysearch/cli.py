@@ -35,8 +35,25 @@ def _stdout_console():
 # ----------------------------------------------------------------------------- commands
 
 
+def _data_options(args) -> dict:
+    """The `raysearch data` flags that set DataConfig options (None: not given)."""
+    out = {"format": args.format, "views": args.views, "uncertain": args.uncertain,
+           "blank": args.blank, "test_fraction": args.test_fraction,
+           "val_fraction": args.val_fraction, "seed": args.seed}
+    if args.labels is not None:
+        words = [x.strip() for x in args.labels.split(",") if x.strip()]
+        out["labels"] = words[0] if words in (["all"], ["competition"]) else words
+    if args.drop_all_negative:
+        out["drop_all_negative"] = True
+    if args.any_finding:
+        out["any_finding"] = True
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def cmd_data(args) -> int:
-    from raysearch.config import DataConfig
+    import dataclasses
+
+    from raysearch.config import DataConfig, build
 
     data, source = DataConfig(root=args.root or ""), ""
     if args.space:  # the split the search will use: its root, val_fraction, seed, skip_bad
@@ -45,16 +62,19 @@ def cmd_data(args) -> int:
         data, source = load_search_space(args.space, data_root=args.root).data, f" ({args.space})"
     elif not args.root:
         raise ConfigError("data: give the dataset folder, or --space SPACE to read it from a space")
-    import dataclasses
-
     # Through the dataclass, so the options are checked as the space's keys are.
-    data = dataclasses.replace(
-        data, val_fraction=data.val_fraction if args.val_fraction is None else args.val_fraction,
-        seed=data.seed if args.seed is None else args.seed)
+    fields = {f.name: getattr(data, f.name) for f in dataclasses.fields(DataConfig)}
+    data = build(DataConfig, {**fields, **_data_options(args)}, path="data")
+    from raysearch.data.formats import resolve_format
+
+    if resolve_format(data) != "mura":
+        return _data_multilabel(args, data, source)
     val_fraction, seed = data.val_fraction, data.seed
     from raysearch.data.mura import read_mura, skipped_counts, skipped_frame, summary_table
+    from raysearch.data.prepare import _check_mura_options
     from raysearch.storage import atomic_write_parquet
 
+    _check_mura_options(data)
     manifest = read_mura(data.root, val_fraction=val_fraction, seed=seed,
                          skip_bad=args.skip_bad or data.skip_bad)  # fmt: skip
     out = _stdout_console()
@@ -74,14 +94,49 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _data_multilabel(args, data, source: str) -> int:
+    """`raysearch data` for chexpert, nih and csv: the manifest summary, the per-label policy
+    table (raw counts before the policy, targets after it, images kept) and the split."""
+    import dataclasses
+
+    from raysearch.data.formats import read_any, resolve_format
+    from raysearch.data.mura import skipped_counts, skipped_frame
+    from raysearch.data.reader import summary_table
+    from raysearch.storage import atomic_write_parquet
+
+    data = dataclasses.replace(data, skip_bad=args.skip_bad or data.skip_bad)
+    manifest, task = read_any(data)
+    out = _stdout_console()
+    out.print(summary_table(manifest, task, title=f"{resolve_format(data)} manifest"))
+    out.print(manifest.attrs["policy"])
+    out.print(f"split: {manifest.attrs['split_note']}{source}; task: {task.k} label(s), "
+              f"study = {task.aggregation} of its images, metrics per {task.group}")
+    if counts := skipped_counts(manifest):
+        _console().print(f"[yellow]left out {counts} (--skip-bad)[/]")
+        for reason, n in skipped_frame(manifest)["reason"].value_counts().items():
+            _console().print(f"  {n} x {reason}")
+    if args.out:
+        clean = manifest.copy()
+        clean.attrs = {}
+        atomic_write_parquet(clean, args.out)
+        out.print(f"manifest: {len(manifest)} images -> {args.out}")
+    return 0
+
+
 def cmd_demo_data(args) -> int:
     import time
 
     from raysearch.data.synth import make_demo_data
 
     t0 = time.perf_counter()
-    root = make_demo_data(args.dir, seed=args.seed, size=args.size, label_noise=args.label_noise,
-                          overwrite=args.overwrite)
+    if args.format == "mura":
+        root = make_demo_data(args.dir, seed=args.seed, size=args.size,
+                              label_noise=args.label_noise, overwrite=args.overwrite)
+    else:
+        from raysearch.data.synth_chest import make_chexpert_demo, make_nih_demo
+
+        make = make_chexpert_demo if args.format == "chexpert" else make_nih_demo
+        root = make(args.dir, seed=args.seed, size=args.size, overwrite=args.overwrite)
     _stdout_console().print(f"demo dataset ({args.size}, seed {args.seed}) -> {root} "
                             f"in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -362,30 +417,59 @@ def build_parser() -> argparse.ArgumentParser:
     address = "Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)"
     verbose = "show Ray's own logs"
 
-    s = _command(sub, "data", help="validate a MURA-v1.1 dataset and summarise it", common=common,
+    s = _command(sub, "data", help="validate a dataset (MURA, CheXpert, ChestX-ray14 or a CSV "
+                 "manifest) and summarise it", common=common,
                  examples=("raysearch data demo_data", "raysearch data --space demo",
-                           "raysearch data /data/MURA-v1.1 --skip-bad --out manifest.parquet"))
-    s.add_argument("root", nargs="?", help="the MURA-v1.1 folder or its parent (path or URL); "
+                           "raysearch data /data/MURA-v1.1 --skip-bad --out manifest.parquet",
+                           ("raysearch data /data/CheXpert-v1.0-small --uncertain drop "
+                           "--drop-all-negative --test-fraction 0.2"),
+                           "raysearch data my_manifest.csv --labels Cardiomegaly,Edema"))
+    s.add_argument("root", nargs="?", help="the dataset folder (MURA-v1.1, CheXpert-v1.0(-small), "
+                   "ChestX-ray14) or its parent, or a CSV/Parquet manifest (path or URL); "
                    "with --space, overrides the space's data.root")
-    s.add_argument("--space", help="read root, val_fraction, seed and skip_bad from this search "
-                   "space's `data:` section, so the split shown is the one `tune` uses")
+    s.add_argument("--space", help="read the `data:` section of this search space, so the split "
+                   "shown is the one `tune` uses (flags override it)")
+    s.add_argument("--format", choices=["auto", "mura", "chexpert", "nih", "csv"], default=None,
+                   help="the reader (default: the space's, else detected from the root)")
     s.add_argument("--val-fraction", type=float, default=None,
-                   help="patients of official train held out for val (default: the space's, "
-                   "else 0.1)")
+                   help="patients held out for val (default: the space's, else 0.1)")
+    s.add_argument("--test-fraction", type=float, default=None,
+                   help="split all patients train/val/test with this test share instead of the "
+                   "official test set (not MURA)")
     s.add_argument("--seed", type=int, default=None, help="split seed (default: the space's, else 0)")
+    s.add_argument("--views", choices=["all", "frontal", "lateral"], default=None,
+                   help="CheXpert views to keep (default: all)")
+    s.add_argument("--labels", default=None, help="all, competition, or comma-separated label "
+                   "names (default: all)")
+    s.add_argument("--uncertain", choices=["ignore", "zeros", "ones", "drop"], default=None,
+                   help="uncertain (-1) labels: masked, 0, 1, or drop the image (default: ignore)")
+    s.add_argument("--blank", choices=["zeros", "ignore"], default=None,
+                   help="blank (not mentioned) labels: 0 or masked (default: zeros)")
+    s.add_argument("--drop-all-negative", action="store_true",
+                   help="drop images whose chosen labels are all 0 after the policies")
+    s.add_argument("--any-finding", action="store_true",
+                   help='add the label "Sick": any finding but Support Devices')
     s.add_argument("--skip-bad", action="store_true", help="leave out bad images and say how many")
     s.add_argument("--out", help="write the manifest to this Parquet file")
     s.set_defaults(func=cmd_data)
 
-    s = _command(sub, "demo-data", help="write a synthetic dataset in the MURA-v1.1 layout",
-                 common=common, examples=("raysearch demo-data demo_data",
-                                          "raysearch demo-data /tmp/demo --size tiny --seed 1"))
-    s.add_argument("dir", help="folder to write (MURA-v1.1 is created inside it)")
+    s = _command(sub, "demo-data", help="write a synthetic dataset in the MURA-v1.1, "
+                 "CheXpert-v1.0-small or ChestX-ray14 layout", common=common,
+                 examples=("raysearch demo-data demo_data",
+                           "raysearch demo-data /tmp/demo --size tiny --seed 1",
+                           "raysearch demo-data chest_demo --format chexpert",
+                           "raysearch demo-data chest_demo --format nih"))
+    s.add_argument("dir", help="folder to write (MURA-v1.1, CheXpert-v1.0-small or "
+                   "ChestX-ray14 is created inside it)")
+    s.add_argument("--format", default="mura", choices=["mura", "chexpert", "nih"],
+                   help="the layout and labels: MURA (one label), CheXpert (14 observations, "
+                   "uncertain and blank values, frontal and lateral views) or ChestX-ray14 "
+                   "(NIH names)")
     s.add_argument("--seed", type=int, default=0, help="seed of the generated images and labels")
     s.add_argument("--size", default="small", choices=["tiny", "small", "medium", "large"],
                    help="how many patients and images")
     s.add_argument("--label-noise", type=float, default=0.03,
-                   help="fraction of studies whose label is flipped")
+                   help="fraction of studies whose label is flipped (mura)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace demo data made here before (never a folder demo-data did not make)")
     s.set_defaults(func=cmd_demo_data)
@@ -394,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
                  examples=("raysearch init", "raysearch init my_space.yaml --template mura"))
     s.add_argument("path", nargs="?", default="search_space.yaml", help="file to write")
     s.add_argument("--template", default="demo", choices=packaged(SEARCH_SPACES_DIR),
-                   help="the shipped space to start from (demo: CPU, demo data; mura: GPU, MURA)")
+                   help="the shipped space to start from (demo: CPU, demo data; mura: GPU, MURA; "
+                   "chexpert: GPU, CheXpert; chexpert_demo: CPU, chest demo data)")
     s.add_argument("--force", action="store_true", help="replace the file if it exists")
     s.set_defaults(func=cmd_init)
 

@@ -110,9 +110,15 @@ class TrialConfig:
     # of one model with K outputs (models.PerLabelModels); K times the compute and weights.
     # Last, so that the config columns of earlier releases keep their order.
     binary_relevance: bool = False
+    # The uncertainty policy of this trial's training targets (ignore, zeros, ones, drop),
+    # re-derived from the manifest's raw label codes; None keeps data.uncertain's. Val and test
+    # keep data.uncertain's targets, so that val_loss compares trials of different policies.
+    uncertain: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("arch", self.arch, _architectures())
+        if self.uncertain is not None:
+            check_choice("uncertain", self.uncertain, UNCERTAIN_POLICIES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
@@ -206,18 +212,106 @@ class TrialConfig:
         return build(cls, {k: v for k, v in data.items() if k not in RETIRED_TRIAL_KEYS}, path=path)
 
 
+# Dataset formats (raysearch.data.formats reads each one) and the label options of the formats
+# with several labels (raysearch.data.labels applies them). `auto` detects the format from the root.
+DATA_FORMATS = ("auto", "mura", "chexpert", "nih", "csv")
+VIEWS = ("all", "frontal", "lateral")
+UNCERTAIN_POLICIES = ("ignore", "zeros", "ones", "drop")  # CheXpert's U-Ignore, U-Zeros, U-Ones
+BLANK_POLICIES = ("zeros", "ignore")
+LABEL_SETS = ("all", "competition")
+
+
 @dataclass(frozen=True)
 class DataConfig:
+    """Where the data is and how to read it (the ``data:`` section of a space or trial file).
+
+    ``format`` picks the reader (``auto``: detected from ``root``; MURA when it looks like MURA).
+    MURA uses root, val_fraction, seed, cache_dir and skip_bad; the other options are for the
+    formats with several labels (chexpert, nih, csv), see ``raysearch.data.labels``:
+
+    * ``views``: all, frontal or lateral (CheXpert's Frontal/Lateral column);
+    * ``labels``: ``all``, ``competition`` (CheXpert's five) or a list of label names;
+    * ``uncertain`` (a -1 label): ignore (masked in the loss), zeros, ones, or drop the image;
+    * ``blank`` (a label not mentioned): zeros or ignore;
+    * ``drop_all_negative``: drop images whose chosen labels are all 0 after the policies;
+    * ``any_finding``: add the label "Sick", positive when any finding but Support Devices is;
+    * ``test_fraction``: None keeps the official test (CheXpert's valid.csv, NIH's test_list.txt,
+      a CSV's split column); a number splits all patients into train/val/test, seeded;
+    * ``aggregation``: mean or max of a study's images (default: the format's);
+    * the CSV's column names (``*_column``; None: the default names, see
+      ``raysearch.data.manifest_csv``).
+    """
+
     root: str = "demo_data"
     val_fraction: float = 0.1
     seed: int = 0
     cache_dir: str | None = None  # default: <storage>/cache
     skip_bad: bool = False
+    format: str = "auto"
+    views: str = "all"
+    labels: str | tuple[str, ...] = "all"
+    uncertain: str = "ignore"
+    blank: str = "zeros"
+    drop_all_negative: bool = False
+    any_finding: bool = False
+    test_fraction: float | None = None
+    aggregation: str | None = None
+    path_column: str | None = None
+    patient_column: str | None = None
+    study_column: str | None = None
+    group_column: str | None = None
+    split_column: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
         check_range("data.seed", self.seed, 0, MAX_SEED)
+        check_choice("data.format", self.format, DATA_FORMATS)
+        check_choice("data.views", self.views, VIEWS)
+        check_choice("data.uncertain", self.uncertain, UNCERTAIN_POLICIES)
+        check_choice("data.blank", self.blank, BLANK_POLICIES)
+        if self.aggregation is not None:
+            check_choice("data.aggregation", self.aggregation, ("mean", "max"))
+        labels = self.labels
+        if isinstance(labels, list):
+            labels = tuple(labels)
+            object.__setattr__(self, "labels", labels)
+        if isinstance(labels, str):
+            if labels not in LABEL_SETS:
+                raise ConfigError(f"data.labels: unknown value {labels!r}; allowed: all, "
+                                  f"competition, or a list of label names ([{labels}] for this one)")
+        elif not (isinstance(labels, tuple) and labels
+                  and all(isinstance(x, str) and x.strip() for x in labels)):
+            raise ConfigError("data.labels must be all, competition or a non-empty list of "
+                              f"label names, got {labels!r}")
+        elif len(set(labels)) != len(labels):
+            raise ConfigError(f"data.labels: a label is listed twice in {list(labels)}")
+        if self.test_fraction is not None:
+            if not 0.0 < self.test_fraction < 1.0:
+                raise ConfigError(
+                    f"data.test_fraction must be in (0, 1), got {self.test_fraction!r}")
+            if self.val_fraction + self.test_fraction >= 1.0:
+                raise ConfigError(
+                    "`data.val_fraction + data.test_fraction < 1` must hold (patients are left "
+                    f"to train), but got val_fraction={self.val_fraction!r}, "
+                    f"test_fraction={self.test_fraction!r}")
+        for name in ("path_column", "patient_column", "study_column", "group_column",
+                     "split_column"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value):
+                raise ConfigError(f"data.{name} must be a column name, got {value!r}")
+
+    def reader_options(self) -> list[str]:
+        """The options for the formats with several labels that differ from their defaults
+        (MURA refuses them rather than ignore them)."""
+        shared = {"root", "val_fraction", "seed", "cache_dir", "skip_bad", "format"}
+        return [f.name for f in fields(self) if f.name not in shared
+                and getattr(self, f.name) != f.default]
+
+    @property
+    def label_choice(self) -> str | list[str]:
+        """``labels`` as YAML writes it: a word, or a list of names."""
+        return self.labels if isinstance(self.labels, str) else list(self.labels)
 
 
 @dataclass(frozen=True)

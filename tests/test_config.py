@@ -75,7 +75,7 @@ def test_cli_overrides_win():
 
 BAD = [
     (spec_with("colour", "red"), "unknown key `colour`; allowed: data, name, resources, scheduler, search, space, storage, trial"),
-    (spec_with("data.rot", "/x"), "unknown key `data.rot`; allowed: cache_dir, root, seed, skip_bad, val_fraction"),
+    (spec_with("data.rot", "/x"), "unknown key `data.rot`; allowed: aggregation, any_finding, blank, cache_dir, drop_all_negative, format, group_column, labels, path_column, patient_column, root, seed, skip_bad, split_column, study_column, test_fraction, uncertain, val_fraction, views"),
     (spec_with("data.val_fraction", "lots"), "`data.val_fraction` must be float, got 'lots'"),
     (spec_with("data.val_fraction", 1.5), "data.val_fraction must be in (0, 1), got 1.5"),
     (spec_with("search.num_samples", 0), "search.num_samples must be >= 1, got 0"),
@@ -390,6 +390,7 @@ BAD_FIELD = {
     "contrast": 2.0,
     "seed": -1,
     "binary_relevance": "maybe",
+    "uncertain": "sometimes",
 }
 
 
@@ -533,3 +534,21 @@ def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path, text, wher
     message = str(info.value)
     assert message.startswith(f"{bad}, {where}: not valid YAML: {what}"), message
     assert "\n" not in message
+
+
+def test_shipped_chexpert_spaces_validate_and_start_from_report_3():
+    """search_spaces/chexpert.yaml's first point is source report 3's setup (ResNet-50, Adam 1e-3,
+    plateau patience 5, early stopping patience 10, batch 16, U-Ignore); the policy is searched."""
+    spec = load_search_space("search_spaces/chexpert.yaml")
+    first = spec.trial_config(dict(spec.search.points_to_evaluate[0]))
+    assert (first.arch, first.weights, first.optimizer, first.lr, first.lr_schedule,
+            first.plateau_patience, first.early_stop_patience, first.batch_size,
+            first.uncertain) == ("resnet50", "imagenet", "adam", 1e-3, "plateau", 5, 10, 16,
+                                 "ignore")
+    params = {p.name: p for p in spec.space}
+    assert set(params["arch"].values) == {"densenet121", "resnet50"}
+    assert set(params["image_size"].values) <= set(range(224, 321))
+    assert set(params["uncertain"].values) == {"ignore", "zeros", "ones", "drop"}
+    assert spec.data.format == "chexpert" and spec.trial["hflip"] == 0.0
+    demo = load_search_space("search_spaces/chexpert_demo.yaml")
+    assert demo.trial["weights"] == "none" and demo.data.format == "chexpert"

@@ -19,16 +19,35 @@ def read_dataset(data, *, console=None) -> tuple[pd.DataFrame, Task]:
     """Read and split the dataset of a :class:`~raysearch.config.DataConfig` (before Ray starts):
     the manifest (one row per image, ``split`` train/val/test) and the task it poses.
 
+    ``data.format`` picks the reader (``auto``: detected, :mod:`raysearch.data.formats`): MURA's
+    (:mod:`raysearch.data.mura`), or chexpert, nih or csv (:mod:`raysearch.data.reader`).
     Every problem with the data raises one :class:`~raysearch.errors.DataError` line, unless
     ``data.skip_bad`` leaves the bad images out; ``console`` is told how many.
     """
+    from raysearch.data.formats import read_any, resolve_format
     from raysearch.data.mura import MURA_TASK, read_mura, skipped_counts
 
-    manifest = read_mura(data.root, val_fraction=data.val_fraction, seed=data.seed,
-                         skip_bad=data.skip_bad)
+    fmt = resolve_format(data)
+    if fmt != "mura":
+        manifest, task = read_any(data)
+    else:
+        _check_mura_options(data)
+        manifest = read_mura(data.root, val_fraction=data.val_fraction, seed=data.seed,
+                             skip_bad=data.skip_bad)
+        task = MURA_TASK
     if console is not None and (counts := skipped_counts(manifest)):
         console.print(f"[yellow]left out {counts} (--skip-bad)[/]")
-    return manifest, MURA_TASK
+    return manifest, task
+
+
+def _check_mura_options(data) -> None:
+    """MURA has one label and its own split: options for the other formats are refused, not
+    silently ignored."""
+    from raysearch.errors import ConfigError
+
+    if extra := data.reader_options():
+        raise ConfigError(f"data.{extra[0]} does not apply to the mura format (one label, "
+                          "official valid as test)")
 
 
 def prepare_data(

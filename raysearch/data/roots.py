@@ -8,11 +8,15 @@ from __future__ import annotations
 from raysearch import storage
 from raysearch.errors import DataError
 
-__all__ = ["MURA_CSVS", "check_mura_root", "find_mura_root"]
+__all__ = ["CHEXPERT_RELEASES", "MURA_CSVS", "check_mura_root", "find_chexpert_root",
+           "find_mura_root", "find_nih_csv"]
 
 # The CSVs of a MURA release (data.mura reads them): studies with labels, and image paths.
 MURA_CSVS = tuple(f"{split}_{kind}.csv" for split in ("train", "valid")
                   for kind in ("labeled_studies", "image_paths"))
+
+
+CHEXPERT_RELEASES = ("CheXpert-v1.0-small", "CheXpert-v1.0")
 
 
 def check_mura_root(root: str) -> str:
@@ -50,3 +54,32 @@ def find_mura_root(root: str) -> str:
 
 def _as_given(root: str) -> str:
     return str(root).rstrip("/") if storage.is_url(root) else storage.join(root)
+
+
+def find_chexpert_root(root: str) -> str:
+    """The release folder (the one holding ``train.csv``): ``root`` itself or its
+    ``CheXpert-v1.0-small`` / ``CheXpert-v1.0`` folder. DataError naming ``root`` otherwise."""
+    fs, path = storage.get_fs(root)
+    path = path.rstrip("/")
+    if fs.exists(f"{path}/train.csv"):
+        return str(root).rstrip("/")
+    for name in CHEXPERT_RELEASES:
+        if fs.exists(f"{path}/{name}/train.csv"):
+            return storage.join(str(root).rstrip("/"), name)
+    if not fs.exists(path):
+        raise DataError(f"dataset folder does not exist: {root}")
+    raise DataError(f"no CheXpert dataset at {root}: expected train.csv in it or in "
+                    f"{root}/{CHEXPERT_RELEASES[0]}")
+
+
+def find_nih_csv(root: str) -> str:
+    """The ``Data_Entry_2017*.csv`` of ``root`` (the newest name when several); DataError
+    naming ``root`` when there is none."""
+    fs, path = storage.get_fs(root)
+    path = path.rstrip("/")
+    if not fs.exists(path):
+        raise DataError(f"dataset folder does not exist: {root}")
+    found = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{path}/Data_Entry_2017*.csv"))
+    if not found:
+        raise DataError(f"no ChestX-ray14 dataset at {root}: expected Data_Entry_2017*.csv in it")
+    return storage.join(str(root).rstrip("/"), found[-1])

@@ -9,7 +9,7 @@ import pandas as pd
 
 from raysearch.errors import ConfigError, DataError, name_some
 
-__all__ = ["patient_folds", "split_patients"]
+__all__ = ["patient_folds", "split_by_fractions", "split_patients"]
 
 
 def split_patients(
@@ -90,3 +90,27 @@ def patient_folds(images: pd.DataFrame, *, k: int, seed: int, group: str,
     if out["patient_id"].duplicated().any():  # StratifiedGroupKFold never splits a group
         raise AssertionError("a patient landed in two folds")
     return out.sort_values("patient_id", kind="stable").reset_index(drop=True)
+
+
+def split_by_fractions(
+    patients, *, val_fraction: float, test_fraction: float = 0.0, seed: int
+) -> dict[str, str]:
+    """Assign every patient to "train", "val" or "test"; returns patient_id -> split.
+
+    For datasets without MURA's strata (chexpert, nih, csv): the sorted unique patients are
+    shuffled by ``np.random.default_rng(seed)``; the first ``round(test_fraction * n)`` go to
+    test, the next ``round(val_fraction * n)`` to val, the rest to train. The input's order and
+    repeats do not matter, so the same patients and seed give the same split.
+    """
+    if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0
+            and val_fraction + test_fraction < 1.0):
+        raise ConfigError(f"fractions must be in [0, 1) and leave patients to train, got "
+                          f"val_fraction={val_fraction}, test_fraction={test_fraction}")
+    unique = np.array(sorted({str(p) for p in patients}), dtype=object)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    n_test = round(test_fraction * len(unique))
+    n_val = round(val_fraction * len(unique))
+    out = {}
+    for rank, i in enumerate(order):
+        out[unique[i]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return out

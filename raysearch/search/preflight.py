@@ -6,7 +6,7 @@ the machine fails in a second, not minutes later inside Ray. Imports nothing hea
 from __future__ import annotations
 
 from raysearch.cluster import check_resources
-from raysearch.data.roots import check_mura_root
+from raysearch.data.formats import check_data_root
 from raysearch.errors import ConfigError
 from raysearch.search.space import SearchSpace
 from raysearch.storage import check_storage_folder, exists, join
@@ -31,5 +31,5 @@ def preflight_search(
         raise ConfigError(f"--resume: no experiment to resume at {spec.experiment_dir}")
     has_manifest = not overwrite and exists(join(spec.experiment_dir, "manifest.parquet"))
     if not has_manifest:
-        check_mura_root(spec.data.root)
+        check_data_root(spec.data)
     check_resources(spec.resources, address=address)

@@ -18,6 +18,7 @@ from raysearch.config import TrialConfig
 from raysearch.data.dataset import Task
 from raysearch.errors import (
     ConfigError,
+    DataError,
     ExperimentExistsError,
     SearchFailedError,
     SearchInterrupted,
@@ -93,9 +94,14 @@ def weight_sources(spec: SearchSpace) -> set[tuple[str, str]]:
 def check_class_weighting(spec: SearchSpace, manifest, task, *, console) -> None:
     """Every class weighting a trial may use, on the training split, before Ray starts: a scheme
     that cannot work on this data raises; where one departs from its formula, say so."""
+    from raysearch.data.labels import retarget
     from raysearch.train.losses import label_weights, weighting_notes
 
     train = manifest[manifest["split"] == "train"]
+    # trial.uncertain re-derives training targets from the raw label codes (not MURA's)
+    for policy in sorted(_values(spec, "uncertain") - {"None"}):
+        if retarget(train, task, uncertain=policy).empty:
+            raise DataError(f"uncertain {policy}: no training images are left")
     for scheme in sorted(_values(spec, "class_weighting")):
         if task.k > 1:
             label_weights(train, task=task, scheme=scheme)  # raises what cannot work

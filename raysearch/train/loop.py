@@ -39,6 +39,7 @@ __all__ = [
     "split_rows",
     "targets",
     "train_epoch",
+    "training_rows",
     "val_metrics",
 ]
 
@@ -59,6 +60,22 @@ def split_rows(manifest: pd.DataFrame, cache, name: str) -> SplitRows:
     frame = manifest[manifest["split"] == name].reset_index(drop=True)
     if frame.empty:
         raise DataError(f"the `{name}` split is empty")
+    return SplitRows(rows=cache.rows_for(frame["image_path"].tolist()), frame=frame)
+
+
+def training_rows(manifest: pd.DataFrame, cache, task: Task, *, uncertain: str | None) -> SplitRows:
+    """The train split, its targets under the trial's uncertainty policy ``uncertain``
+    (``trial.uncertain``; None keeps the manifest's, see :func:`raysearch.data.labels.retarget`).
+    Only training targets change: val and test keep ``data.uncertain``'s, so every trial of a
+    search is scored on the same val targets."""
+    from raysearch.data.labels import retarget
+
+    train = split_rows(manifest, cache, "train")
+    if uncertain is None:
+        return train
+    frame = retarget(train.frame, task, uncertain=uncertain)
+    if frame.empty:
+        raise DataError(f"trial.uncertain {uncertain}: no training images are left")
     return SplitRows(rows=cache.rows_for(frame["image_path"].tolist()), frame=frame)
 
 

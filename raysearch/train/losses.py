@@ -158,7 +158,10 @@ def _mura_table(train: pd.DataFrame, *, group: str = "body_part") -> _MuraTable:
         studies["label"].to_numpy().astype(np.int64), scheme="mura", unit="studies"
     )
     pooled_pos, pooled_neg = n_neg / (n_pos + n_neg), n_pos / (n_pos + n_neg)
-    counts = studies.groupby(group)["label"].agg(["sum", "count"])
+    # A study counts once in each group it has images in: MURA's body part is one per study,
+    # CheXpert's view (the group) is not, and a lateral view must find its group's weights.
+    counts = (train.drop_duplicates(["study_id", group]).groupby(group)["label"]
+              .agg(["sum", "count"]))
     abnormal = counts["sum"].astype(float)
     normal = counts["count"].astype(float) - abnormal
     one_class = (abnormal == 0) | (normal == 0)

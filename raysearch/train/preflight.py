@@ -8,7 +8,7 @@ import dataclasses
 
 from raysearch.cluster import check_resources
 from raysearch.config import DataConfig, TrialConfig, load_trial_config, norm_path
-from raysearch.data.roots import check_mura_root
+from raysearch.data.formats import check_data_root
 from raysearch.storage import check_name, check_storage_folder
 
 __all__ = ["load_train_config"]
@@ -39,6 +39,6 @@ def load_train_config(
     data = rest["data"]
     if data_root:
         data = dataclasses.replace(data, root=norm_path(data_root))
-    check_mura_root(data.root)
+    check_data_root(data)
     check_resources(rest["resources"], address=address)
     return cfg, rest, data

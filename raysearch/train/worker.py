@@ -35,6 +35,7 @@ from raysearch.train.loop import (
     split_rows,
     targets,
     train_epoch,
+    training_rows,
     val_metrics,
 )
 
@@ -147,7 +148,8 @@ def train_loop_per_worker(config: LoopConfig, session=None) -> None:
     cache = build_cache(
         manifest, image_size=cfg.image_size, cache_dir=config["cache_dir"], progress=False
     )
-    train, val = split_rows(manifest, cache, "train"), split_rows(manifest, cache, "val")
+    train = training_rows(manifest, cache, task, uncertain=cfg.uncertain)
+    val = split_rows(manifest, cache, "val")
     weight_by_row = torch.zeros((len(cache), task.k), dtype=torch.float32)
     weight_by_row[torch.from_numpy(train.rows)] = torch.from_numpy(
         label_weights(train.frame, task=task, scheme=cfg.class_weighting, fp_bias=cfg.fp_bias)
