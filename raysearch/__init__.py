@@ -6,7 +6,7 @@ Optuna + ASHA) -> ``ensemble`` (selection on val) -> ``inference`` (a trained mo
 applied to images) -> ``report``; ``models`` and ``evaluation`` serve them all, ``experiment`` owns
 the experiment folder, ``storage`` every path and URL.
 
-The Python API (:mod:`raysearch.api`): ``open_experiment``, ``tune``, ``ensemble``,
+The Python API (:mod:`raysearch.api`): ``open_experiment``, ``tune``, ``ensemble``, ``refit``,
 ``Experiment``, ``Ensemble``. They load on first use, so ``import raysearch`` imports neither
 torch nor Ray. ``raysearch.ensemble`` is also the ensemble stage's package; that package is
 callable and calls :func:`raysearch.api.ensemble`, so both meanings hold.
@@ -18,8 +18,8 @@ __version__ = "0.2.0"
 
 _compat.install()
 
-_API = ("Ensemble", "Experiment", "open_experiment", "tune")
-__all__ = ["Ensemble", "Experiment", "ensemble", "open_experiment", "tune"]
+_API = ("Ensemble", "Experiment", "open_experiment", "refit", "tune")
+__all__ = ["Ensemble", "Experiment", "ensemble", "open_experiment", "refit", "tune"]
 
 
 def __getattr__(name: str):

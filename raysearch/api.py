@@ -185,12 +185,36 @@ def ensemble(
     out: str | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    oof: bool = False,
     console=None,
 ) -> Ensemble:
     """``raysearch ensemble``: select members of ``experiment`` (an :class:`Experiment`, a
     folder, a name, or None for the newest under ``storage``), score them on test, write the
-    reports; returns the :class:`Ensemble` written."""
+    reports; returns the :class:`Ensemble` written. ``oof``: select on the out-of-fold
+    predictions of :func:`refit` instead of the val split (``ensemble --oof``)."""
     from raysearch.ensemble import make_ensemble
 
     return make_ensemble(experiment, storage=storage, top=top, method=method, tta=tta, out=out,
-                         n_boot=n_boot, seed=seed, console=console)
+                         n_boot=n_boot, seed=seed, oof=oof, console=console)
+
+
+def refit(
+    experiment: str | Experiment | None = None,
+    *,
+    storage: str = "reports",
+    top: int = 2,
+    folds: int = 5,
+    seed: int = 0,
+    address: str | None = None,
+    console=None,
+) -> Experiment:
+    """``raysearch refit``: retrain the ``top`` best configurations of ``experiment`` on
+    ``folds`` patient-grouped folds (:mod:`raysearch.search.refit`); returns the experiment,
+    whose ``trials`` then hold the cross-validated columns (``cv_val_loss_mean``, ...)."""
+    from raysearch.experiment import find_experiment
+    from raysearch.search.refit import run_refit
+
+    path = find_experiment(getattr(experiment, "path", experiment), storage=storage)
+    run_refit(experiment=path, storage=storage, top=top, folds=folds, seed=seed,
+              address=address, console=console)
+    return Experiment(path)

@@ -31,10 +31,11 @@ def test_the_device_check_runs_without_ray_optuna_or_fsspec():
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert lines[0].startswith("device   CPU; torch ")
-    for name in ("step", "predictor", "ddp"):
+    for name in ("step", "finetune", "predictor", "ddp"):
         assert any(line.startswith(f"check {name:9s} ok ") for line in lines), out.stdout
     assert "check ray       ok   skipped: ray is not installed here" in lines
-    assert lines[-1] == "3/3 checks passed"
+    assert lines[-1] == "4/4 checks passed"
+    assert "0 backbone tensors moved (want 0), head moved" in out.stdout
     assert "ratio " in out.stdout and "decisions agree 16/16" in out.stdout
 
 
@@ -43,7 +44,7 @@ def test_gpu_check_sh_cpu_runs_from_the_source_tree():
                          capture_output=True, text=True, timeout=600, check=False,
                          env={**os.environ, "PYTHON": sys.executable})
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    assert out.stdout.splitlines()[-1] == "3/3 checks passed"
+    assert out.stdout.splitlines()[-1] == "4/4 checks passed"
     assert "check ray       ok   skipped (--no-ray)" in out.stdout
 
 
