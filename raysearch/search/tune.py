@@ -466,6 +466,8 @@ def _same_space(saved_yaml: str, spec_yaml: str) -> bool:
     saved, now = yaml.safe_load(saved_yaml), yaml.safe_load(spec_yaml)
     if not isinstance(saved, dict):
         return False
+    _fill_defaults(saved)
+    _fill_defaults(now)
     for d in (saved, now):
         d.pop("storage", None)
         if isinstance(d.get("search"), dict):  # more trials extend the search: checked apart
@@ -474,6 +476,25 @@ def _same_space(saved_yaml: str, spec_yaml: str) -> bool:
             for key in ("root", "cache_dir"):
                 d["data"].pop(key, None)
     return saved == now
+
+
+def _fill_defaults(raw: dict[str, Any]) -> None:
+    """Settings a later release added (``data.format``, ...) take their defaults where a saved
+    space lacks them: the default is what the earlier release did, so the search is the same."""
+    import dataclasses
+
+    from raysearch.config import DataConfig, ResourcesConfig
+    from raysearch.search.space import SchedulerConfig, SearchConfig
+
+    for key, cls in (("data", DataConfig), ("resources", ResourcesConfig),
+                     ("search", SearchConfig), ("scheduler", SchedulerConfig)):
+        section = raw.get(key)
+        if not isinstance(section, dict):
+            continue
+        for f in dataclasses.fields(cls):
+            if f.name not in section and f.default is not dataclasses.MISSING:
+                default = f.default
+                section[f.name] = list(default) if isinstance(default, tuple) else default
 
 
 def _restore_path_args(exp_dir: str) -> dict[str, Any]:
