@@ -15,8 +15,6 @@ study's probability the max of its views' (the CheXpert paper, sec. 4), metrics 
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pandas as pd
 
@@ -29,9 +27,10 @@ from raysearch.data.reader import (
     check_studies_agree,
     finish,
     list_files,
+    read_csv_text,
 )
 from raysearch.data.roots import find_chexpert_root
-from raysearch.errors import DataError, os_reason
+from raysearch.errors import DataError
 
 __all__ = ["CHEXPERT_LABELS", "COMPETITION_LABELS", "find_chexpert_root", "read_chexpert",
            "read_chexpert_csv"]
@@ -54,18 +53,7 @@ def read_chexpert_csv(source, *, name: str = "train.csv", official: str = "train
     ``official_split``, ``patient_id``, ``study_id``, ``view``, ``ap_pa``, ``csv_row`` and
     ``raw_<slug>`` per observation. Raises DataError naming the file, row and column of a
     missing column, a path that is not CheXpert's or a label that is not 1, 0, -1 or blank."""
-    if isinstance(source, bytes):
-        raw = source
-    else:
-        try:
-            raw = storage.read_bytes(source)
-        except OSError as e:
-            raise DataError(f"cannot read {source}: {os_reason(e)}") from None
-    try:
-        table = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False,
-                            compression="gzip" if raw[:2] == b"\x1f\x8b" else None)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot parse {name}: {str(e).splitlines()[0]}") from None
+    table = read_csv_text(source, name=name)
     missing = [c for c in (*META_COLUMNS[:1], "Frontal/Lateral", *CHEXPERT_LABELS)
                if c not in table.columns]
     if missing:

@@ -16,7 +16,6 @@ there are no uncertain or blank values. Each image is its own study. The task's 
 
 from __future__ import annotations
 
-import io
 import re
 
 import numpy as np
@@ -30,9 +29,10 @@ from raysearch.data.reader import (
     check_patients_in_one_split,
     finish,
     list_files,
+    read_csv_text,
 )
 from raysearch.data.roots import find_nih_csv
-from raysearch.errors import ConfigError, DataError, name_some, os_reason
+from raysearch.errors import ConfigError, DataError, name_some
 
 __all__ = ["NIH_COMPETITION", "NIH_LABELS", "find_nih_csv", "read_nih", "read_nih_csv"]
 
@@ -53,18 +53,7 @@ def read_nih_csv(source, *, name: str = "Data_Entry_2017.csv") -> pd.DataFrame:
     """``Data_Entry_2017*.csv`` (path, URL or bytes; gzip too) -> a frame with ``image_index``,
     ``patient_id``, ``follow_up``, ``view`` and ``raw_<slug>`` per NIH label (1/0). Raises
     DataError naming the row of an unknown finding or a missing column."""
-    if isinstance(source, bytes):
-        raw = source
-    else:
-        try:
-            raw = storage.read_bytes(source)
-        except OSError as e:
-            raise DataError(f"cannot read {source}: {os_reason(e)}") from None
-    try:
-        table = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False,
-                            compression="gzip" if raw[:2] == b"\x1f\x8b" else None)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot parse {name}: {str(e).splitlines()[0]}") from None
+    table = read_csv_text(source, name=name)
     table = _fix_header(table)
     missing = [c for c in REQUIRED if c not in table.columns]
     if missing:

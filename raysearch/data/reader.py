@@ -23,11 +23,31 @@ from raysearch import storage
 from raysearch.data.dataset import Task, slug
 from raysearch.data.labels import LabelPolicy, apply_policy, choose_labels, policy_table
 from raysearch.data.split import split_by_fractions
-from raysearch.errors import DataError, name_some
+from raysearch.errors import DataError, name_some, os_reason
 
-__all__ = ["Problems", "finish", "list_files"]
+__all__ = ["Problems", "finish", "list_files", "read_csv_text"]
 
 DEFAULT_TEST_FRACTION = 0.2  # when a dataset has no official test set and none is asked for
+
+
+def read_csv_text(source: str | bytes, *, name: str) -> pd.DataFrame:
+    """A label CSV (``source``: its path or URL, or its bytes; gzip-compressed or not) as a
+    table of strings, blanks kept as ``""``. Raises DataError naming ``name`` for a file that
+    cannot be read or parsed."""
+    import io
+
+    if isinstance(source, bytes):
+        raw = source
+    else:
+        try:
+            raw = storage.read_bytes(source)
+        except OSError as e:
+            raise DataError(f"cannot read {source}: {os_reason(e)}") from None
+    try:
+        return pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False,
+                           compression="gzip" if raw[:2] == b"\x1f\x8b" else None)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot parse {name}: {str(e).splitlines()[0]}") from None
 
 
 def list_files(root: str) -> set[str]:
