@@ -48,6 +48,11 @@ def test_chexpert_demo_searches_and_ensembles(tmp_path, ray_session):
     epochs = pd.read_parquet(os.path.join(exp, "epochs.parquet"))
     for label in ("cardiomegaly", "edema", "pleural_effusion", "support_devices"):
         assert epochs[f"val_auc_{label}"].notna().all()
+        # trials.parquet keeps each label's val AUC at the trial's best epoch
+        best = epochs.merge(trials[["trial_id", "best_epoch"]], on="trial_id")
+        best = best[best["epoch"] == best["best_epoch"]].set_index("trial_id")
+        assert (trials.set_index("trial_id")[f"val_auc_{label}"]
+                == best[f"val_auc_{label}"].reindex(trials["trial_id"])).all()
     # the big findings are learnt even at 32 px in two epochs
     assert epochs.groupby("trial_id")["val_auc"].max().mean() > 0.6
 

@@ -188,6 +188,8 @@ TRIALS = FileSchema(
     _TRIAL_RESULT + (
         Column("wall_time_s", F64, "seconds the trial ran (Tune's time_total_s)"),
         Column("error", STR, "the last line of a failed trial's error; null otherwise"),
+        Column("val_auc_<label>", F64, "tasks of K > 1 labels: the label's val image AUC at "
+               "best_epoch"),
         Column("cv_folds", I64, "`raysearch refit`: folds the configuration was refit on; "
                "null for a configuration not refit"),
         Column("cv_val_loss_mean", F64, "refit: mean over folds of the out-of-fold val loss"),

@@ -258,6 +258,8 @@ def trial_summary(
             best_epoch=int(best["epoch"]), val_study_kappa=float(best["val_study_kappa"]),
             best_checkpoint=relative(exp_dir, best_uri), wall_time_s=float(wall),
         )
+        # Several labels: each label's val AUC at the best epoch (val_auc_<label>).
+        row.update({k: float(v) for k, v in best.items() if k.startswith("val_auc_")})
         stopped_early = bool(last.get("early_stopped", False))
     else:
         row.update(epochs=0, best_val_loss=float("nan"), best_epoch=0,
