@@ -239,7 +239,13 @@ def cmd_ensemble(args) -> int:
 
 
 def cmd_refit(args) -> int:
+    from raysearch.errors import ConfigError
     from raysearch.experiment import find_experiment
+
+    if args.top < 1:
+        raise ConfigError(f"--top must be >= 1, got {args.top}")
+    if args.folds < 2:
+        raise ConfigError(f"--folds must be an integer >= 2, got {args.folds}")
 
     experiment = find_experiment(args.experiment, storage=args.storage)  # before Ray loads
     from raysearch.search.refit import run_refit

@@ -115,3 +115,23 @@ def test_refit_writes_folds_and_oof_predictions_resumes_and_ensembles(small_expe
                                atol=1e-6)
     metrics = pd.read_parquet(os.path.join(ens, "category_metrics.parquet"))
     assert set(metrics["split"]) == {"test", "oof"}
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["refit", "--folds", "1"], "raysearch: error: --folds must be an integer >= 2, got 1"),
+    (["refit", "--top", "0"], "raysearch: error: --top must be >= 1, got 0"),
+])
+def test_bad_refit_arguments_get_one_line_and_exit_2(argv, line, capsys, tmp_path):
+    from raysearch.cli import main
+
+    assert main([*argv, "--storage", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == line
+
+
+def test_ensemble_oof_without_a_refit_says_to_run_it(small_experiment, capsys):
+    from raysearch.cli import main
+
+    assert main(["ensemble", "--experiment", small_experiment, "--oof", "--n-boot", "5",
+                 "--out", small_experiment + "-oof-none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("has no finished refit (refit/refits.parquet); run `raysearch refit` first")
