@@ -193,6 +193,36 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from raysearch.experiment import check_model_folder
+
+    if args.ensemble:
+        check_model_folder(args.ensemble)  # before pandas and torch load
+    console = _stdout_console()
+    if args.audit:
+        from raysearch.explain.audit import audit_table, run_audit
+
+        if args.inputs or args.studies or args.worst is not None:
+            raise ConfigError("explain --audit reads the data's annotations.parquet: give "
+                              "--data-root (or the experiment's manifest), not images")
+        frame = run_audit(ensemble=args.ensemble, storage=args.storage, data_root=args.data_root,
+                          method=args.method, label=args.label, layer=args.layer, out=args.out,
+                          max_images=args.max_images, threshold=args.marker_threshold)
+        console.print(audit_table(frame, threshold=args.marker_threshold))
+        console.print(f"audit -> {args.out}/audit.parquet", highlight=False)
+        return 0
+    from raysearch.explain.run import run_explain
+
+    table = run_explain(args.inputs, ensemble=args.ensemble, storage=args.storage,
+                        studies=args.studies or (), worst=args.worst, method=args.method,
+                        label=args.label, layer=args.layer, out=args.out)
+    n = table["image_path"].nunique()
+    console.print(f"explained {n} image(s) of {table['study_id'].nunique()} study(ies) with "
+                  f"{args.method} -> {args.out} (explanations.parquet, overlays/, studies/, maps/)",
+                  highlight=False)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from raysearch.serve.app import Limits
     from raysearch.serve.run import run_serve
@@ -457,6 +487,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
     s.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     s.set_defaults(func=cmd_predict)
+
+    s = _command(sub, "explain", help="where a trained ensemble looked: Grad-CAM, HiResCAM, "
+                 "Grad-CAM++ or CAM maps, and a shortcut audit", common=common,
+                 examples=("raysearch explain --worst 5",
+                           "raysearch explain study1/*.png --method hirescam --label normal",
+                           "raysearch explain --studies valid/XR_WRIST/patient11185/study1 "
+                           "--layer layer3",
+                           "raysearch explain --audit --data-root demo_data"))
+    s.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="image files, folders of studies or a CSV (as predict takes them)")
+    s.add_argument("--ensemble", help="ensemble or experiment folder (default: the most recent "
+                   "experiment under --storage)")
+    s.add_argument("--storage", default="reports", help="where experiments live")
+    s.add_argument("--studies", nargs="+", metavar="ID", help="study ids of the experiment's data")
+    s.add_argument("--worst", type=int, metavar="N",
+                   help="the N most confident false positives and false negatives on test")
+    s.add_argument("--method", default="gradcam", choices=["gradcam", "hirescam", "gradcam++",
+                                                           "cam"], help="the map")
+    s.add_argument("--label", help="the explained class: a label of the task, or normal (the "
+                   "negated logit of a one-label task) (default: the task's first label)")
+    s.add_argument("--layer", help="explain at this layer instead of the registered one (e.g. "
+                   "layer3, features.denseblock3): finer maps at the same input size")
+    s.add_argument("--out", default="explanations", help="output folder")
+    s.add_argument("--audit", action="store_true",
+                   help="score the maps against the synthetic data's boxes (annotations.parquet)")
+    s.add_argument("--data-root", help="audit: the dataset with annotations.parquet (default: "
+                   "the experiment's data root)")
+    s.add_argument("--max-images", type=int, default=200, help="audit: test images scored")
+    s.add_argument("--marker-threshold", type=float, default=0.25,
+                   help="audit: flag a model whose share of map energy on markers exceeds this")
+    s.set_defaults(func=cmd_explain)
 
     s = _command(sub, "serve", help="serve a trained ensemble over HTTP (Ray Serve)",
                  common=common, examples=("raysearch serve",
