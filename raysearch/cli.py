@@ -81,7 +81,7 @@ def cmd_demo_data(args) -> int:
 
     t0 = time.perf_counter()
     root = make_demo_data(args.dir, seed=args.seed, size=args.size, label_noise=args.label_noise,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, shortcut=args.shortcut)
     _stdout_console().print(f"demo dataset ({args.size}, seed {args.seed}) -> {root} "
                             f"in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of studies whose label is flipped")
     s.add_argument("--overwrite", action="store_true",
                    help="replace demo data made here before (never a folder demo-data did not make)")
+    s.add_argument("--shortcut", type=float, metavar="P",
+                   help="tie the L/R marker to the label with probability P (a confounded "
+                   "variant for `explain --audit`; default: markers independent of the label)")
     s.set_defaults(func=cmd_demo_data)
 
     s = _command(sub, "init", help="write a starter search-space file to edit", common=common,
