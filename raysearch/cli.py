@@ -274,6 +274,19 @@ def cmd_bench(args) -> int:
             f"epoch step {r['step_images_per_s']:.1f} images/s (medians), ratio step / pure "
             f"{r['ratio_text']} (target >= 0.9)"
         )
+    elif args.what == "explain":
+        from raysearch.bench.explain import bench_explain
+
+        r = bench_explain(arch=args.arch, image_size=args.image_size or 224, method=args.method,
+                          steps=args.steps, rounds=args.rounds or 5)
+        console.print(
+            f"bench explain: {r['arch']} {r['image_size']}px on {r['device']} "
+            f"({os.cpu_count()} cores), one image at a time: {r['method']} "
+            f"{1000 / r['explain_images_per_s']:.1f} ms/image, forward + backward "
+            f"{1000 / r['fb_images_per_s']:.1f} ms/image (medians); time ratio {r['method']} / "
+            f"forward-backward {r['ratio_text']} (target <= 1.5). An ensemble costs its member "
+            "count times this."
+        )
     elif args.what == "predict":
         from raysearch.bench.predict import bench_predict
 
@@ -562,17 +575,22 @@ def build_parser() -> argparse.ArgumentParser:
                  examples=("raysearch bench data", "raysearch bench step --arch resnet18",
                            "raysearch bench search --seeds 0 1",
                            "raysearch bench predict --ensemble reports/demo",
-                           "raysearch bench serve --studies 300 --clients 16"))
-    s.add_argument("what", choices=["data", "step", "train", "search", "predict", "serve"],
+                           "raysearch bench serve --studies 300 --clients 16",
+                           "raysearch bench explain --arch densenet121 --image-size 320"))
+    s.add_argument("what", choices=["data", "step", "train", "search", "predict", "serve",
+                                    "explain"],
                    help="what to measure")
     s.add_argument("--root", help="dataset (default: generated demo data)")
     s.add_argument("--image-size", type=int,
-                   help="pixels (default: 128 for data, 64 for step and train)")
+                   help="pixels (default: 128 for data, 64 for step and train, 224 for explain)")
+    s.add_argument("--method", default="gradcam", choices=["gradcam", "hirescam", "gradcam++",
+                                                           "cam"], help="explain: the map")
     s.add_argument("--n-images", type=int, default=512, help="data: images to decode")
-    s.add_argument("--arch", default="resnet18", help="step, train: the architecture")
+    s.add_argument("--arch", default="resnet18", help="step, train, explain: the architecture")
     s.add_argument("--batch-size", type=int, default=32,
                    help="step, train, predict: images per step")
-    s.add_argument("--steps", type=int, default=30, help="step: timed batches per round")
+    s.add_argument("--steps", type=int, default=30,
+                   help="step: timed batches per round; explain: timed images per round")
     s.add_argument("--rounds", type=int,
                    help="data, step, train, predict, serve: alternating rounds of the two arms "
                    "(default 5; train 3; predict, serve 4); the median of the paired ratios is "

@@ -370,10 +370,10 @@ def _draw_finding(draw, kind: str, rod, pt, scale, rng, *, side: int, tissue: in
 
 def _draw_marker(img: Image.Image, rng: np.random.Generator, *, large: bool = False) -> tuple:
     """Draw an "L" or "R" in a corner; return its box ``(x0, y0, x1, y1)``. ``large`` (the
-    shortcut variant) draws it at 12 % of the short side instead of 7 %, so that it survives
+    shortcut variant) draws it at 20 % of the short side instead of 7 %, so that it survives
     downscaling to the 32-64 px of a quick demo search: a shortcut a small CNN can take."""
     w, h = img.size
-    size = max(8, int((0.12 if large else 0.07) * min(w, h)))
+    size = max(8, int((0.2 if large else 0.07) * min(w, h)))
     font = ImageFont.load_default(size=size)
     x = int(rng.uniform(0.04, 0.2) * w) if rng.random() < 0.5 else int(rng.uniform(0.72, 0.88) * w)
     y = int(rng.uniform(0.04, 0.12) * h) if rng.random() < 0.5 else int(rng.uniform(0.8, 0.88) * h)
