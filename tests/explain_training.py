@@ -54,6 +54,7 @@ def train_checkpoint(root: str, folder: str, *, trial_id: str, arch: str = "resn
     return TrialCheckpoint(trial_id=trial_id, checkpoint=folder, config=cfg, task=MURA_TASK)
 
 
-def test_images(root: str) -> np.ndarray:
+def held_out_images(root: str):
+    """The test split of ``root`` (manifest rows)."""
     manifest = read_mura(root, val_fraction=0.1, seed=0)
     return manifest[manifest["split"] == "test"].reset_index(drop=True)

@@ -61,3 +61,30 @@ def test_audit_writes_per_model_rows_with_and_without_boxes(tmp_path, tiny_root)
                      out=str(tmp_path / "real"))
     assert real["finding_share"].isna().all() and real["pointing_hit_rate"].isna().all()
     assert real["deletion_drop"].notna().all() and not real["flagged"].any()
+
+
+@pytest.mark.slow
+def test_the_audit_flags_a_shortcut_model_and_not_a_clean_one(tmp_path, monkeypatch):
+    """Two resnet18 trained on demo data with the same seed and budget, one where the L/R marker
+    follows the label (`--shortcut 0.9`), one clean: the audit flags the first alone.
+
+    Minutes on a 2-core CPU (plain-torch training loop, no Ray)."""
+    from raysearch.data import synth
+    from tests.explain_training import held_out_images, train_checkpoint
+
+    monkeypatch.setitem(synth.DEMO_SIZES, "audit", synth.DemoSize(
+        train_patients=150, valid_patients=40, min_side=64, max_side=89))
+    summaries = {}
+    for name, shortcut in (("clean", None), ("shortcut", 0.9)):
+        root = str(tmp_path / name)
+        synth.make_demo_data(root, size="audit", seed=0, shortcut=shortcut, num_workers=1)
+        member = train_checkpoint(root, str(tmp_path / f"{name}_ck"), trial_id=name, epochs=8,
+                                  image_size=64, lr=3e-3)
+        predictor = Predictor([member], task=MURA_TASK, device="cpu")
+        summaries[name] = run_audit(predictor=predictor, images=held_out_images(root),
+                                    data_root=root, layer="layer3", max_images=40,
+                                    out=str(tmp_path / f"{name}_audit")).set_index("model")
+    clean, shortcut = summaries["clean"], summaries["shortcut"]
+    assert shortcut.loc["shortcut", "flagged"] and shortcut.loc["ensemble", "flagged"]
+    assert not clean.loc["clean", "flagged"] and not clean.loc["ensemble", "flagged"]
+    assert shortcut.loc["shortcut", "marker_share"] > 2 * clean.loc["clean", "marker_share"]

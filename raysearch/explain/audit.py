@@ -181,7 +181,7 @@ def run_audit(
     images: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """``raysearch explain --audit``: score the ensemble's maps on up to ``max_images`` test
-    images (a seeded sample of the experiment's manifest, or ``images``) against the boxes in
+    images (a seeded sample of the experiment's manifest's test split, or of ``images``) against the boxes in
     ``data_root``'s ``annotations.parquet`` (default: found from the manifest's image paths), and
     write ``audit.parquet`` and ``audit_images.parquet`` under ``out``. Returns the summary.
 
@@ -195,6 +195,7 @@ def run_audit(
         raise ConfigError(f"--max-images must be >= 1, got {max_images}")
     if not 0 < k < 1:
         raise ConfigError(f"k must be in (0, 1), got {k}")
+    source = None
     if predictor is None:
         from raysearch.experiment import check_model_folder, find_experiment
         from raysearch.inference.predictor import Predictor
@@ -203,6 +204,8 @@ def run_audit(
         predictor = Predictor.from_dir(source, device=device)
     explainer = Explainer(predictor, method=method, label=label, layer=layer)
     if images is None:
+        if source is None:
+            raise ConfigError("run_audit: give the images to audit with a predictor")
         from raysearch.experiment.trials import read_manifest
         from raysearch.explain.run import model_folders
 
@@ -210,7 +213,8 @@ def run_audit(
         images = manifest[manifest["split"] == "test"]
         if images.empty:
             raise DataError("the experiment has no test images to audit")
-        images = images.sample(n=min(max_images, len(images)), random_state=seed)
+    if len(images) > max_images:
+        images = images.sample(n=max_images, random_state=seed)
     if data_root is None:
         first = str(images["image_path"].iloc[0])
         at = first.rfind(f"/{ROOT_NAME}/")
