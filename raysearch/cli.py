@@ -531,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-root", help="audit: the dataset with annotations.parquet (default: "
                    "the experiment's data root)")
     s.add_argument("--max-images", type=int, default=200, help="audit: test images scored")
-    s.add_argument("--marker-threshold", type=float, default=0.25,
+    s.add_argument("--marker-threshold", type=float, default=0.01,
                    help="audit: flag a model whose share of map energy on markers exceeds this")
     s.set_defaults(func=cmd_explain)
 

@@ -16,13 +16,16 @@ Scored per member and for the ensemble, on test images, against the synthetic da
   uses has a clearly positive gain. A blur, not zeros, is the baseline: zero in
   ImageNet-normalised space is a mid grey that a radiograph never shows.
 
-A model is ``flagged`` when its ``marker_share`` exceeds ``threshold``. Real data has no boxes:
+A model is ``flagged`` when its ``marker_share`` exceeds ``threshold`` (default 0.01: markers
+cover 1-4 % of a demo image; a model that ignores them keeps well under 1 % of its map there, see
+the README's figures). Real data has no boxes:
 then only the deletion check is reported (the other columns are NaN).
 
 Outputs: ``audit.parquet`` (one row per model: ``model`` (a trial id or ``ensemble``), ``arch``,
 ``method``, ``label``, ``layer``, ``n_images``, ``n_pointing``, ``pointing_hit_rate``,
-``finding_share``, ``n_marker``, ``marker_share``, ``deletion_drop``, ``random_drop``,
-``deletion_gain``, ``flagged``) and ``audit_images.parquet`` (the same per image).
+``finding_share``, ``finding_lift``, ``n_marker``, ``marker_share``, ``marker_lift``,
+``deletion_drop``, ``random_drop``, ``deletion_gain``, ``flagged``; a lift is the mean energy
+share over the boxes' mean share of the pixels: 1 for a uniform map) and ``audit_images.parquet`` (the same per image).
 
 Never imports ray.
 """
@@ -92,7 +95,8 @@ def audit_images(explainer, images: pd.DataFrame, boxes: pd.DataFrame | None, *,
                  k: float = 0.1, seed: int = 0, blur_radius: float = 0.04) -> pd.DataFrame:
     """One row per (image, model): ``image_path``, ``label`` (when ``images`` has it),
     ``model``, ``probability``, ``pointing_hit`` (NaN unless the image is abnormal with a finding
-    box), ``finding_share``, ``marker_share`` (NaN without such boxes), ``prob_top``,
+    box), ``finding_share``, ``marker_share`` (NaN without such boxes), ``finding_area``,
+    ``marker_area`` (the boxes' share of the image's pixels), ``prob_top``,
     ``prob_random`` (after the deletion of the top-``k`` and of random pixels).
 
     ``images``: ``image_path`` (and ``label``) of the images to score; ``boxes``: the
@@ -136,9 +140,16 @@ def audit_images(explainer, images: pd.DataFrame, boxes: pd.DataFrame | None, *,
                 "probability": float(probs[model]), "pointing_hit": hit,
                 "finding_share": _share(heat, finding) if finding is not None else math.nan,
                 "marker_share": _share(heat, marker) if marker is not None else math.nan,
+                "finding_area": float(finding.mean()) if finding is not None else math.nan,
+                "marker_area": float(marker.mean()) if marker is not None else math.nan,
                 "prob_top": float(p[2 * j]), "prob_random": float(p[2 * j + 1]),
             })
     return pd.DataFrame(rows)
+
+
+def _lift(shares: pd.Series, area: float) -> float:
+    """Mean energy share over mean area share: 1 for a uniform map, above 1 where it gathers."""
+    return float(shares.mean() / area) if len(shares) and area > 0 else math.nan
 
 
 def summarise(per_image: pd.DataFrame, *, threshold: float, explainer) -> pd.DataFrame:
@@ -149,13 +160,18 @@ def summarise(per_image: pd.DataFrame, *, threshold: float, explainer) -> pd.Dat
         drop = (g["probability"] - g["prob_top"]).mean()
         rand = (g["probability"] - g["prob_random"]).mean()
         marker = g["marker_share"].dropna()
+        finding = g["finding_share"].dropna()
+        marker_area = g.loc[marker.index, "marker_area"].mean()
+        finding_area = g.loc[finding.index, "finding_area"].mean()
         out.append({
             "model": model, "arch": arch.get(model, "ensemble"), "method": explainer.method,
             "label": explainer.target.label, "layer": explainer.layer or "registered",
             "n_images": len(g), "n_pointing": int(g["pointing_hit"].notna().sum()),
             "pointing_hit_rate": float(g["pointing_hit"].mean()),
-            "finding_share": float(g["finding_share"].mean()),
+            "finding_share": float(finding.mean()) if len(finding) else math.nan,
+            "finding_lift": _lift(finding, finding_area),
             "n_marker": len(marker), "marker_share": float(marker.mean()) if len(marker) else math.nan,
+            "marker_lift": _lift(marker, marker_area),
             "deletion_drop": float(drop), "random_drop": float(rand),
             "deletion_gain": float(drop - rand),
             "flagged": bool(len(marker) and marker.mean() > threshold),
@@ -173,7 +189,7 @@ def run_audit(
     layer: str | None = None,
     out: str = "explanations",
     max_images: int = 200,
-    threshold: float = 0.25,
+    threshold: float = 0.01,
     k: float = 0.1,
     seed: int = 0,
     device=None,
@@ -233,7 +249,7 @@ def audit_table(summary: pd.DataFrame, *, threshold: float):
 
     t = Table(title=f"shortcut audit (flag: marker share > {threshold:g})")
     for col in ("model", "arch", "images", "pointing", "finding share", "marker share",
-                "deletion drop", "random drop", "flag"):
+                "marker lift", "deletion drop", "random drop", "flag"):
         t.add_column(col, justify="left" if col in ("model", "arch", "flag") else "right")
 
     def f(x: float) -> str:
@@ -241,7 +257,8 @@ def audit_table(summary: pd.DataFrame, *, threshold: float):
 
     for r in summary.itertuples():
         t.add_row(str(r.model), str(r.arch), str(r.n_images), f(r.pointing_hit_rate),
-                  f(r.finding_share), f(r.marker_share), f(r.deletion_drop), f(r.random_drop),
+                  f(r.finding_share), f(r.marker_share), f(r.marker_lift), f(r.deletion_drop),
+                  f(r.random_drop),
                   "[red]SHORTCUT[/]" if r.flagged else "")
     return t
 
