@@ -508,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "Grad-CAM++ or CAM maps, and a shortcut audit", common=common,
                  examples=("raysearch explain --worst 5",
                            "raysearch explain study1/*.png --method hirescam --label normal",
-                           "raysearch explain --studies valid/XR_WRIST/patient11185/study1 "
-                           "--layer layer3",
+                           ("raysearch explain --studies valid/XR_WRIST/patient11185/study1 "
+                            "--layer layer3"),
                            "raysearch explain --audit --data-root demo_data"))
     s.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="image files, folders of studies or a CSV (as predict takes them)")

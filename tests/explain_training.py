@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import torch
 
 from raysearch.config import TrialConfig

@@ -18,8 +18,10 @@ def _marker_rate(folder: str) -> pd.Series:
     """The share of images with a marker, by label (0, 1)."""
     boxes = pd.read_parquet(os.path.join(folder, "annotations.parquet"))
     root = os.path.join(folder, "MURA-v1.1")
-    paths = [line.strip() for split in ("train", "valid")
-             for line in open(os.path.join(root, f"{split}_image_paths.csv"))]
+    paths = []
+    for split in ("train", "valid"):
+        with open(os.path.join(root, f"{split}_image_paths.csv")) as f:
+            paths += [line.strip() for line in f]
     marked = set(boxes.loc[boxes["kind"] == "marker", "image_path"])
     frame = pd.DataFrame({"label": ["positive" in p for p in paths],
                           "marker": [p in marked for p in paths]})

@@ -281,8 +281,8 @@ def _clip(box, w: int, h: int) -> tuple[int, int, int, int]:
     """A float box ``(x0, y0, x1, y1)`` grown by 2 px (the blur spreads edges) to whole pixels
     inside the image."""
     x0, y0, x1, y1 = box
-    return (max(0, int(math.floor(x0)) - 2), max(0, int(math.floor(y0)) - 2),
-            min(w, int(math.ceil(x1)) + 2), min(h, int(math.ceil(y1)) + 2))
+    return (max(0, math.floor(x0) - 2), max(0, math.floor(y0) - 2),
+            min(w, math.ceil(x1) + 2), min(h, math.ceil(y1) + 2))
 
 
 def _line_box(points, width: float) -> tuple[float, float, float, float]:

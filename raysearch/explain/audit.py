@@ -33,7 +33,6 @@ Never imports ray.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -80,7 +79,7 @@ def _share(heat: np.ndarray, mask: np.ndarray) -> float:
 def _perturbed(gray: np.ndarray, blurred: np.ndarray, heat: np.ndarray, *, k: float,
                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(the top-k share of ``heat``'s pixels blurred, as many random pixels blurred)."""
-    n = max(1, int(round(k * heat.size)))
+    n = max(1, round(k * heat.size))
     top = np.argpartition(heat.ravel(), -n)[-n:]
     rand = rng.choice(heat.size, size=n, replace=False)
     out = []
