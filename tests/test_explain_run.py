@@ -99,3 +99,19 @@ def test_mistakes_get_one_clear_line(tmp_path, tiny_root, ensemble, capsys, monk
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_audit_from_the_command_line_finds_the_annotations_from_the_manifest(tmp_path, ensemble,
+                                                                               capsys):
+    out = tmp_path / "audit"
+    assert main(["explain", "--audit", "--ensemble", ensemble, "--max-images", "2",
+                 "--out", str(out)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "shortcut audit (flag: marker share > 0.01)" in text and "ensemble" in text
+    summary = pd.read_parquet(out / "audit.parquet")
+    assert list(summary["model"]) == ["a", "b", "ensemble"]
+    assert (summary["n_images"] == 2).all()
+    # The boxes were found beside MURA-v1.1: at least one image has a box of some kind.
+    per_image = pd.read_parquet(out / "audit_images.parquet")
+    assert per_image[["finding_area", "marker_area"]].notna().any().any()
+    assert main(["explain", "--audit", "--ensemble", ensemble, "--worst", "1"]) == 2
