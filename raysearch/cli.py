@@ -131,9 +131,16 @@ def cmd_demo_data(args) -> int:
     t0 = time.perf_counter()
     if args.format == "mura":
         root = make_demo_data(args.dir, seed=args.seed, size=args.size,
-                              label_noise=args.label_noise, overwrite=args.overwrite)
+                              label_noise=args.label_noise, overwrite=args.overwrite,
+                              shortcut=args.shortcut)
     else:
         from raysearch.data.synth_chest import make_chexpert_demo, make_nih_demo
+
+        if args.shortcut is not None:
+            from raysearch.errors import ConfigError
+
+            raise ConfigError("--shortcut ties MURA's L/R marker to the label: it applies to "
+                              f"--format mura only, not {args.format}")
 
         make = make_chexpert_demo if args.format == "chexpert" else make_nih_demo
         root = make(args.dir, seed=args.seed, size=args.size, overwrite=args.overwrite)
@@ -268,6 +275,36 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from raysearch.experiment import check_model_folder
+
+    if args.ensemble:
+        check_model_folder(args.ensemble)  # before pandas and torch load
+    console = _stdout_console()
+    if args.audit:
+        from raysearch.explain.audit import audit_table, run_audit
+
+        if args.inputs or args.studies or args.worst is not None:
+            raise ConfigError("explain --audit reads the data's annotations.parquet: give "
+                              "--data-root (or the experiment's manifest), not images")
+        frame = run_audit(ensemble=args.ensemble, storage=args.storage, data_root=args.data_root,
+                          method=args.method, label=args.label, layer=args.layer, out=args.out,
+                          max_images=args.max_images, threshold=args.marker_threshold)
+        console.print(audit_table(frame, threshold=args.marker_threshold))
+        console.print(f"audit -> {args.out}/audit.parquet", highlight=False)
+        return 0
+    from raysearch.explain.run import run_explain
+
+    table = run_explain(args.inputs, ensemble=args.ensemble, storage=args.storage,
+                        studies=args.studies or (), worst=args.worst, method=args.method,
+                        label=args.label, layer=args.layer, out=args.out)
+    n = table["image_path"].nunique()
+    console.print(f"explained {n} image(s) of {table['study_id'].nunique()} study(ies) with "
+                  f"{args.method} -> {args.out} (explanations.parquet, overlays/, studies/, maps/)",
+                  highlight=False)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from raysearch.serve.app import Limits
     from raysearch.serve.run import run_serve
@@ -329,6 +366,19 @@ def cmd_bench(args) -> int:
             f"{os.cpu_count()} cores): model alone {r['pure_images_per_s']:.1f} images/s, "
             f"epoch step {r['step_images_per_s']:.1f} images/s (medians), ratio step / pure "
             f"{r['ratio_text']} (target >= 0.9)"
+        )
+    elif args.what == "explain":
+        from raysearch.bench.explain import bench_explain
+
+        r = bench_explain(arch=args.arch, image_size=args.image_size or 224, method=args.method,
+                          steps=args.steps, rounds=args.rounds or 5)
+        console.print(
+            f"bench explain: {r['arch']} {r['image_size']}px on {r['device']} "
+            f"({os.cpu_count()} cores), one image at a time: {r['method']} "
+            f"{1000 / r['explain_images_per_s']:.1f} ms/image, forward + backward "
+            f"{1000 / r['fb_images_per_s']:.1f} ms/image (medians); time ratio {r['method']} / "
+            f"forward-backward {r['ratio_text']} (target <= 1.5). An ensemble costs its member "
+            "count times this."
         )
     elif args.what == "predict":
         from raysearch.bench.predict import bench_predict
@@ -478,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of studies whose label is flipped (mura)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace demo data made here before (never a folder demo-data did not make)")
+    s.add_argument("--shortcut", type=float, metavar="P",
+                   help="tie the L/R marker to the label with probability P (a confounded "
+                   "variant for `explain --audit`; default: markers independent of the label)")
     s.set_defaults(func=cmd_demo_data)
 
     s = _command(sub, "init", help="write a starter search-space file to edit", common=common,
@@ -621,6 +674,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     s.set_defaults(func=cmd_predict)
 
+    s = _command(sub, "explain", help="where a trained ensemble looked: Grad-CAM, HiResCAM, "
+                 "Grad-CAM++ or CAM maps, and a shortcut audit", common=common,
+                 examples=("raysearch explain --worst 5",
+                           "raysearch explain study1/*.png --method hirescam --label normal",
+                           ("raysearch explain --studies valid/XR_WRIST/patient11185/study1 "
+                            "--layer layer3"),
+                           "raysearch explain --audit --data-root demo_data"))
+    s.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="image files, folders of studies or a CSV (as predict takes them)")
+    s.add_argument("--ensemble", help="ensemble or experiment folder (default: the most recent "
+                   "experiment under --storage)")
+    s.add_argument("--storage", default="reports", help="where experiments live")
+    s.add_argument("--studies", nargs="+", metavar="ID", help="study ids of the experiment's data")
+    s.add_argument("--worst", type=int, metavar="N",
+                   help="the N most confident false positives and false negatives on test")
+    s.add_argument("--method", default="gradcam", choices=["gradcam", "hirescam", "gradcam++",
+                                                           "cam"], help="the map")
+    s.add_argument("--label", help="the explained class: a label of the task, or normal (the "
+                   "negated logit of a one-label task) (default: the task's first label)")
+    s.add_argument("--layer", help="explain at this layer instead of the registered one (e.g. "
+                   "layer3, features.denseblock3): finer maps at the same input size")
+    s.add_argument("--out", default="explanations", help="output folder")
+    s.add_argument("--audit", action="store_true",
+                   help="score the maps against the synthetic data's boxes (annotations.parquet)")
+    s.add_argument("--data-root", help="audit: the dataset with annotations.parquet (default: "
+                   "the experiment's data root)")
+    s.add_argument("--max-images", type=int, default=200, help="audit: test images scored")
+    s.add_argument("--marker-threshold", type=float, default=0.01,
+                   help="audit: flag a model whose share of map energy on markers exceeds this")
+    s.set_defaults(func=cmd_explain)
+
     s = _command(sub, "serve", help="serve a trained ensemble over HTTP (Ray Serve)",
                  common=common, examples=("raysearch serve",
                                           ("raysearch serve --ensemble reports/demo/ensemble "
@@ -677,17 +761,22 @@ def build_parser() -> argparse.ArgumentParser:
                            "raysearch bench train --finetune head --arch densenet121",
                            "raysearch bench search --seeds 0 1",
                            "raysearch bench predict --ensemble reports/demo",
-                           "raysearch bench serve --studies 300 --clients 16"))
-    s.add_argument("what", choices=["data", "step", "train", "search", "predict", "serve"],
+                           "raysearch bench serve --studies 300 --clients 16",
+                           "raysearch bench explain --arch densenet121 --image-size 320"))
+    s.add_argument("what", choices=["data", "step", "train", "search", "predict", "serve",
+                                    "explain"],
                    help="what to measure")
     s.add_argument("--root", help="dataset (default: generated demo data)")
     s.add_argument("--image-size", type=int,
-                   help="pixels (default: 128 for data, 64 for step and train)")
+                   help="pixels (default: 128 for data, 64 for step and train, 224 for explain)")
+    s.add_argument("--method", default="gradcam", choices=["gradcam", "hirescam", "gradcam++",
+                                                           "cam"], help="explain: the map")
     s.add_argument("--n-images", type=int, default=512, help="data: images to decode")
-    s.add_argument("--arch", default="resnet18", help="step, train: the architecture")
+    s.add_argument("--arch", default="resnet18", help="step, train, explain: the architecture")
     s.add_argument("--batch-size", type=int, default=32,
                    help="step, train, predict: images per step")
-    s.add_argument("--steps", type=int, default=30, help="step: timed batches per round")
+    s.add_argument("--steps", type=int, default=30,
+                   help="step: timed batches per round; explain: timed images per round")
     s.add_argument("--finetune", choices=["head", "gradual", "full"],
                    help="train: a trial of this finetune mode against a full one, epoch steps "
                    "side by side, no Ray (default: the Ray trial against the pure model)")

@@ -29,10 +29,11 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from raysearch import storage
 from raysearch.errors import ConfigError, DataError
 
-__all__ = ["DEMO_SIZES", "DemoSize", "make_demo_data"]
+__all__ = ["ANNOTATIONS", "BOX_KINDS", "DEMO_SIZES", "DemoSize", "make_demo_data"]
 
 ROOT_NAME = "MURA-v1.1"
 DEMO_MARKER = ".raysearch-demo.json"  # marks a folder demo-data may replace
+ANNOTATIONS = "annotations.parquet"  # the boxes, beside the MURA-v1.1 folder
 
 
 @dataclass(frozen=True)
@@ -72,13 +73,20 @@ class _ImageJob:
     seed: int
     body_part: str
     finding: str | None
+    shown: bool = False  # the study's label as written (after label noise)
+    shortcut: float | None = None  # P(the marker follows the label); None: independent
+
+
+# The kinds of box in annotations.parquet.
+BOX_KINDS = ("finding", "marker")
 
 
 # ---------------------------------------------------------------------------------------------
 # Study plan: who has which studies, labels, views. Drawn from one generator.
 
 
-def _plan(size: DemoSize, *, seed: int, label_noise: float) -> tuple[list[_ImageJob], dict]:
+def _plan(size: DemoSize, *, seed: int, label_noise: float,
+          shortcut: float | None = None) -> tuple[list[_ImageJob], dict]:
     rng = np.random.default_rng(seed)
     parts = list(PART_WEIGHTS)
     weights = np.array([PART_WEIGHTS[p] for p in parts])
@@ -114,7 +122,8 @@ def _plan(size: DemoSize, *, seed: int, label_noise: float) -> tuple[list[_Image
                 image_lines.append(f"{ROOT_NAME}/{rel}\n")
                 # Each image's generator depends only on the seed and its path.
                 img_seed = (seed * 1_000_003 + zlib.crc32(rel.encode())) % 2**63
-                jobs.append(_ImageJob(rel, img_seed, part, finding if with_finding[j] else None))
+                jobs.append(_ImageJob(rel, img_seed, part, finding if with_finding[j] else None,
+                                      shown=shown, shortcut=shortcut))
     return jobs, csv_rows
 
 
@@ -197,6 +206,14 @@ def _bones(part: str, rng: np.random.Generator) -> list:
 
 
 def _render(job: _ImageJob, min_side: int, max_side: int) -> bytes:
+    """The PNG bytes of one image."""
+    return _render_boxed(job, min_side, max_side)[0]
+
+
+def _render_boxed(job: _ImageJob, min_side: int, max_side: int) -> tuple[bytes, list[tuple]]:
+    """The PNG bytes of one image and its boxes: ``(kind, x0, y0, x1, y1)`` in pixels of the
+    image (x right, y down, inclusive-exclusive), one per finding and per L/R marker drawn."""
+    boxes: list[tuple] = []
     rng = np.random.default_rng(job.seed)
     long_side = int(rng.integers(min_side, max_side + 1))
     short_side = int(long_side * rng.uniform(0.65, 1.0))
@@ -234,12 +251,20 @@ def _render(job: _ImageJob, min_side: int, max_side: int) -> bytes:
         _draw_shape(draw, s, pt, scale, grow=0.5, fill=int(medulla), inset=True)
     if job.finding is not None:
         rods = [s for s in shapes if s[0] == "rod"]
-        _draw_finding(draw, job.finding, rods[int(rng.integers(len(rods)))], pt, scale, rng,
-                      side=min(w, h), tissue=int(tissue), cortex=int(cortex))  # fmt: skip
+        box = _draw_finding(draw, job.finding, rods[int(rng.integers(len(rods)))], pt, scale, rng,
+                            side=min(w, h), tissue=int(tissue), cortex=int(cortex))  # fmt: skip
+        boxes.append(("finding", *_clip(box, w, h)))
 
     img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.0)))
-    if rng.random() < 0.5:  # L/R film marker, independent of the label (a known distractor)
-        _draw_marker(img, rng)
+    # L/R film marker: independent of the label (a known distractor), or, with a shortcut P,
+    # present exactly on the abnormal studies' images with probability P (Zech et al. 2018:
+    # laterality markers and hospital tokens that a model learns in place of the finding).
+    marker = rng.random() < 0.5
+    if job.shortcut is not None and rng.random() < job.shortcut:
+        marker = job.shown
+    if marker:
+        boxes.append(("marker", *_clip(_draw_marker(img, rng, large=job.shortcut is not None),
+                                       w, h)))
     pixels = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(1.5, 5), (h, w))
     pixels = np.clip(pixels, 0, 255).astype(np.uint8)
     if rng.random() < 0.08:  # inverted polarity
@@ -249,7 +274,25 @@ def _render(job: _ImageJob, min_side: int, max_side: int) -> bytes:
         out = out.convert("RGB")
     buf = io.BytesIO()
     out.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return buf.getvalue(), boxes
+
+
+def _clip(box, w: int, h: int) -> tuple[int, int, int, int]:
+    """A float box ``(x0, y0, x1, y1)`` grown by 2 px (the blur spreads edges) to whole pixels
+    inside the image."""
+    x0, y0, x1, y1 = box
+    return (max(0, math.floor(x0) - 2), max(0, math.floor(y0) - 2),
+            min(w, math.ceil(x1) + 2), min(h, math.ceil(y1) + 2))
+
+
+def _line_box(points, width: float) -> tuple[float, float, float, float]:
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    r = width / 2
+    return min(xs) - r, min(ys) - r, max(xs) + r, max(ys) + r
+
+
+def _union(a, b):
+    return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
 
 
 def _draw_shape(draw, shape, pt, scale, *, grow: float, fill: int, inset: bool = False) -> None:
@@ -290,11 +333,15 @@ def _draw_finding(draw, kind: str, rod, pt, scale, rng, *, side: int, tissue: in
         half = max(0.75 * width, 0.1 * unit) if kind == "fracture" else 0.75 * width
         line = [pt(mx - half * dx, my - half * dy), pt(mx + half * dx, my + half * dy)]
         gap = max(0.3 * width, 0.06 * unit) * scale
-        draw.line(line, fill=tissue, width=max(2, int(gap)) if kind == "fracture" else 1)
+        lw = max(2, int(gap)) if kind == "fracture" else 1
+        draw.line(line, fill=tissue, width=lw)
+        box = _line_box(line, lw)
         if kind == "fracture":  # a displaced fragment: a bright step beside the gap
             sx, sy = 0.6 * half * nx, 0.6 * half * ny
-            draw.line([pt(mx + sx, my + sy), pt(mx + sx + 0.25 * ux, my + sy + 0.25 * uy)],
-                      fill=cortex, width=max(2, int(0.5 * gap)))  # fmt: skip
+            step = [pt(mx + sx, my + sy), pt(mx + sx + 0.25 * ux, my + sy + 0.25 * uy)]
+            draw.line(step, fill=cortex, width=max(2, int(0.5 * gap)))  # fmt: skip
+            box = _union(box, _line_box(step, max(2, int(0.5 * gap))))
+        return box
     elif kind == "hardware":
         thick = max(0.3 * width, 0.06 * unit)
         off = (0.5 * width + 0.5 * thick) * (1 if rng.random() < 0.5 else -1)
@@ -302,11 +349,14 @@ def _draw_finding(draw, kind: str, rod, pt, scale, rng, *, side: int, tissue: in
         a = pt(mx + off * nx - span * ux, my + off * ny - span * uy)
         b = pt(mx + off * nx + span * ux, my + off * ny + span * uy)
         draw.line([a, b], fill=255, width=max(2, int(thick * scale)))  # plate
+        box = _line_box([a, b], max(2, int(thick * scale)))
         reach = max(0.7 * width, 0.08 * unit)
         for k in np.linspace(-0.8, 0.8, int(rng.integers(3, 6))):
             sx, sy = mx + k * span * ux, my + k * span * uy
-            draw.line([pt(sx - reach * nx, sy - reach * ny), pt(sx + reach * nx, sy + reach * ny)],
-                      fill=255, width=max(2, int(0.5 * thick * scale)))  # fmt: skip
+            screw = [pt(sx - reach * nx, sy - reach * ny), pt(sx + reach * nx, sy + reach * ny)]
+            draw.line(screw, fill=255, width=max(2, int(0.5 * thick * scale)))  # fmt: skip
+            box = _union(box, _line_box(screw, max(2, int(0.5 * thick * scale))))
+        return box
     else:  # lesion: a lytic (dark) blob with a sclerotic rim, large or small
         if kind == "lesion":
             r = max(rng.uniform(0.35, 0.5) * width, rng.uniform(0.08, 0.11) * unit) * scale
@@ -315,20 +365,27 @@ def _draw_finding(draw, kind: str, rod, pt, scale, rng, *, side: int, tissue: in
         px, py = pt(mx, my)
         draw.ellipse([px - r, py - r, px + r, py + r], fill=tissue, outline=255,
                      width=max(1, int(0.2 * r)))  # fmt: skip
+        return px - r, py - r, px + r, py + r
 
 
-def _draw_marker(img: Image.Image, rng: np.random.Generator) -> None:
+def _draw_marker(img: Image.Image, rng: np.random.Generator, *, large: bool = False) -> tuple:
+    """Draw an "L" or "R" in a corner; return its box ``(x0, y0, x1, y1)``. ``large`` (the
+    shortcut variant) draws it at 20 % of the short side instead of 7 %, so that it survives
+    downscaling to the 32-64 px of a quick demo search: a shortcut a small CNN can take."""
     w, h = img.size
-    size = max(8, int(0.07 * min(w, h)))
+    size = max(8, int((0.2 if large else 0.07) * min(w, h)))
     font = ImageFont.load_default(size=size)
     x = int(rng.uniform(0.04, 0.2) * w) if rng.random() < 0.5 else int(rng.uniform(0.72, 0.88) * w)
     y = int(rng.uniform(0.04, 0.12) * h) if rng.random() < 0.5 else int(rng.uniform(0.8, 0.88) * h)
-    ImageDraw.Draw(img).text((x, y), "L" if rng.random() < 0.5 else "R", fill=255, font=font)
+    draw = ImageDraw.Draw(img)
+    text = "L" if rng.random() < 0.5 else "R"
+    draw.text((x, y), text, fill=255, font=font)
+    return draw.textbbox((x, y), text, font=font)
 
 
-def _render_chunk(args: tuple[list[_ImageJob], int, int]) -> list[bytes]:
+def _render_chunk(args: tuple[list[_ImageJob], int, int]) -> list[tuple[bytes, list[tuple]]]:
     jobs, min_side, max_side = args
-    return [_render(job, min_side, max_side) for job in jobs]
+    return [_render_boxed(job, min_side, max_side) for job in jobs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +400,7 @@ def make_demo_data(
     label_noise: float = 0.03,
     num_workers: int | None = None,
     overwrite: bool = False,
+    shortcut: float | None = None,
 ) -> str:
     """Write a synthetic MURA-v1.1 dataset below ``out_dir`` and return the MURA-v1.1 folder path.
 
@@ -350,11 +408,22 @@ def make_demo_data(
     size always give the same bytes. ``num_workers`` processes render the images (default: the
     CPU count, capped at 4; 1 renders in this process). An existing ``MURA-v1.1`` folder is an
     error unless ``overwrite=True``, which deletes it first so no stale files remain.
+
+    Beside the MURA-v1.1 folder (it is no part of MURA's layout), ``annotations.parquet`` holds
+    the ground truth the generator knows: one row per box, ``image_path`` (as in the CSVs:
+    ``MURA-v1.1/...png``), ``kind`` (``finding`` or ``marker``), ``detail`` (the finding's kind,
+    or empty), ``x0, y0, x1, y1`` (int, pixels of the image, x right, y down, x1 and y1
+    exclusive), ``label`` (the study's label as written). ``shortcut`` P in [0, 1] ties the L/R
+    marker to the label: with probability P an image carries a (larger) marker exactly when its
+    study is labelled abnormal; without it, markers are independent of the label and the images
+    and CSVs are those this function has always written.
     """
     if size not in DEMO_SIZES:
         raise ConfigError(f"unknown demo size {size!r}; choose one of {', '.join(DEMO_SIZES)}")
     if not 0.0 <= label_noise < 0.5:
         raise ConfigError(f"label_noise must be in [0, 0.5), got {label_noise}")
+    if shortcut is not None and not 0.0 <= shortcut <= 1.0:
+        raise ConfigError(f"shortcut must be in [0, 1], got {shortcut}")
     if num_workers is not None and num_workers < 1:
         raise ConfigError(f"num_workers must be >= 1, got {num_workers}")
     spec = DEMO_SIZES[size]
@@ -371,12 +440,12 @@ def make_demo_data(
                             f"{DEMO_MARKER}); refusing to delete it: choose another folder")
         fs.rm(root_path, recursive=True)
     # The marker first, so that an interrupted run can still be replaced with --overwrite.
-    storage.atomic_write_text(
-        storage.join(root, DEMO_MARKER),
-        json.dumps({"seed": seed, "size": size, "label_noise": label_noise}) + "\n",
-    )
+    settings = {"seed": seed, "size": size, "label_noise": label_noise}
+    if shortcut is not None:
+        settings["shortcut"] = shortcut
+    storage.atomic_write_text(storage.join(root, DEMO_MARKER), json.dumps(settings) + "\n")
 
-    jobs, csv_rows = _plan(spec, seed=seed, label_noise=label_noise)
+    jobs, csv_rows = _plan(spec, seed=seed, label_noise=label_noise, shortcut=shortcut)
     workers = num_workers or min(os.cpu_count() or 1, 4)
     chunk = 64
     chunks = [
@@ -385,7 +454,13 @@ def make_demo_data(
     local = not storage.is_url(root)
     made_dirs: set[str] = set()
 
-    def write(job: _ImageJob, data: bytes) -> None:
+    boxes: list[tuple] = []
+
+    def write(job: _ImageJob, rendered: tuple[bytes, list[tuple]]) -> None:
+        data, drawn = rendered
+        image = f"{ROOT_NAME}/{job.rel_path}"
+        boxes.extend((image, kind, (job.finding or "") if kind == "finding" else "", *box,
+                      int(job.shown)) for kind, *box in drawn)
         path = f"{root_path}/{job.rel_path}"
         parent = path.rsplit("/", 1)[0]
         if parent not in made_dirs:
@@ -408,6 +483,11 @@ def make_demo_data(
             for job, data in zip(batch[0], _render_chunk(batch)):
                 write(job, data)
 
+    import pandas as pd
+
+    table = pd.DataFrame(boxes, columns=["image_path", "kind", "detail", "x0", "y0", "x1", "y1",
+                                         "label"])
+    storage.atomic_write_parquet(table, storage.join(out_dir, ANNOTATIONS))
     # CSVs last: an interrupted run leaves no CSV, so the reader refuses it instead of half-reading.
     for split, (image_lines, study_lines) in csv_rows.items():
         storage.atomic_write_text(

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from raysearch.errors import ConfigError
 
-__all__ = ["ARCHITECTURES", "BLOCKS", "check_arch", "num_blocks"]
+__all__ = ["ARCHITECTURES", "BLOCKS", "CAM_HEADS", "CAM_LAYERS", "cam_layer", "check_arch",
+           "num_blocks"]
 
 
 # arch -> the attribute holding the final Linear layer that becomes the single-logit head.
@@ -52,3 +53,45 @@ def check_arch(arch: str) -> None:
     """Raise :class:`ConfigError` naming the allowed architectures unless ``arch`` is one."""
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
+
+
+# arch -> the layer whose output class activation maps are computed on (raysearch explain), as a
+# module path of the torchvision model (``model.get_submodule``). All sit at stride 32: a 7 x 7
+# map at 224 px, 16 x 16 at 512 px; ``raysearch explain --layer`` picks an earlier one instead of
+# a larger input, which would change the prediction being explained.
+#
+# ``relu5`` is not a torchvision module: torchvision's DenseNet applies its last ReLU as
+# ``F.relu(features, inplace=True)`` after ``norm5``. A hook on ``norm5`` keeps a CPU tensor
+# that the in-place ReLU then overwrites (grad-cam stores ``output.cpu()``, a view on the CPU,
+# a copy on CUDA), so maps differed between CPU and GPU. raysearch.explain runs DenseNet through
+# a wrapper whose ``relu5`` is an out-of-place ReLU module: the tensor after the final ReLU,
+# the same on every device.
+CAM_LAYERS: dict[str, str] = {
+    **{f"densenet{n}": "relu5" for n in (121, 161, 169, 201)},
+    **{f"resnet{n}": "layer4" for n in (18, 34, 50, 101)},
+    **{name: "features" for name in ("vgg16", "vgg16_bn", "vgg19_bn")},
+    **{f"efficientnet_b{n}": "features" for n in range(5)},
+    "convnext_tiny": "features",
+    "mobilenet_v3_small": "features",
+    "mobilenet_v3_large": "features",
+}
+
+# Architectures whose CAM layer feeds global average pooling and then the linear head directly
+# (dropout aside), so that the class activation map of Zhou et al. (CVPR 2016, "Learning Deep
+# Features for Discriminative Localization"), sum_c w_c A_c, is defined: VGG's and MobileNetV3's
+# heads have hidden layers, ConvNeXt's normalises after pooling.
+CAM_HEADS: frozenset[str] = frozenset(
+    [f"densenet{n}" for n in (121, 161, 169, 201)]
+    + [f"resnet{n}" for n in (18, 34, 50, 101)]
+    + [f"efficientnet_b{n}" for n in range(5)]
+)
+
+
+def cam_layer(arch: str) -> str:
+    """The registered CAM layer of ``arch`` (see :data:`CAM_LAYERS`). Raises
+    :class:`ConfigError` naming the architecture when it has none."""
+    if arch not in CAM_LAYERS:
+        raise ConfigError(f"architecture {arch!r} has no registered explanation layer (add it to "
+                          f"raysearch.models.registry.CAM_LAYERS, or pass --layer NAME)")
+    return CAM_LAYERS[arch]
+
