@@ -175,3 +175,17 @@ def test_the_ensemble_map_weights_members_by_weight_times_sensitivity_and_normal
     assert m[3, 3] == pytest.approx(1.0)
     assert m[0, 0] == pytest.approx(10 * 0.5 * 0.999 * 0.001 / 0.125, rel=1e-4)
     assert ensemble_map([np.zeros((2, 2))], weights=[1], probs=[0.5]).max() == 0
+
+
+def test_binary_relevance_members_are_refused_by_name():
+    from types import SimpleNamespace
+
+    from raysearch.config import TrialConfig
+    from raysearch.data.mura import MURA_TASK
+    from raysearch.errors import ConfigError
+    from raysearch.explain.explainer import Explainer
+
+    member = SimpleNamespace(trial_id="t1", config=TrialConfig(
+        arch="resnet18", weights="none", binary_relevance=True))
+    with pytest.raises(ConfigError, match="member t1: explain does not support binary relevance"):
+        Explainer(SimpleNamespace(members=[member], task=MURA_TASK))

@@ -56,6 +56,12 @@ class Explainer:
         self.method = method
         self.layer = layer
         self.target = resolve_target(predictor.task, label)
+        for m in predictor.members:
+            if getattr(m.config, "binary_relevance", False):
+                # One network per label (models.PerLabelModels): each label's maps would come
+                # from another network, which the per-member maps here do not model yet.
+                raise ConfigError(f"member {m.trial_id}: explain does not support binary "
+                                  "relevance members (binary_relevance: true) yet")
         if layer is None:
             for m in predictor.members:
                 try:
