@@ -203,8 +203,8 @@ def refit(
     *,
     storage: str = "reports",
     top: int = 2,
-    folds: int = 5,
-    seed: int = 0,
+    folds: int | None = None,
+    seed: int | None = None,
     address: str | None = None,
     console=None,
 ) -> Experiment:

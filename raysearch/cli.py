@@ -251,7 +251,7 @@ def cmd_refit(args) -> int:
 
     if args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
-    if args.folds < 2:
+    if args.folds is not None and args.folds < 2:
         raise ConfigError(f"--folds must be an integer >= 2, got {args.folds}")
 
     experiment = find_experiment(args.experiment, storage=args.storage)  # before Ray loads
@@ -329,9 +329,14 @@ def cmd_weights_fetch(args) -> int:
 
 
 def cmd_weights_stage_demo(args) -> int:
+    from raysearch.errors import ConfigError
     from raysearch.models.registry import check_arch
 
     check_arch(args.arch)  # before torch loads
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.image_size < 16:
+        raise ConfigError(f"--image-size must be >= 16, got {args.image_size}")
     from raysearch.train.pretrain import stage_demo_weights
 
     stage_demo_weights(args.to, arch=args.arch, image_size=args.image_size, epochs=args.epochs,
@@ -348,9 +353,30 @@ def cmd_init(args) -> int:
     return 0
 
 
+def _check_bench_args(args) -> None:
+    """Options that do not apply to ``args.what``, or values out of range: one line each."""
+    from raysearch.errors import ConfigError
+
+    if args.rounds is not None and args.rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.finetune and args.what != "train":
+        raise ConfigError(f"--finetune applies to `bench train` only, not `bench {args.what}`")
+    if args.last_n_blocks is not None:
+        if args.what != "train" or args.finetune not in ("full", "gradual"):
+            raise ConfigError("--last-n-blocks applies to `bench train --finetune full|gradual` "
+                              "only")
+        from raysearch.models.registry import num_blocks
+
+        n = num_blocks(args.arch)
+        if not 1 <= args.last_n_blocks <= n:
+            raise ConfigError(f"--last-n-blocks must be in [1, {n}] ({args.arch} has {n} "
+                              f"blocks), got {args.last_n_blocks}")
+
+
 def cmd_bench(args) -> int:
     from raysearch.bench import pipeline as bench
 
+    _check_bench_args(args)
     console = _stdout_console()
     if args.what == "data":
         bench.bench_data(root=args.root, image_size=args.image_size or 128,
@@ -627,9 +653,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", default="reports", help="where experiments live")
     s.add_argument("--top", type=int, default=2,
                    help="configurations to refit: the N trials with the lowest best val loss")
-    s.add_argument("--folds", type=int, default=5,
-                   help="k; the folds are saved as folds.parquet and reused by later refits")
-    s.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    s.add_argument("--folds", type=int,
+                   help="k; the folds are saved as folds.parquet and reused by later refits "
+                   "(default: the saved folds' k, else 5)")
+    s.add_argument("--seed", type=int,
+                   help="seed of the fold assignment (default: the saved folds', else 0)")
     s.add_argument("--address", help=address)
     s.add_argument("-v", "--verbose", action="store_true", help=verbose)
     s.set_defaults(func=cmd_refit)
@@ -745,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a backbone on a separate synthetic dataset (another seed than the\n"
         "demo data's) and stage it, head removed, as a weights file that trials load offline:\n"
         "what the demo's finetune search (head, gradual, full) starts from where ImageNet\n"
-        "weights cannot be downloaded. About a minute on 2 CPU cores.",
+        "weights cannot be downloaded. A few minutes on 2 CPU cores (4 epochs, small).",
         epilog=_examples("raysearch weights stage-demo",
                          "raysearch tune demo_finetune   # searches finetune from these weights"),
         formatter_class=_HelpFormatter, parents=[common])
@@ -753,7 +781,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--to", default="demo_weights", help="folder; the file is <to>/<arch>.pt")
     f.add_argument("--image-size", type=int, default=64, help="pixels")
     f.add_argument("--epochs", type=int, default=4, help="training epochs on the source data")
-    f.add_argument("--size", default="small", help="source dataset size (tiny, small, medium)")
+    f.add_argument("--size", default="small", choices=["tiny", "small", "medium", "large"],
+                   help="source dataset size")
     f.set_defaults(func=cmd_weights_stage_demo)
 
     s = _command(sub, "bench", help="measure speed, side by side in one run", common=common,

@@ -164,8 +164,16 @@ class TrialConfig:
             if self.finetune == "head":
                 raise ConfigError("last_n_blocks does not apply to finetune: head (only the head "
                                   "trains); use finetune: full or gradual", key="last_n_blocks")
-            check_range("last_n_blocks", self.last_n_blocks, 1, num_blocks(self.arch))
+            n = num_blocks(self.arch)
+            if not 1 <= self.last_n_blocks <= n:
+                raise ConfigError(f"last_n_blocks must be in [1, {n}] ({self.arch} has {n} "
+                                  f"blocks), got {self.last_n_blocks!r}", key="last_n_blocks")
         if self.backbone_lr_mult is not None:
+            if self.finetune == "head":
+                raise ConfigError("backbone_lr_mult does not apply to finetune: head (the "
+                                  "backbone never trains); give it only with full or gradual "
+                                  "(in a space: `when: {finetune: [full, gradual]}`)",
+                                  key="backbone_lr_mult")
             check_range("backbone_lr_mult", self.backbone_lr_mult, 1e-6, 10.0)
         if self.finetune == "gradual" and not 1 <= self.warmup_epochs < self.max_epochs:
             raise ConfigError(

@@ -220,6 +220,7 @@ REFITS = FileSchema(
         Column("epochs", I64, "epochs trained: the trial's best epoch in the search"),
         Column("val_loss", F64, "loss on the held-out fold (image level)"),
         Column("val_study_kappa", F64, "study kappa on the held-out fold"),
+        Column("seconds", F64, "training and validation time of the run's epochs"),
         Column("checkpoint", STR, "the final checkpoint, relative to the experiment folder"),
     ),
 )

@@ -60,6 +60,10 @@ class ExperimentStatus:
     holder: dict[str, Any] | None = None  # who holds the lock, when the experiment is running
     ensemble: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # `raysearch refit`: configurations, folds, runs, epochs, device_hours, best (trial_id,
+    # cv_val_loss_mean, cv_val_loss_sd); None without a refit
+    refit: dict[str, Any] | None = None
+    selection: str | None = None  # the ensemble's selection set: val or oof
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain Python values (``json.dumps`` takes it as it is)."""
@@ -181,6 +185,16 @@ def experiment_status(exp_dir: str) -> ExperimentStatus:
         row = usable.sort_values("best_val_loss", kind="stable").iloc[0]
         best = {k: _plain(v) for k, v in row.items() if _is_set(v)}
     device, hours = _device_hours(info, epochs)
+    refit = _refit_summary(exp_dir, info)
+    selection = None
+    if exists(join(exp_dir, "ensemble", "ensemble.json")):
+        import json
+
+        try:
+            selection = json.loads(read_bytes(join(exp_dir, "ensemble", "ensemble.json"))).get(
+                "selection", "val")
+        except (OSError, ValueError):
+            selection = None
     return ExperimentStatus(
         path=exp_dir, name=str(info.get("name") or exp_dir.rstrip("/").rsplit("/", 1)[-1]),
         kind=str(info.get("kind", "search")), state=state, trials=len(trials),
@@ -188,7 +202,26 @@ def experiment_status(exp_dir: str) -> ExperimentStatus:
         epochs=len(epochs), device=device, device_hours=hours, best=best,
         updated=info.get("updated"), holder=holder,
         ensemble=exists(join(exp_dir, "ensemble", "members.parquet")),
+        refit=refit, selection=selection,
     )
+
+
+def _refit_summary(exp_dir: str, info: dict[str, Any]) -> dict[str, Any] | None:
+    """What ``raysearch refit`` wrote (refit/refits.parquet): counts, compute, the best
+    configuration by cross-validated val loss; None without one."""
+    uri = join(exp_dir, "refit", "refits.parquet")
+    if not exists(uri):
+        return None
+    refits = read_parquet(uri)
+    if refits.empty:
+        return None
+    device, hours = _device_hours(info, refits.rename(columns={"seconds": "epoch_time_s"}))
+    cv = refits.groupby("trial_id")["val_loss"].agg(["mean", "std"]).sort_values("mean")
+    return {"configurations": int(refits["trial_id"].nunique()),
+            "folds": int(refits["fold"].nunique()), "runs": len(refits),
+            "epochs": int(refits["epochs"].sum()), "device": device, "device_hours": hours,
+            "best": {"trial_id": str(cv.index[0]), "cv_val_loss_mean": float(cv["mean"].iloc[0]),
+                     "cv_val_loss_sd": float(cv["std"].iloc[0])}}
 
 
 def _plain(v: Any) -> Any:

@@ -96,9 +96,16 @@ def check_weights(pairs: set[tuple[str, str]]) -> None:
     cannot be fetched offline then fail at the edge with one clear line, instead of inside every
     trial's workers; a download also lands in this node's cache for the workers here.
     """
+    from raysearch.errors import WeightsError
+
     for arch, weights in sorted(pairs):
         if weights != "none":
-            create_model(arch, weights=weights)
+            try:
+                create_model(arch, weights=weights)
+            except WeightsError as e:
+                if len({a for a, _ in pairs}) > 1 and not str(e).startswith(arch):
+                    raise WeightsError(f"{arch}: {e}") from None  # which of the searched archs
+                raise
 
 
 def checkpoint_bytes(arch: str) -> int:

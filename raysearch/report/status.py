@@ -53,8 +53,17 @@ def status_view(st: ExperimentStatus) -> Group:
     grid.add_row("spent", f"{st.epochs} epochs, {st.device_hours:.2f} {st.device}-hours")
     if st.updated:
         grid.add_row("updated", str(st.updated))
+    if st.refit:
+        r = st.refit
+        b = r["best"]
+        grid.add_row("refit", f"{r['configurations']} configurations x {r['folds']} folds "
+                     f"({r['runs']} runs, {r['epochs']} epochs, {r['device_hours']:.2f} "
+                     f"{r['device']}-hours); best cv val_loss {fmt(b['cv_val_loss_mean'])} ± "
+                     f"{fmt(b['cv_val_loss_sd'])} ({b['trial_id']})")
     if st.ensemble:
-        grid.add_row("ensemble", f"{st.path.rstrip('/')}/ensemble")
+        chosen = {"oof": " (selected on out-of-fold predictions)",
+                  "val": " (selected on val)"}.get(st.selection or "", "")
+        grid.add_row("ensemble", f"{st.path.rstrip('/')}/ensemble{chosen}")
     return Group(grid)
 
 

@@ -61,15 +61,21 @@ def refit_epochs(cfg: TrialConfig, best_epoch: int) -> int:
     return epochs
 
 
-def load_folds(exp_dir: str, manifest: pd.DataFrame, task: Task, *, k: int, seed: int,
-               console=None) -> pd.DataFrame:
-    """The experiment's ``folds.parquet`` (patient_id, fold), made and written on first use.
+DEFAULT_FOLDS = 5
 
-    An existing file is reused as it is, so every refit uses the same folds; it must cover
-    exactly the training patients (train and val splits) in ``k`` folds, else
-    :class:`~raysearch.errors.ConfigError` says so.
+
+def load_folds(exp_dir: str, manifest: pd.DataFrame, task: Task, *, k: int | None,
+               seed: int | None, console=None) -> pd.DataFrame:
+    """The experiment's ``folds.parquet`` (patient_id, fold), made and written on first use
+    (``k`` folds, default 5, drawn with ``seed``, default 0; both recorded in
+    ``experiment.json`` under ``folds``).
+
+    An existing file is reused as it is, so every refit uses the same folds; ``k`` or ``seed``
+    given and different from the saved ones, or a file that does not cover exactly the training
+    patients (train and val splits), is a :class:`~raysearch.errors.ConfigError`.
     """
     from raysearch.data.split import patient_folds
+    from raysearch.experiment import update_info
 
     training = manifest[manifest["split"].isin(["train", "val"])]
     patients = set(training["patient_id"].astype(str))
@@ -78,16 +84,24 @@ def load_folds(exp_dir: str, manifest: pd.DataFrame, task: Task, *, k: int, seed
         folds = read_parquet(uri)
         folds["patient_id"] = folds["patient_id"].astype(str)
         n = int(folds["fold"].nunique())
-        if n != k:
+        if k is not None and n != k:
             raise ConfigError(f"--folds {k}: this experiment's folds.parquet has {n} folds; "
                               f"use --folds {n} (or delete {uri} to make new folds)")
+        saved_seed = (read_info(exp_dir).get("folds") or {}).get("seed")
+        if seed is not None and saved_seed is not None and seed != saved_seed:
+            raise ConfigError(f"--seed {seed}: this experiment's folds were drawn with seed "
+                              f"{saved_seed}; use --seed {saved_seed} (or delete {uri} to make "
+                              "new folds)")
         if set(folds["patient_id"]) != patients:
             raise ConfigError(f"{uri} does not cover this experiment's training patients; "
                               "delete it to make new folds")
         return folds
+    k = DEFAULT_FOLDS if k is None else k
+    seed = 0 if seed is None else seed
     folds = patient_folds(training.assign(patient_id=training["patient_id"].astype(str)), k=k,
                           seed=seed, group=task.group, label_columns=task.label_columns)
     S.write_parquet(folds, uri, S.FOLDS)
+    update_info(exp_dir, folds={"k": k, "seed": seed})
     if console is not None:
         sizes = folds["fold"].value_counts().sort_index().tolist()
         console.print(f"folds: {len(folds)} training patients in {k} folds ({sizes} patients), "
@@ -121,15 +135,16 @@ def run_refit(
     experiment: str | None = None,
     storage: str = "reports",
     top: int = 2,
-    folds: int = 5,
-    seed: int = 0,
+    folds: int | None = None,
+    seed: int | None = None,
     address: str | None = None,
     verbose: bool = False,
     console=None,
 ) -> str:
     """``raysearch refit``: refit the ``top`` best configurations (lowest best val loss among the
-    trials with a usable checkpoint) on ``folds`` patient-grouped folds. Returns the refit
-    folder's URI.
+    trials with a usable checkpoint) on ``folds`` patient-grouped folds drawn with ``seed``
+    (None: the experiment's saved folds, else 5 folds and seed 0). Returns the refit folder's
+    URI.
 
     Raises :class:`ConfigError` for ``top < 1``, ``folds < 2`` or folds that disagree with the
     saved ones, :class:`CheckpointError` when the search has no usable trial,
@@ -141,7 +156,7 @@ def run_refit(
     console = console or Console(stderr=True)
     if top < 1:
         raise ConfigError(f"--top must be >= 1, got {top}")
-    if not isinstance(folds, int) or folds < 2:
+    if folds is not None and (not isinstance(folds, int) or folds < 2):
         raise ConfigError(f"--folds must be an integer >= 2, got {folds!r}")
     exp_dir = find_experiment(experiment, storage=storage)
     with ExperimentLock(exp_dir, command="refit"):
@@ -163,6 +178,7 @@ def _run_refit(exp_dir, *, top, k, seed, address, verbose, console) -> str:
         console.print(f"[yellow]--top {top}: only {len(chosen)} trial(s) with a usable "
                       f"checkpoint; refitting {len(chosen)}[/]")
     fold_frame = load_folds(exp_dir, manifest, task, k=k, seed=seed, console=console)
+    k = int(fold_frame["fold"].nunique())
     refit_dir = join(exp_dir, REFIT_DIR)
 
     # The fold manifests (same rows and order as the experiment's: the caches are shared).
@@ -374,10 +390,15 @@ def _collect(exp_dir, refit_dir, jobs, manifest, fold_frame, trials, task, *, k,
             missing.append(f"{job['trial_id']} fold {job['fold']}")
             continue
         uri, metrics = final
+        import json
+
+        history = json.loads(read_bytes(join(uri, "history.json")))
+        seconds = sum(float(h.get("epoch_time_s", 0)) + float(h.get("val_time_s", 0))
+                      for h in history)
         rows.append({"trial_id": job["trial_id"], "fold": job["fold"], "epochs": job["epochs"],
                      "val_loss": float(metrics.get("val_loss", math.nan)),
                      "val_study_kappa": float(metrics.get("val_study_kappa", math.nan)),
-                     "checkpoint": _relative(uri, exp_dir)})
+                     "seconds": seconds, "checkpoint": _relative(uri, exp_dir)})
         preds = read_parquet(join(uri, "val_predictions.parquet"))
         keep = ["image_path", *task.label_columns, *task.prob_columns]
         oof.append(preds[keep].assign(trial_id=job["trial_id"], fold=job["fold"]))

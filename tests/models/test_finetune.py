@@ -171,8 +171,9 @@ def test_frozen_batchnorm_stays_in_eval_mode_after_train():
     ({"finetune": "head", "weights": "none"}, "weights: none leaves it random"),
     ({"finetune": "frozen"}, "finetune"),
     ({"finetune": "head", "last_n_blocks": 2}, "does not apply to finetune: head"),
-    ({"last_n_blocks": 5}, "last_n_blocks must be <= 4"),
-    ({"last_n_blocks": 0}, "last_n_blocks must be >= 1"),
+    ({"last_n_blocks": 5}, r"last_n_blocks must be in \[1, 4\] \(resnet18 has 4 blocks\), got 5"),
+    ({"last_n_blocks": 0}, r"last_n_blocks must be in \[1, 4\]"),
+    ({"finetune": "head", "backbone_lr_mult": 0.5}, "backbone_lr_mult does not apply to finetune: head"),
     ({"finetune": "gradual", "warmup_epochs": 3, "max_epochs": 3}, "1 <= warmup_epochs < max_epochs"),
     ({"finetune": "gradual", "warmup_epochs": 0}, "1 <= warmup_epochs < max_epochs"),
     ({"backbone_lr_mult": 0.0}, "backbone_lr_mult must be >="),
@@ -236,3 +237,22 @@ def test_bench_train_finetune_compares_a_frozen_arm_with_a_full_one():
     head = bench_finetune(arch="resnet18", image_size=32, batch_size=8, mode="head", steps=2,
                           warmup=1, rounds=1, device="cpu")
     assert head["mode_trainable"] == 512 + 1
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["bench", "train", "--finetune", "full", "--last-n-blocks", "9"],
+     "--last-n-blocks must be in [1, 4] (resnet18 has 4 blocks), got 9"),
+    (["bench", "train", "--finetune", "head", "--last-n-blocks", "2"],
+     "--last-n-blocks applies to `bench train --finetune full|gradual` only"),
+    (["bench", "train", "--last-n-blocks", "2"],
+     "--last-n-blocks applies to `bench train --finetune full|gradual` only"),
+    (["bench", "step", "--finetune", "head"],
+     "--finetune applies to `bench train` only, not `bench step`"),
+    (["bench", "train", "--finetune", "head", "--rounds", "0"], "--rounds must be >= 1, got 0"),
+    (["weights", "stage-demo", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+])
+def test_bench_and_stage_demo_options_that_do_not_apply_are_refused(argv, line, capsys):
+    from raysearch.cli import main
+
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"raysearch: error: {line}"

@@ -93,6 +93,16 @@ def test_refit_writes_folds_and_oof_predictions_resumes_and_ensembles(small_expe
     assert os.path.isdir(os.path.join(exp, victim["checkpoint"]))
     with pytest.raises(ConfigError, match="use --folds 3"):
         run_refit(experiment=exp, top=2, folds=4, console=Console(file=io.StringIO()))
+    with pytest.raises(ConfigError, match="folds were drawn with seed 0; use --seed 0"):
+        run_refit(experiment=exp, top=2, seed=1, console=Console(file=io.StringIO()))
+    out = io.StringIO()  # no --folds: the saved folds, nothing left to run
+    run_refit(experiment=exp, top=2, console=Console(file=out, width=120))
+    assert "6 finished earlier, 0 to run" in out.getvalue()
+    from raysearch.experiment.status import experiment_status
+
+    st = experiment_status(exp)
+    assert (st.refit["configurations"], st.refit["folds"], st.refit["runs"]) == (2, 3, 6)
+    assert st.refit["epochs"] == int(refits["epochs"].sum()) and st.refit["device_hours"] > 0
 
     ens = run_ensemble(experiment=exp, top=2, oof=True, n_boot=20, out=str(tmp_path / "ens"),
                        console=Console(file=io.StringIO(), width=120))
@@ -115,6 +125,9 @@ def test_refit_writes_folds_and_oof_predictions_resumes_and_ensembles(small_expe
                                atol=1e-6)
     metrics = pd.read_parquet(os.path.join(ens, "category_metrics.parquet"))
     assert set(metrics["split"]) == {"test", "oof"}
+    run_ensemble(experiment=exp, top=2, oof=True, n_boot=20,
+                 console=Console(file=io.StringIO(), width=120))
+    assert experiment_status(exp).selection == "oof"
 
 
 @pytest.mark.parametrize("argv, line", [
