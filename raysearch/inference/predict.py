@@ -86,7 +86,10 @@ def _name_studies(images: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
     out = []
     for uri, folder in images:
         study = folder[len(base):].strip("/") if base else folder
-        out.append((uri, study, _patient(study)))
+        # The patient folder may lie above the common base (one study or one patient given):
+        # look for it in the whole path, not only in the study id.
+        m = _PATIENT.search(folder)
+        out.append((uri, study, m.group(1) if m else study))
     return out
 
 

@@ -199,3 +199,14 @@ def test_studies_of_the_same_name_in_different_places_stay_apart(tmp_path):
     files = collect_images([str(tmp_path / "merge" / "p1" / "study1" / "1.png"),
                             str(tmp_path / "merge" / "p2" / "study1" / "1.png")]).images
     assert files["study_id"].nunique() == 2
+
+
+def test_the_patient_comes_from_the_path_when_one_study_or_one_patient_is_given(tiny_root):
+    from raysearch.inference.predict import collect_images
+
+    patient = sorted(os.listdir(os.path.join(tiny_root, "MURA-v1.1", "valid", "XR_ELBOW")))[0]
+    folder = os.path.join(tiny_root, "MURA-v1.1", "valid", "XR_ELBOW", patient)
+    study = os.path.join(folder, sorted(os.listdir(folder))[0])
+    for given in (folder, study, os.path.join(study, sorted(os.listdir(study))[0])):
+        images = collect_images([given]).images
+        assert (images["patient_id"] == patient).all(), (given, images["patient_id"].tolist())
