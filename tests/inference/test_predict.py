@@ -204,9 +204,9 @@ def test_studies_of_the_same_name_in_different_places_stay_apart(tmp_path):
 def test_the_patient_comes_from_the_path_when_one_study_or_one_patient_is_given(tiny_root):
     from raysearch.inference.predict import collect_images
 
-    patient = sorted(os.listdir(os.path.join(tiny_root, "MURA-v1.1", "valid", "XR_ELBOW")))[0]
+    patient = min(os.listdir(os.path.join(tiny_root, "MURA-v1.1", "valid", "XR_ELBOW")))
     folder = os.path.join(tiny_root, "MURA-v1.1", "valid", "XR_ELBOW", patient)
-    study = os.path.join(folder, sorted(os.listdir(folder))[0])
-    for given in (folder, study, os.path.join(study, sorted(os.listdir(study))[0])):
+    study = os.path.join(folder, min(os.listdir(folder)))
+    for given in (folder, study, os.path.join(study, min(os.listdir(study)))):
         images = collect_images([given]).images
         assert (images["patient_id"] == patient).all(), (given, images["patient_id"].tolist())
