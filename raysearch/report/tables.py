@@ -128,7 +128,9 @@ def best_trials_table(trials: pd.DataFrame, *, n: int = 10, title: str | None = 
     for r in ok.to_dict("records"):
         r = dict(r)
         r["epoch"] = r.get("epochs")
-        r["val_loss"] = r.get("best_val_loss")
+        # trials.parquet keeps the best epoch's loss, not the last one's: the `val_loss` column
+        # (the last epoch's, live) stays empty rather than repeat `best` under another name.
+        r["val_loss"] = None
         rows.append(r)
     return trials_table(rows, title=title, width=width)
 

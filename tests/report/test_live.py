@@ -61,6 +61,10 @@ def test_the_end_table_shows_epochs_of_max_and_the_recorded_status():
     trials = trials.drop(columns=["epoch"])
     text = _render(best_trials_table(trials, width=100))
     assert "3/30" in text and "completed" in text and "…" not in text
+    # The recorded best loss shows under `best` only: no last-epoch loss is recorded, so the
+    # `val_loss` column does not repeat it under another name.
+    best = f"{trials['best_val_loss'].min():.3f}"
+    assert text.count(best) == 1, text
 
 
 def test_status_words_are_one_vocabulary():
