@@ -770,24 +770,36 @@ def _reliability(rep, b, sub: pd.DataFrame, tag, bins: int = 10) -> None:
 
 
 def _explanations(rep: _Report, exp_dir: str, ens_dirs: list[str]) -> None:
+    """Tables of ``explanations.parquet`` and ``audit.parquet`` wherever ``raysearch explain``
+    wrote them under the experiment, with a gallery of the PNG overlays they name (columns whose
+    values end in ``.png``; relative paths are taken from the parquet's folder)."""
     b = rep.section(*SECTIONS[4])
-    found = False
-    for d in [exp_dir, *ens_dirs]:
-        fs, root = get_fs(d)
-        for name in ("explanations.parquet", "audit.parquet"):
-            hits = [p for p in fs.glob(root.rstrip("/") + f"/**/{name}")]
-            for p in sorted(hits)[:4]:
-                path = p if not (d.startswith("gs://") or "://" in d) else d.split("://")[0] + \
-                    "://" + p
-                frame = read_parquet(path)
-                found = True
-                rel = os.path.relpath(p, root) if "://" not in d else p
-                _p(b, f"{rel} ({len(frame)} rows)", "h3")
-                _table(b, frame.head(20).drop(
-                    columns=[c for c in frame.columns if frame[c].dtype == object and
-                             frame[c].map(lambda v: isinstance(v, (bytes, bytearray))).any()]))
-        if found:
-            break
+    found = 0
+    fs, root = get_fs(exp_dir)
+    scheme = exp_dir.split("://")[0] + "://" if "://" in exp_dir else ""
+    for name in ("explanations.parquet", "audit.parquet"):
+        for p in sorted(fs.glob(root.rstrip("/") + f"/**/{name}"))[:4]:
+            path = scheme + p
+            frame = read_parquet(path)
+            found += 1
+            folder = path.rsplit("/", 1)[0]
+            _p(b, f"{p[len(root.rstrip('/')) + 1:]} ({len(frame)} rows)", "h3")
+            _table(b, frame.head(20))
+            pngs = [v for c in frame.columns if frame[c].dtype == object
+                    for v in frame[c].dropna().astype(str) if v.lower().endswith(".png")]
+            shown = 0
+            for v in pngs:
+                if shown >= 12:
+                    break
+                full = v if (v.startswith("/") or "://" in v) else join(folder, v)
+                if not exists(full):
+                    continue
+                uri = "data:image/png;base64," + base64.b64encode(read_bytes(full)).decode()
+                b.items.append({"kind": "figure", "uri": uri, "alt": f"overlay {v}",
+                                "caption": v, "file": v.rsplit("/", 1)[-1], "width": 220})
+                shown += 1
+            if pngs and not shown:
+                _p(b, f"{name} names {len(pngs)} PNG file(s), none of them found.", "gap")
     if not found:
         _p(b, "No explanations: explanations.parquet and audit.parquet are absent "
               "(`raysearch explain` writes them).", "gap")

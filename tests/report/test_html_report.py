@@ -109,3 +109,23 @@ def test_a_single_trial_without_ensemble_labels_the_gaps(small_experiment, tmp_p
         assert needle in page
     for sid, title in SECTIONS:
         assert f"<h2>{title}</h2>" in page
+
+
+@pytest.mark.slow
+def test_explanations_show_their_table_and_overlays_when_present(small_experiment, tmp_path):
+    from PIL import Image
+
+    exp = tmp_path / "explained"
+    exp.mkdir()
+    for name in ("experiment.json", "trials.parquet", "epochs.parquet", "search_space.yaml"):
+        shutil.copy(os.path.join(small_experiment, name), exp / name)
+    (exp / "explain" / "overlays").mkdir(parents=True)
+    Image.new("RGB", (24, 24), (200, 30, 30)).save(exp / "explain" / "overlays" / "a.png")
+    pd.DataFrame({"study_id": ["s1", "s2"], "method": ["gradcam", "gradcam"],
+                  "overlay": ["overlays/a.png", "overlays/missing.png"],
+                  "prob": [0.9, 0.2]}).to_parquet(exp / "explain" / "explanations.parquet")
+    path, stats = build_report(str(exp))
+    page = open(path, encoding="utf-8").read()
+    assert "explain/explanations.parquet (2 rows)" in page
+    assert page.count('src="data:image/png;base64,') == 1  # the missing overlay is skipped
+    assert "are absent" not in page
