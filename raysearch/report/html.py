@@ -785,7 +785,7 @@ def _explanations(rep: _Report, exp_dir: str, ens_dirs: list[str]) -> None:
             folder = path.rsplit("/", 1)[0]
             _p(b, f"{p[len(root.rstrip('/')) + 1:]} ({len(frame)} rows)", "h3")
             _table(b, frame.head(20))
-            pngs = [v for c in frame.columns if frame[c].dtype == object
+            pngs = [v for c in frame.columns if pd.api.types.is_string_dtype(frame[c])
                     for v in frame[c].dropna().astype(str) if v.lower().endswith(".png")]
             shown = 0
             for v in pngs:
