@@ -603,8 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _command(sub, "report", help="one self-contained offline HTML report of a search and "
                  "its ensembles (no Ray)",
-                 common=common, examples=("raysearch report", "raysearch report --experiment demo "
-                                          "--out demo.html"))
+                 common=common, examples=("raysearch report",
+                                          "raysearch report --experiment demo --out demo.html"))
     s.add_argument("--experiment", help="name, folder or URL (default: the most recent under "
                    "--storage)")
     s.add_argument("--storage", default="reports", help="where experiments live")

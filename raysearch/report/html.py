@@ -17,7 +17,6 @@ import base64
 import html
 import io
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysearch.errors import ConfigError
+from raysearch.errors import ConfigError, RaysearchError
 from raysearch.experiment import experiment_status, read_info
 from raysearch.storage import atomic_write_text, exists, get_fs, join, read_bytes, read_parquet
 
@@ -209,7 +208,7 @@ def build_report(exp_dir: str, *, out: str | None = None) -> tuple[str, dict[str
         path=exp_dir, made=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         version=__version__, sections=SECTIONS, blocks=rep.blocks,
     )
-    stem = out[:-5] if out.endswith(".html") else out
+    stem = out.removesuffix(".html")
     fig_dir = stem + "_figures"
     for fname, svg in rep.figures.items():
         atomic_write_text(join(fig_dir, fname), svg)
@@ -270,7 +269,7 @@ def _summary(rep: _Report, exp_dir: str, info: dict, trials, ensembles) -> None:
                  ("by status", ", ".join(f"{k} {v}" for k, v in sorted(st.by_status.items()))),
                  ("epochs run", st.epochs),
                  (f"{st.device}-hours", f"{st.device_hours:.3f}")]
-    except Exception as e:  # a damaged folder still gets a report, the gap labelled
+    except (RaysearchError, OSError, ValueError, KeyError) as e:  # a damaged folder: gap labelled
         rows.append(("compute", f"unknown ({type(e).__name__}: {e})"))
     _table(b, pd.DataFrame(rows, columns=["", "value"]))
     space = _space(exp_dir)

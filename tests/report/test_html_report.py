@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -37,7 +38,7 @@ def report(small_experiment, tmp_path_factory):
 @pytest.mark.slow
 def test_one_offline_file_with_every_section(report):
     path = report["path"]
-    page = open(path, encoding="utf-8").read()
+    page = Path(path).read_text(encoding="utf-8")
     files = os.listdir(os.path.dirname(path))
     assert sorted(files) == ["report.html", "report_figures"]  # atomic: no temporary file left
     assert os.path.getsize(path) < 5_000_000
@@ -103,7 +104,7 @@ def test_a_single_trial_without_ensemble_labels_the_gaps(small_experiment, tmp_p
     trials = pd.read_parquet(os.path.join(small_experiment, "trials.parquet"))
     trials.head(1).to_parquet(exp / "trials.parquet")
     path, _ = build_report(str(exp))
-    page = open(path, encoding="utf-8").read()
+    page = Path(path).read_text(encoding="utf-8")
     assert path == str(exp / "report.html")
     for needle in ("No ensemble yet", "nothing to evaluate", "no worklist"):
         assert needle in page
@@ -124,8 +125,8 @@ def test_explanations_show_their_table_and_overlays_when_present(small_experimen
     pd.DataFrame({"study_id": ["s1", "s2"], "method": ["gradcam", "gradcam"],
                   "overlay": ["overlays/a.png", "overlays/missing.png"],
                   "prob": [0.9, 0.2]}).to_parquet(exp / "explain" / "explanations.parquet")
-    path, stats = build_report(str(exp))
-    page = open(path, encoding="utf-8").read()
+    path, _ = build_report(str(exp))
+    page = Path(path).read_text(encoding="utf-8")
     assert "explain/explanations.parquet (2 rows)" in page
     assert page.count('src="data:image/png;base64,') == 1  # the missing overlay is skipped
     assert "are absent" not in page
