@@ -588,7 +588,7 @@ def _evaluation(rep: _Report, info: dict, ensembles) -> None:
                     _confusions(rep, b, _of_label(cm[(cm["split"] == split)
                                                      & (cm["model"] == "ensemble")], label),
                                 group, tag, ens["image_predictions"], split, label,
-                                ens["json"].get("threshold"))
+                                ens["json"].get("threshold"), sub)
                 _reliability(rep, b, sub, tag)
                 tm = ens["threshold_metrics"]
                 if tm is not None:
@@ -691,7 +691,16 @@ def _forest(rep, b, cm: pd.DataFrame, group, tag) -> None:
                f"up to two members (grey), {tag}.")
 
 
-def _confusions(rep, b, cm: pd.DataFrame, group, tag, images, split, label, threshold) -> None:
+def _counts(y: np.ndarray, p: np.ndarray) -> pd.Series:
+    return pd.Series({"tp": int(((y == 1) & (p == 1)).sum()), "fp": int(((y == 0) & (p == 1)).sum()),
+                      "tn": int(((y == 0) & (p == 0)).sum()), "fn": int(((y == 1) & (p == 0)).sum())})
+
+
+def _confusions(rep, b, cm: pd.DataFrame, group, tag, images, split, label, threshold,
+                studies: pd.DataFrame) -> None:
+    """Confusion matrices at study level (category_metrics.parquet), image level (each image's
+    own prediction) and patient level (a patient is abnormal when any of their studies is, and
+    called abnormal when any of their studies is called so)."""
     import matplotlib.pyplot as plt
 
     if cm.empty:
@@ -704,12 +713,16 @@ def _confusions(rep, b, cm: pd.DataFrame, group, tag, images, split, label, thre
         counts = {}
         for g in groups:
             s = im if g == ALL or not group or group not in im.columns else im[im[group] == g]
-            y, p = s["label"].to_numpy(), s["pred"].to_numpy()
-            counts[g] = pd.Series({"tp": int(((y == 1) & (p == 1)).sum()),
-                                   "fp": int(((y == 0) & (p == 1)).sum()),
-                                   "tn": int(((y == 0) & (p == 0)).sum()),
-                                   "fn": int(((y == 1) & (p == 0)).sum())})
+            counts[g] = _counts(s["label"].to_numpy(), s["pred"].to_numpy())
         levels.append(("image", counts))
+    if "patient_id" in studies.columns and "pred" in studies.columns and len(studies):
+        counts = {}
+        for g in groups:
+            s = studies if g == ALL or not group or group not in studies.columns \
+                else studies[studies[group] == g]
+            pt = s.groupby("patient_id")[["label", "pred"]].max()
+            counts[g] = _counts(pt["label"].to_numpy(), pt["pred"].to_numpy())
+        levels.append(("patient", counts))
     ncol = len(groups)
     fig, axes = plt.subplots(len(levels), ncol, figsize=(1.45 * ncol + 0.5, 1.6 * len(levels)),
                              squeeze=False)
@@ -729,7 +742,8 @@ def _confusions(rep, b, cm: pd.DataFrame, group, tag, images, split, label, thre
             ax.set_yticks([0, 1], ["true 0", "true 1"], fontsize=6)
             ax.set_title(f"{g} ({level})", fontsize=7)
     rep.figure(b, fig, f"confusion_{tag}", alt=f"confusion matrices by group, {tag}",
-               caption=f"Confusion matrices of the ensemble at study and image level, "
+               caption=f"Confusion matrices of the ensemble at study, image and patient level "
+               "(a patient: any study), "
                f"threshold {_fmt(threshold)}, {tag}.")
 
 
