@@ -724,7 +724,7 @@ def _confusions(rep, b, cm: pd.DataFrame, group, tag, images, split, label, thre
             counts[g] = _counts(pt["label"].to_numpy(), pt["pred"].to_numpy())
         levels.append(("patient", counts))
     ncol = len(groups)
-    fig, axes = plt.subplots(len(levels), ncol, figsize=(1.45 * ncol + 0.5, 1.6 * len(levels)),
+    fig, axes = plt.subplots(len(levels), ncol, figsize=(1.5 * ncol + 0.6, 1.95 * len(levels)),
                              squeeze=False)
     for li, (level, rows) in enumerate(levels):
         for gi, g in enumerate(groups):
@@ -734,13 +734,16 @@ def _confusions(rep, b, cm: pd.DataFrame, group, tag, images, split, label, thre
                 ax.axis("off")
                 continue
             mat = np.array([[r["tn"], r["fp"]], [r["fn"], r["tp"]]], dtype=float)
-            ax.imshow(mat, cmap="Blues")
+            ax.imshow(mat, cmap="Blues", vmin=0, vmax=max(mat.max(), 1))
             for i in range(2):
                 for j in range(2):
-                    ax.text(j, i, int(mat[i, j]), ha="center", va="center", fontsize=7)
+                    dark = mat[i, j] > 0.6 * mat.max()
+                    ax.text(j, i, int(mat[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
             ax.set_xticks([0, 1], ["pred 0", "pred 1"], fontsize=6)
-            ax.set_yticks([0, 1], ["true 0", "true 1"], fontsize=6)
+            ax.set_yticks([0, 1], ["true 0", "true 1"] if gi == 0 else ["", ""], fontsize=6)
             ax.set_title(f"{g} ({level})", fontsize=7)
+    fig.tight_layout()
     rep.figure(b, fig, f"confusion_{tag}", alt=f"confusion matrices by group, {tag}",
                caption=f"Confusion matrices of the ensemble at study, image and patient level "
                "(a patient: any study), "
