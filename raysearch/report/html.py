@@ -552,11 +552,42 @@ def _ensemble_section(rep: _Report, ensembles) -> None:
                             "val_study_kappa", "status", "arch", "image_size", "lr", "dropout")
                 if c in m.columns]
         _table(b, m[cols])
-        fig, ax = plt.subplots(figsize=(4.5, 0.3 * len(m) + 1.2))
+        losses = _val_log_losses(ens["study_predictions"], m)
+        fig, axes = plt.subplots(1, 2 if losses else 1, figsize=(9 if losses else 4.5,
+                                 0.3 * len(m) + 1.4), squeeze=False)
+        ax = axes[0][0]
         ax.barh(m["trial_id"].astype(str)[::-1], m["weight"][::-1], color="#228833")
         ax.set_xlabel("weight")
-        rep.figure(b, fig, f"{name}_weights", alt=f"member weights of {name}",
-                   caption=f"Member weights of {name}.")
+        if losses:
+            ax = axes[0][1]
+            names = list(losses)
+            ax.barh(names[::-1], [losses[n] for n in names][::-1],
+                    color=["#c00" if n == "ensemble" else "#888" for n in names][::-1])
+            ax.set_xlabel("val study log loss")
+            ax.set_xlim(min(losses.values()) * 0.95, max(losses.values()) * 1.02)
+        rep.figure(b, fig, f"{name}_weights", alt=f"member weights and val log loss of {name}",
+                   caption=f"Member weights of {name}; right: the study-level log loss on the "
+                   "selection split (val or oof) of each member and of the ensemble (red).")
+
+
+def _val_log_losses(st, members: pd.DataFrame) -> dict[str, float]:
+    """Study-level binary log loss (sklearn.metrics.log_loss, averaged over labels for
+    multi-label tasks) on the selection split of the ensemble and of each member."""
+    from sklearn.metrics import log_loss
+
+    if st is None:
+        return {}
+    sel = st[st["split"] == ("oof" if "oof" in set(st["split"]) else "val")]
+    sel = sel.dropna(subset=["label"])
+    if sel.empty or sel["label"].nunique() < 2:
+        return {}
+    cols = {"ensemble": "prob", **{t: f"prob_{t}" for t in members["trial_id"].astype(str)}}
+    out = {}
+    for name, col in cols.items():
+        if col in sel.columns:
+            p = sel[col].clip(1e-7, 1 - 1e-7)
+            out[name] = float(log_loss(sel["label"].astype(int), p, labels=[0, 1]))
+    return out
 
 
 # ----------------------------------------------------------------------------- 4. evaluation
