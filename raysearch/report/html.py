@@ -565,6 +565,7 @@ def _ensemble_section(rep: _Report, ensembles) -> None:
                     color=["#c00" if n == "ensemble" else "#888" for n in names][::-1])
             ax.set_xlabel("val study log loss")
             ax.set_xlim(min(losses.values()) * 0.95, max(losses.values()) * 1.02)
+        fig.tight_layout()
         rep.figure(b, fig, f"{name}_weights", alt=f"member weights and val log loss of {name}",
                    caption=f"Member weights of {name}; right: the study-level log loss on the "
                    "selection split (val or oof) of each member and of the ensemble (red).")

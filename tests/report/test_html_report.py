@@ -130,3 +130,16 @@ def test_explanations_show_their_table_and_overlays_when_present(small_experimen
     assert "explain/explanations.parquet (2 rows)" in page
     assert page.count('src="data:image/png;base64,') == 1  # the missing overlay is skipped
     assert "are absent" not in page
+
+
+@pytest.mark.slow
+def test_the_command_writes_the_page_and_says_where(report, tmp_path, capsys):
+    from raysearch.cli import main
+
+    out = tmp_path / "cli" / "r.html"
+    assert main(["report", "--experiment", report["exp"], "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"-> {out}" in said and "figures" in said
+    assert out.stat().st_size > 10_000 and (tmp_path / "cli" / "r_figures").is_dir()
+    assert main(["report", "--experiment", "nope", "--storage", str(tmp_path)]) == 2
+    assert "no experiment at" in capsys.readouterr().err
