@@ -186,11 +186,16 @@ def cmd_tune(args) -> int:
     preflight_search(spec, resume=args.resume, overwrite=args.overwrite, address=args.address)
     from raysearch.search.tune import run_search
 
-    run_search(
+    out = _stdout_console()
+    exp_dir = run_search(
         spec, resume=args.resume, overwrite=args.overwrite, address=args.address,
-        verbose=args.verbose, trust=args.trust_experiment, time_budget_s=budget,
-        console=_stdout_console(),
+        verbose=args.verbose, trust=args.trust_experiment, time_budget_s=budget, console=out,
     )
+    if args.report:
+        _make_report(exp_dir)
+    else:
+        out.print(f"an HTML report of this search: raysearch report --experiment {exp_dir}",
+                  soft_wrap=True)
     return 0
 
 
@@ -242,7 +247,29 @@ def cmd_ensemble(args) -> int:
         test_data=args.test_data, test_format=args.format, oof=args.oof,
         console=_stdout_console(),
     )
+    if args.report:
+        _make_report(experiment)
+    else:
+        _stdout_console().print(f"an HTML report of the search and its ensemble: raysearch "
+                                f"report --experiment {experiment}", soft_wrap=True)
     return 0
+
+
+def cmd_report(args) -> int:
+    from raysearch.experiment import find_experiment
+
+    _make_report(find_experiment(args.experiment, storage=args.storage), out=args.out)
+    return 0
+
+
+def _make_report(experiment: str, out: str | None = None) -> None:
+    from raysearch.report.html import build_report
+
+    path, stats = build_report(experiment, out=out)
+    _stdout_console().print(
+        f"report of {experiment} -> {path} ({stats['bytes'] / 1e6:.2f} MB, {stats['figures']} "
+        f"figures, also as SVG in {stats['figure_dir']}, {stats['seconds']:.1f} s)",
+        soft_wrap=True)
 
 
 def cmd_refit(args) -> int:
@@ -610,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "unpickles it: only for a folder you trust)")
     s.add_argument("--address", help=address)
     s.add_argument("-v", "--verbose", action="store_true", help=verbose)
+    s.add_argument("--report", action="store_true",
+                   help="then write <experiment>/report.html (as `raysearch report` does)")
     s.set_defaults(func=cmd_tune)
 
     s = _command(sub, "ensemble", help="select members, score on test, write reports",
@@ -642,6 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-dataset test: also score the ensemble on this other dataset, "
                         "through the label mapping (e.g. CheXpert -> NIH)")
     s.add_argument("--format", help="data.format of --test-data (e.g. nih; default: detected)")
+    s.add_argument("--report", action="store_true",
+                   help="then write <experiment>/report.html (as `raysearch report` does)")
     s.set_defaults(func=cmd_ensemble)
 
     s = _command(sub, "refit", help="retrain the best configurations on k patient-grouped folds "
@@ -669,6 +700,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name, folder or URL (default: the most recent under --storage)")
     s.add_argument("--storage", default="reports", help="where experiments live")
     s.set_defaults(func=cmd_status)
+
+    s = _command(sub, "report", help="one self-contained offline HTML report of a search and "
+                 "its ensembles (no Ray)",
+                 common=common, examples=("raysearch report",
+                                          "raysearch report --experiment demo --out demo.html"))
+    s.add_argument("--experiment", help="name, folder or URL (default: the most recent under "
+                   "--storage)")
+    s.add_argument("--storage", default="reports", help="where experiments live")
+    s.add_argument("--out", help="HTML file to write (default: <experiment>/report.html); the "
+                   "figures also go to <out without .html>_figures/")
+    s.set_defaults(func=cmd_report)
 
     s = _command(sub, "list", help="the experiments under a storage folder or URL",
                  common=common, examples=("raysearch list", "raysearch list gs://bucket/runs"))

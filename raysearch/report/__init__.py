@@ -1,2 +1,3 @@
-"""Report stage: Rich tables for the terminal. Never imports ray.
+"""Report stage: Rich tables for the terminal and the offline HTML report (html.py). Never imports
+ray, train, search or ensemble.
 """
