@@ -303,8 +303,14 @@ def cmd_predict(args) -> int:
 
 
 def cmd_explain(args) -> int:
+    import importlib.util
+
+    from raysearch.errors import ConfigError
     from raysearch.experiment import check_model_folder
 
+    if importlib.util.find_spec("pytorch_grad_cam") is None:  # an extra: sdist only, no wheel
+        raise ConfigError("raysearch explain needs the grad-cam package: "
+                          "pip install 'raysearch[explain]' (or pip install grad-cam)")
     if args.ensemble:
         check_model_folder(args.ensemble)  # before pandas and torch load
     console = _stdout_console()

@@ -115,3 +115,17 @@ def test_audit_from_the_command_line_finds_the_annotations_from_the_manifest(tmp
     per_image = pd.read_parquet(out / "audit_images.parquet")
     assert per_image[["finding_area", "marker_area"]].notna().any().any()
     assert main(["explain", "--audit", "--ensemble", ensemble, "--worst", "1"]) == 2
+
+
+def test_without_the_grad_cam_extra_explain_says_how_to_install_it(monkeypatch, capsys):
+    import importlib.util
+
+    from raysearch.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pytorch_grad_cam" else real(name, *a))
+    assert main(["explain", "some.png"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "raysearch: error: raysearch explain needs the grad-cam package: "
+        "pip install 'raysearch[explain]' (or pip install grad-cam)")
