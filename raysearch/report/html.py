@@ -289,14 +289,16 @@ def _summary(rep: _Report, exp_dir: str, info: dict, trials, ensembles) -> None:
     overall = cm[cm[group] == ALL] if group else cm
     _p(b, f"Ensemble ({d.rsplit('/', 1)[-1]}) against its best single member, over all "
           "groups (Cohen's kappa with its bootstrap 95% CI, ROC AUC):", "h3")
-    members = [m for m in overall["model"].unique() if m != "ensemble"]
+    # The single member to beat is chosen on the selection set (val, or oof), never on test,
+    # and the same member is shown on every split.
+    chosen = _best_member(cm, group)
     rows = []
     for split in sorted(overall["split"].unique()):
         sub = overall[overall["split"] == split]
         for label in _labels(sub):
             s = _of_label(sub, label)
             ens_row = s[s["model"] == "ensemble"]
-            mem = s[s["model"].isin(members)].sort_values("kappa", ascending=False)
+            mem = s[s["model"] == chosen]
             if ens_row.empty:
                 continue
             e = ens_row.iloc[0]
@@ -642,9 +644,12 @@ def _evaluation(rep: _Report, info: dict, ensembles) -> None:
 
 
 def _best_member(cm, group) -> str | None:
+    """The member with the highest kappa on the selection set (``val``, or ``oof`` for an
+    ``ensemble --oof``), over all groups: the single model an ensemble is compared with."""
     if cm is None:
         return None
-    m = cm[(cm["model"] != "ensemble") & (cm["split"] == "val")]
+    selection = "oof" if "oof" in set(cm["split"]) else "val"
+    m = cm[(cm["model"] != "ensemble") & (cm["split"] == selection)]
     if group:
         m = m[m[group] == ALL]
     if m.empty:

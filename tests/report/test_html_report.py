@@ -143,3 +143,18 @@ def test_the_command_writes_the_page_and_says_where(report, tmp_path, capsys):
     assert out.stat().st_size > 10_000 and (tmp_path / "cli" / "r_figures").is_dir()
     assert main(["report", "--experiment", "nope", "--storage", str(tmp_path)]) == 2
     assert "no experiment at" in capsys.readouterr().err
+
+
+def test_the_member_to_beat_is_chosen_on_the_selection_set_never_on_test():
+    import pandas as pd
+
+    from raysearch.report.html import _best_member
+
+    rows = [("a", "val", 0.6), ("b", "val", 0.4), ("a", "test", 0.3), ("b", "test", 0.7),
+            ("ensemble", "val", 0.65), ("ensemble", "test", 0.5)]
+    cm = pd.DataFrame([{"model": m, "split": s, "kappa": k, "body_part": "ALL"}
+                       for m, s, k in rows])
+    assert _best_member(cm, "body_part") == "a"
+    oof = cm.assign(split=cm["split"].replace({"val": "oof"}))
+    oof.loc[(oof["model"] == "b") & (oof["split"] == "oof"), "kappa"] = 0.9
+    assert _best_member(oof, "body_part") == "b"
