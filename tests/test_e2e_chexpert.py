@@ -66,3 +66,18 @@ def test_chexpert_demo_searches_and_ensembles(tmp_path, ray_session):
                                           "Support Devices"}
     assert set(studies["split"]) == {"val", "test"}
     assert studies.groupby(["study_id", "label_name"]).size().max() == 1
+
+    # The cross-dataset test on the NIH demo's layout, given by the folder demo-data was given.
+    from raysearch.data.synth_chest import make_nih_demo
+
+    make_nih_demo(str(tmp_path / "nih"), size="tiny", num_workers=1)
+    out = run_ensemble(storage=str(tmp_path / "reports"), experiment="cx", top=2, n_boot=20,
+                       seed=0, console=console, test_data=str(tmp_path / "nih"),
+                       test_format="nih", out=str(tmp_path / "cross"))
+    cross = pd.read_parquet(os.path.join(out, "cross_dataset.parquet")).set_index("label_name",
+                                                                                   drop=False)
+    assert cross.loc["Pleural Effusion", "other_label_name"] == "Effusion"
+    assert cross.loc["Support Devices", "status"] == "home only"
+    shared = cross[cross["status"] == "shared"]
+    assert set(shared["label_name"]) == {"Cardiomegaly", "Edema", "Pleural Effusion"}
+    assert (shared["other_n_studies"] > 0).all() and shared["other_auc"].between(0, 1).all()

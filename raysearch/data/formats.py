@@ -35,7 +35,7 @@ def detect_format(root: str) -> str:
     for sub in ("", "/CheXpert-v1.0-small", "/CheXpert-v1.0"):
         if fs.exists(f"{path}{sub}/train.csv"):
             return "chexpert"
-    if fs.glob(f"{path}/Data_Entry_2017*.csv"):
+    if fs.glob(f"{path}/Data_Entry_2017*.csv") or fs.glob(f"{path}/ChestX-ray14/Data_Entry_2017*.csv"):
         return "nih"
     raise DataError(
         f"cannot tell the dataset format of {root}: no MURA train_image_paths.csv, CheXpert "

@@ -17,6 +17,7 @@ MURA_CSVS = tuple(f"{split}_{kind}.csv" for split in ("train", "valid")
 
 
 CHEXPERT_RELEASES = ("CheXpert-v1.0-small", "CheXpert-v1.0")
+NIH_RELEASE = "ChestX-ray14"  # the folder `demo-data --format nih` writes; a parent may be given
 
 
 def check_mura_root(root: str) -> str:
@@ -73,13 +74,15 @@ def find_chexpert_root(root: str) -> str:
 
 
 def find_nih_csv(root: str) -> str:
-    """The ``Data_Entry_2017*.csv`` of ``root`` (the newest name when several); DataError
-    naming ``root`` when there is none."""
+    """The ``Data_Entry_2017*.csv`` of ``root`` or of its ``ChestX-ray14`` folder (the newest
+    name when several); DataError naming ``root`` when there is none."""
     fs, path = storage.get_fs(root)
     path = path.rstrip("/")
     if not fs.exists(path):
         raise DataError(f"dataset folder does not exist: {root}")
-    found = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{path}/Data_Entry_2017*.csv"))
-    if not found:
-        raise DataError(f"no ChestX-ray14 dataset at {root}: expected Data_Entry_2017*.csv in it")
-    return storage.join(str(root).rstrip("/"), found[-1])
+    for sub in ("", f"/{NIH_RELEASE}"):
+        found = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{path}{sub}/Data_Entry_2017*.csv"))
+        if found:
+            return storage.join(str(root).rstrip("/") + sub, found[-1])
+    raise DataError(f"no ChestX-ray14 dataset at {root}: expected Data_Entry_2017*.csv in it or "
+                    f"in {root}/{NIH_RELEASE}")

@@ -82,3 +82,12 @@ def test_nih_demo_layout_and_names(tmp_path):
     entries = pd.read_csv(os.path.join(root, "Data_Entry_2017_v2020.csv"), usecols=[0, 1])
     names = {x for s in entries["Finding Labels"] for x in s.split("|")}
     assert "Effusion" in names and "No Finding" in names and "Pleural Effusion" not in names
+    # The folder demo-data was given (the ChestX-ray14 folder's parent) reads the same, as a
+    # MURA or CheXpert parent does: `ensemble --test-data DIR --format nih` takes it.
+    parent = os.path.dirname(root)
+    assert os.path.basename(root) == "ChestX-ray14"
+    from raysearch.data.formats import detect_format
+
+    assert detect_format(parent) == "nih"
+    again, _ = read_dataset(DataConfig(root=parent, format="nih", val_fraction=0.2))
+    assert again["image_path"].tolist() == m["image_path"].tolist()
