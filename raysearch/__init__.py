@@ -3,7 +3,8 @@
 One package per stage, in pipeline order: ``data`` (readers, the task, manifest and split,
 decode-once cache, loader, augmentation) -> ``train`` (one trial) -> ``search`` (many trials:
 Optuna + ASHA) -> ``ensemble`` (selection on val) -> ``inference`` (a trained model or ensemble
-applied to images) -> ``report``; ``models`` and ``evaluation`` serve them all, ``experiment`` owns
+applied to images) -> ``explain`` (where the models looked, and the shortcut audit) ->
+``report``; ``models`` and ``evaluation`` serve them all, ``experiment`` owns
 the experiment folder, ``storage`` every path and URL.
 
 The Python API (:mod:`raysearch.api`): ``open_experiment``, ``tune``, ``ensemble``, ``refit``,

@@ -25,4 +25,4 @@ def test_every_exported_name_resolves(name):
 def test_the_tree_is_the_pipeline():
     stages = {m.name for m in pkgutil.iter_modules(raysearch.__path__) if m.ispkg}
     assert stages == {"data", "models", "train", "search", "ensemble", "inference", "evaluation",
-                      "report", "bench", "experiment", "serve"}
+                      "report", "bench", "experiment", "serve", "explain"}
