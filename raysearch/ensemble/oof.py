@@ -98,7 +98,7 @@ def run_oof_ensemble(exp_dir: str, out_dir: str, *, top: int, method: str, tta: 
         val_thresholds,
         worklist,
     )
-    from raysearch.ensemble.selection import greedy_picks
+    from raysearch.ensemble.selection import greedy_picks, selection_path
     from raysearch.inference.predictor import Predictor
 
     info, trials, manifest, task = _read_experiment(exp_dir)
@@ -109,14 +109,16 @@ def run_oof_ensemble(exp_dir: str, out_dir: str, *, top: int, method: str, tta: 
     k = int(refits["fold"].nunique())
 
     # --- select configurations on the out-of-fold predictions
+    path: list[dict] = []
     if method == "top":
         ranked = sorted(oof_probs, key=lambda t: (losses[t], t))
         if len(ranked) < top:
             console.print(f"[yellow]--top {top} asks for more members than the {len(ranked)} "
                           f"refit configuration(s); using {len(ranked)}[/]")
         picks = {t: 1 for t in ranked[:top]}
+        path = selection_path(oof_probs, oof_images, list(picks), task)
     else:
-        picks = greedy_picks(oof_probs, oof_images, max_rounds=top, task=task)
+        picks = greedy_picks(oof_probs, oof_images, max_rounds=top, task=task, path=path)
     weights = {t: n / sum(picks.values()) for t, n in picks.items()}
     console.print(f"[bold]{name}[/]: {method} ensemble of {len(picks)} configuration(s) x {k} "
                   f"fold models, selected on the out-of-fold predictions of "
@@ -167,7 +169,7 @@ def run_oof_ensemble(exp_dir: str, out_dir: str, *, top: int, method: str, tta: 
         "experiment": exp_dir, "method": method, "top": top, "tta": tta, "n_boot": n_boot,
         "threshold": thresholds[task.labels[0]] if task.k == 1 else thresholds,
         "threshold_rule": "max Cohen's kappa on out-of-fold training studies",
-        "selection": "oof", "folds": k,
+        "selection": "oof", "folds": k, "selection_path": path,
         "seed": seed, "device": predictor.device.type, "weights": predictor.weights,
         "task": task.to_dict(), "n_test_studies": int(studies.loc[studies["split"] == "test",
                                                                    "study_id"].nunique()),

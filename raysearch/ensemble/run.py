@@ -76,6 +76,7 @@ from raysearch.ensemble.selection import (
     label_mean_log_losses,
     none_usable,
     select_top,
+    selection_path,
     study_matrix,
     usable_trials,
 )
@@ -383,10 +384,11 @@ def _top_shortfall(top: int, n_usable: int, n_trials: int) -> str:
 
 def select_members(
     trials: pd.DataFrame, manifest: pd.DataFrame, *, method: str, top: int,
-    task: Task | None = None, console=None,
+    task: Task | None = None, console=None, path: list | None = None,
 ) -> tuple[list[Member], dict[str, int], pd.DataFrame, dict[str, np.ndarray]]:
     """Members (in order), how often each was picked, and the aligned val images and
-    probabilities of every candidate that was read."""
+    probabilities of every candidate that was read. ``path``, when given, receives how the val
+    study log loss moved with each member added (greedy: each round's pick; top: rank order)."""
     task = task or Task.from_dict(None)
     if method == "top":
         chosen = select_top(trials, top)
@@ -395,13 +397,15 @@ def select_members(
         n_usable = len(usable_trials(trials))
         if n_usable < top and console is not None:
             console.print(f"[yellow]{_top_shortfall(top, n_usable, len(trials))}[/]")
+        if path is not None:
+            path.extend(selection_path(val_probs, val_images, [m.trial_id for m in members], task))
         return members, {m.trial_id: 1 for m in members}, val_images, val_probs
     ok = usable_trials(trials)
     if ok.empty:
         raise CheckpointError(none_usable(trials))
     candidates = {r.trial_id: load_member(r.trial_id, r.best_checkpoint) for r in ok.itertuples()}
     val_images, val_probs = align_val(list(candidates.values()), manifest, task)
-    picks = greedy_picks(val_probs, val_images, max_rounds=top, task=task)
+    picks = greedy_picks(val_probs, val_images, max_rounds=top, task=task, path=path)
     return [candidates[t] for t in picks], picks, val_images, val_probs
 
 
@@ -484,8 +488,9 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, target_se
     _warn_unfinished(name, info, trials, console=console)
 
     # --- select members on the saved val predictions
+    path: list[dict] = []
     members, picks, val_images, val_probs = select_members(
-        trials, manifest, method=method, top=top, task=task, console=console
+        trials, manifest, method=method, top=top, task=task, console=console, path=path
     )
     weights = {t: n / sum(picks.values()) for t, n in picks.items()}
     console.print(
@@ -536,7 +541,7 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, target_se
         # reports above decide at the task's threshold, the baseline's protocol).
         "threshold": thresholds[task.labels[0]] if task.k == 1 else thresholds,
         "threshold_rule": "max Cohen's kappa on val studies",
-        "selection": "val", "folds": None,
+        "selection": "val", "folds": None, "selection_path": path,
         "seed": seed, "device": predictor.device.type, "weights": weights,
         "target_sensitivity": target_sensitivity, "worklist_rule": used_rule,
         "test_data": test_data, "test_format": other_format,

@@ -28,6 +28,7 @@ __all__ = [
     "label_mean_log_losses",
     "none_usable",
     "select_top",
+    "selection_path",
     "study_matrix",
     "usable_trials",
 ]
@@ -95,9 +96,11 @@ def greedy_select(
 
 def greedy_picks(
     val_probs: dict[str, np.ndarray], images: pd.DataFrame, *, max_rounds: int, init: int = 1,
-    task: Task | None = None,
+    task: Task | None = None, path: list | None = None,
 ) -> dict[str, int]:
-    """How often ``greedy_select`` picks each candidate (only those picked, most picked first)."""
+    """How often ``greedy_select`` picks each candidate (only those picked, most picked first).
+    ``path``, when given, receives one ``{"round", "added", "val_study_log_loss"}`` per round:
+    how the selection set's score grew with each addition."""
     if max_rounds < 1:
         raise ConfigError(f"greedy selection needs max_rounds >= 1, got {max_rounds}")
     if init < 1:
@@ -123,10 +126,27 @@ def greedy_picks(
         picks[j] += 1
         total += S[:, j]
         loss = float(label_mean_log_losses(labels, (total / (r + 1))[:, None], label_names)[0])
+        if path is not None:
+            path.append({"round": r + 1, "added": names[j], "val_study_log_loss": loss})
         if loss < best_loss:
             best_loss, best_picks = loss, picks
     chosen = sorted(np.flatnonzero(best_picks), key=lambda j: (-best_picks[j], single[j], j))
     return {names[j]: int(best_picks[j]) for j in chosen}
+
+
+def selection_path(val_probs: dict[str, np.ndarray], images: pd.DataFrame, order: list[str],
+                   task: Task | None = None) -> list[dict]:
+    """The selection set's study log loss (mean over labels) of the equal-weight ensemble of the
+    first 1, 2, ... members of ``order`` (top-k's rank order): one
+    ``{"round", "added", "val_study_log_loss"}`` per member, as ``greedy_picks`` records."""
+    labels, S, label_names = study_matrix(images, [val_probs[n] for n in order], task,
+                                          with_label_names=True)
+    out, total = [], np.zeros(len(labels), dtype=np.float64)
+    for r, name in enumerate(order):
+        total += S[:, r]
+        loss = float(label_mean_log_losses(labels, (total / (r + 1))[:, None], label_names)[0])
+        out.append({"round": r + 1, "added": name, "val_study_log_loss": loss})
+    return out
 
 
 def study_matrix(

@@ -467,6 +467,9 @@ ENSEMBLE_JSON = {
                              "predictions of `raysearch refit` (`ensemble --oof`), each member "
                              "then the mean of its fold models")),
     "folds": ("integer", "--oof: the folds of each member (null otherwise)"),
+    "selection_path": ("array", ("how the selection set's study log loss moved with each "
+                                 "member added: {round, added (trial id), val_study_log_loss} "
+                                 "per round (greedy: its picks in order; top: rank order)")),
     "target_sensitivity": ("number", "the sensitivity the val_sensitivity thresholds of "
                            + "threshold_metrics.parquet reach on val"),
     "worklist_rule": ("string", "how worklist.parquet's p_any is computed: any_finding (the "

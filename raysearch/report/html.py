@@ -571,6 +571,27 @@ def _ensemble_section(rep: _Report, ensembles) -> None:
         rep.figure(b, fig, f"{name}_weights", alt=f"member weights and val log loss of {name}",
                    caption=f"Member weights of {name}; right: the study-level log loss on the "
                    "selection split (val or oof) of each member and of the ensemble (red).")
+        path = j.get("selection_path") or []
+        if path:
+            fig, ax = plt.subplots(figsize=(max(4.5, 0.6 * len(path) + 2), 3))
+            rounds = [p["round"] for p in path]
+            loss = [p["val_study_log_loss"] for p in path]
+            ax.plot(rounds, loss, "o-", color="#004488")
+            for r, l, p in zip(rounds, loss, path):
+                ax.annotate(str(p["added"]), (r, l), textcoords="offset points", xytext=(0, 6),
+                            ha="center", fontsize=7, rotation=30)
+            ax.set_xlabel("members added (greedy: rounds, top: rank order)")
+            ax.set_ylabel(f"{j.get('selection', 'val')} study log loss")
+            ax.set_xticks(rounds)
+            fig.tight_layout()
+            rep.figure(b, fig, f"{name}_selection_path",
+                       alt=f"how the selection score of {name} grew with each member added",
+                       caption=f"How {name}'s score on its selection set ({j.get('selection', 'val')}"
+                       ") moved with each member added, each point labelled with the member "
+                       "added (ensemble.json's selection_path).")
+        else:
+            _p(b, f"{name}: its ensemble.json has no selection_path (made by an earlier "
+                  "release): run `raysearch ensemble` again to see how selection grew.", "gap")
 
 
 def _val_log_losses(st, members: pd.DataFrame) -> dict[str, float]:

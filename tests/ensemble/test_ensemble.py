@@ -521,3 +521,27 @@ def test_end_to_end_on_a_small_search(small_experiment):
             m[k] for k in ("n_studies", "tp", "fp", "tn", "fn")
         )
         assert np.isclose(row.kappa, m["kappa"], equal_nan=True)
+
+
+def test_the_selection_path_is_the_score_of_each_prefix():
+    """ensemble.json's selection_path: greedy's rounds in order, and top-k's rank order, each
+    point the study log loss of the equal-weight mean of the picks so far."""
+    from raysearch.ensemble.selection import greedy_picks, selection_path
+
+    rng = np.random.default_rng(3)
+    images = _val_images(rng, 50)
+    y = images["label"].to_numpy().astype(float)
+    probs = {f"m{j}": np.clip(np.where(y == 1, 0.8, 0.2) + rng.normal(0, 0.3, len(y)), 0.01, 0.99)
+             for j in range(4)}
+    path: list = []
+    greedy_picks(probs, images, max_rounds=5, path=path)
+    assert [p["round"] for p in path] == [1, 2, 3, 4, 5]
+    added = [p["added"] for p in path]
+    for i, p in enumerate(path):
+        picks = pd.Series(added[: i + 1]).value_counts()
+        weights = {t: n / (i + 1) for t, n in picks.items()}
+        assert p["val_study_log_loss"] == pytest.approx(_study_loss(images, probs, weights))
+    top = selection_path(probs, images, ["m2", "m0"])
+    assert [p["added"] for p in top] == ["m2", "m0"]
+    assert top[1]["val_study_log_loss"] == pytest.approx(
+        _study_loss(images, probs, {"m2": 0.5, "m0": 0.5}))

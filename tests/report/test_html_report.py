@@ -57,6 +57,8 @@ def test_one_offline_file_with_every_section(report):
     assert len(alts) == len(srcs) == report["stats"]["figures"]
     svgs = os.listdir(report["stats"]["figure_dir"])
     assert len(svgs) == len(srcs) and all(s.endswith(".svg") for s in svgs)
+    # how the ensemble's selection score grew with each member added (issue 19, section 3)
+    assert any(s.endswith("_selection_path.svg") for s in svgs), svgs
     # real numbers from the experiment: every trial id, and the ensemble's members
     trials = pd.read_parquet(join(report["exp"], "trials.parquet"))
     assert all(t in page for t in trials["trial_id"])
