@@ -98,7 +98,13 @@ def test_model_and_health(server):
     assert [m["trial_id"] for m in model["members"]] == ["a", "b"]
     assert model["task"]["labels"] == ["abnormal"] and model["threshold"] == 0.5
     assert httpx.get(f"{server['url']}/healthz", timeout=10).json()["status"] == "ok"
-    # Serve's own INFO lines stay off the terminal (stderr here) unless -v
+    # Serve's own INFO lines stay off the terminal (stderr here) unless -v. The command prints
+    # its "serving" line after its own /healthz check, which may come after the fixture's: wait.
+    import time
+
+    deadline = time.monotonic() + 60
+    while "serving " not in server["log"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert " INFO " not in server["log"].read_text() and "serving " in server["log"].read_text()
     r = httpx.get(f"{server['url']}/v2/predict", timeout=10)  # Serve's own errors: JSON too
     assert r.status_code == 404 and "no endpoint /v2/predict" in r.json()["error"]
