@@ -427,23 +427,11 @@ def make_demo_data(
     if num_workers is not None and num_workers < 1:
         raise ConfigError(f"num_workers must be >= 1, got {num_workers}")
     spec = DEMO_SIZES[size]
-    root = storage.join(out_dir, ROOT_NAME)
-    fs, root_path = storage.get_fs(root)
-    if fs.exists(root_path):
-        if not overwrite:
-            raise DataError(f"{root} already exists; choose another folder, or --overwrite "
-                            "(overwrite=True) to replace demo data made here before")
-        # Only a folder this function made is ever deleted: a real MURA-v1.1 under the same
-        # parent must survive a mistyped --overwrite.
-        if not fs.exists(f"{root_path}/{DEMO_MARKER}"):
-            raise DataError(f"{root} was not made by raysearch demo-data (it has no "
-                            f"{DEMO_MARKER}); refusing to delete it: choose another folder")
-        fs.rm(root_path, recursive=True)
-    # The marker first, so that an interrupted run can still be replaced with --overwrite.
     settings = {"seed": seed, "size": size, "label_noise": label_noise}
     if shortcut is not None:
         settings["shortcut"] = shortcut
-    storage.atomic_write_text(storage.join(root, DEMO_MARKER), json.dumps(settings) + "\n")
+    root = start_demo_folder(out_dir, ROOT_NAME, overwrite=overwrite, meta=settings)
+    fs, root_path = storage.get_fs(root)
 
     jobs, csv_rows = _plan(spec, seed=seed, label_noise=label_noise, shortcut=shortcut)
     workers = num_workers or min(os.cpu_count() or 1, 4)
@@ -496,4 +484,25 @@ def make_demo_data(
         storage.atomic_write_text(
             storage.join(root, f"{split}_labeled_studies.csv"), "".join(study_lines)
         )
+    return root
+
+
+def start_demo_folder(out_dir: str, name: str, *, overwrite: bool, meta: dict) -> str:
+    """The demo dataset folder ``out_dir/name``, with its marker (``meta`` as JSON) written.
+
+    An existing folder is replaced only with ``overwrite`` and only when this module made it
+    (it holds :data:`DEMO_MARKER`): a real dataset under the same parent must survive a
+    mistyped --overwrite. The marker comes first, so that an interrupted run can still be
+    replaced. Raises DataError otherwise."""
+    root = storage.join(out_dir, name)
+    fs, root_path = storage.get_fs(root)
+    if fs.exists(root_path):
+        if not overwrite:
+            raise DataError(f"{root} already exists; choose another folder, or --overwrite "
+                            "(overwrite=True) to replace demo data made here before")
+        if not fs.exists(f"{root_path}/{DEMO_MARKER}"):
+            raise DataError(f"{root} was not made by raysearch demo-data (it has no "
+                            f"{DEMO_MARKER}); refusing to delete it: choose another folder")
+        fs.rm(root_path, recursive=True)
+    storage.atomic_write_text(storage.join(root, DEMO_MARKER), json.dumps(meta) + "\n")
     return root

@@ -26,7 +26,6 @@ Opacity, ...). Output is a pure function of the seed.
 from __future__ import annotations
 
 import io
-import json
 import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -38,8 +37,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from raysearch import storage
 from raysearch.data.chexpert import CHEXPERT_LABELS
-from raysearch.data.synth import DEMO_MARKER
-from raysearch.errors import ConfigError, DataError
+from raysearch.data.synth import start_demo_folder
+from raysearch.errors import ConfigError
 
 __all__ = ["CHEST_SIZES", "make_chexpert_demo", "make_nih_demo"]
 
@@ -229,22 +228,6 @@ def _render_chunk(jobs: list[_Job]) -> list[bytes]:
 # Writing
 
 
-def _start(out_dir: str, name: str, *, overwrite: bool, meta: dict) -> str:
-    """The dataset folder ``out_dir/name``, emptied when it is demo data made here before."""
-    root = storage.join(out_dir, name)
-    fs, root_path = storage.get_fs(root)
-    if fs.exists(root_path):
-        if not overwrite:
-            raise DataError(f"{root} already exists; choose another folder, or --overwrite "
-                            "(overwrite=True) to replace demo data made here before")
-        if not fs.exists(f"{root_path}/{DEMO_MARKER}"):
-            raise DataError(f"{root} was not made by raysearch demo-data (it has no "
-                            f"{DEMO_MARKER}); refusing to delete it: choose another folder")
-        fs.rm(root_path, recursive=True)
-    storage.atomic_write_text(storage.join(root, DEMO_MARKER), json.dumps(meta) + "\n")
-    return root
-
-
 def _write_images(root: str, jobs: list[_Job], num_workers: int | None) -> None:
     fs, root_path = storage.get_fs(root)
     workers = num_workers or min(os.cpu_count() or 1, 4)
@@ -289,7 +272,7 @@ def make_chexpert_demo(out_dir: str, *, seed: int = 0, size: str = "small",
     and size, same bytes. An existing folder is replaced only with ``overwrite`` and only when
     demo-data made it."""
     spec = _check(size, num_workers)
-    root = _start(out_dir, "CheXpert-v1.0-small", overwrite=overwrite,
+    root = start_demo_folder(out_dir, "CheXpert-v1.0-small", overwrite=overwrite,
                   meta={"format": "chexpert", "seed": seed, "size": size})
     rng = np.random.default_rng(seed)
     header = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(CHEXPERT_LABELS) + "\n"
@@ -325,7 +308,7 @@ def make_nih_demo(out_dir: str, *, seed: int = 0, size: str = "small",
     """Write a synthetic ChestX-ray14 folder (``ChestX-ray14``) below ``out_dir``; returns it.
     Frontal views only; findings under their NIH names; official split lists included."""
     spec = _check(size, num_workers)
-    root = _start(out_dir, "ChestX-ray14", overwrite=overwrite,
+    root = start_demo_folder(out_dir, "ChestX-ray14", overwrite=overwrite,
                   meta={"format": "nih", "seed": seed, "size": size})
     rng = np.random.default_rng(seed + 7_919)  # not the CheXpert demo's patients
     lines = [("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
