@@ -10,7 +10,7 @@ from raysearch.experiment import sign_ray_state
 from raysearch.report.live import ENDED
 from raysearch.search.space import SearchSpace
 
-__all__ = ["SearchProgress", "TrustCallback"]
+__all__ = ["LiveCallback", "SearchProgress", "TrustCallback"]
 
 
 def _callback_base():
@@ -67,29 +67,18 @@ def _trial_error(trial) -> str | None:
     return _error_line(error) or "trial failed"
 
 
-class SearchProgress(_progress_base()):
-    """A Tune callback that keeps a live Rich view on the driver (:class:`LiveView`): a bar over
-    the epoch budget with an ETA, and a table of trials (id, status, epoch k/max, val_loss, best,
-    kappa at the best epoch, key config values).
+class LiveCallback(_progress_base()):
+    """A Tune callback that drives a :class:`~raysearch.report.live.LiveView` (``self.view``) on
+    the driver: used as a context manager around ``fit()``; ``stage`` shows what the driver is
+    doing. Subclasses set ``view`` and ``console`` and feed the view from Tune's events."""
 
-    A trial's end is told from its recorded results, the row ``trials.parquet`` gets
-    (:func:`raysearch.search.results.trial_row`), not from the last result that reached this
-    callback: Ray may deliver that one after ``on_trial_complete``, and ASHA's stop may land
-    between a report and its delivery.
-    """
-
-    def __init__(self, spec: SearchSpace, *, console) -> None:
-        from raysearch.report.live import LiveView
-
-        self.spec = spec
-        self.console = console
-        self.view = LiveView(num_trials=spec.search.num_samples,
-                             max_epochs=spec.scheduler.max_epochs, console=console)
+    view = None
+    console = None
 
     # Ray pickles the run config (with its callbacks) into the experiment state; the console and
     # the live display hold locks and cannot travel. A restored copy renders nothing.
     def __getstate__(self):
-        return {"spec": self.spec, "console": None, "view": None}
+        return {**self.__dict__, "console": None, "view": None}
 
     @property
     def rows(self) -> dict[str, dict[str, Any]]:
@@ -107,6 +96,26 @@ class SearchProgress(_progress_base()):
     def __exit__(self, *exc):
         if self.view is not None:
             self.view.__exit__(*exc)
+
+
+class SearchProgress(LiveCallback):
+    """A Tune callback that keeps a live Rich view on the driver (:class:`LiveView`): a bar over
+    the epoch budget with an ETA, and a table of trials (id, status, epoch k/max, val_loss, best,
+    kappa at the best epoch, key config values).
+
+    A trial's end is told from its recorded results, the row ``trials.parquet`` gets
+    (:func:`raysearch.search.results.trial_row`), not from the last result that reached this
+    callback: Ray may deliver that one after ``on_trial_complete``, and ASHA's stop may land
+    between a report and its delivery.
+    """
+
+    def __init__(self, spec: SearchSpace, *, console) -> None:
+        from raysearch.report.live import LiveView
+
+        self.spec = spec
+        self.console = console
+        self.view = LiveView(num_trials=spec.search.num_samples,
+                             max_epochs=spec.scheduler.max_epochs, console=console)
 
     def _summary(self, trial, *, error: str | None) -> dict[str, Any]:
         from raysearch.search.results import trial_row

@@ -45,6 +45,7 @@ from raysearch.experiment import (
     read_trials,
 )
 from raysearch.experiment import schema as S
+from raysearch.search.progress import LiveCallback
 from raysearch.storage import exists, join, read_bytes, read_parquet
 
 __all__ = ["REFIT_DIR", "fold_manifest", "load_folds", "refit_epochs", "run_refit"]
@@ -275,7 +276,7 @@ def _fit(exp_dir, info, jobs, *, address, verbose, console) -> None:
         ),
     )
     with progress:
-        progress.view.stage("starting refits")
+        progress.stage("starting refits")
         tuner.fit()
 
 
@@ -307,13 +308,7 @@ def refit_driver(config: dict[str, Any], *, run: dict[str, Any]) -> None:
                  callbacks=[TuneReportCallback()]).fit()
 
 
-def _progress_base():
-    from ray.tune import Callback
-
-    return Callback
-
-
-class RefitProgress(_progress_base()):
+class RefitProgress(LiveCallback):
     """The live view of a refit (:class:`raysearch.report.live.LiveView`): one row per
     (configuration, fold) run, ``<trial>/f<fold>``, with its epochs against the planned ones."""
 
@@ -327,9 +322,6 @@ class RefitProgress(_progress_base()):
         for name, job in jobs.items():
             self.view.add(self._id(name), self._config(job))
 
-    def __getstate__(self):  # the console and the live display cannot travel (see SearchProgress)
-        return {"jobs": self.jobs, "console": None, "view": None}
-
     @staticmethod
     def _id(name: str) -> str:
         return name.removeprefix("refit-").replace("-f", "/f")
@@ -339,15 +331,6 @@ class RefitProgress(_progress_base()):
         t = job["trial"]
         return {"arch": t["arch"], "image_size": t["image_size"], "finetune": t.get("finetune"),
                 "max_epochs": job["epochs"]}
-
-    def __enter__(self):
-        if self.view is not None:
-            self.view.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.view is not None:
-            self.view.__exit__(*exc)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if self.view is not None:
