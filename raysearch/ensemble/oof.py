@@ -27,7 +27,7 @@ from raysearch.data.dataset import Task
 from raysearch.ensemble.members import image_keys, predict_split
 from raysearch.errors import ConfigError, DataError
 from raysearch.evaluation import metrics as M
-from raysearch.experiment import read_trial_checkpoint
+from raysearch.experiment import cache_dir, read_trial_checkpoint, resolve
 from raysearch.experiment import schema as S
 from raysearch.storage import atomic_write_text, exists, join, read_parquet
 
@@ -87,7 +87,6 @@ def run_oof_ensemble(exp_dir: str, out_dir: str, *, top: int, method: str, tta: 
                      n_boot: int, seed: int, console) -> str:
     """``raysearch ensemble --oof`` (see the module docstring). Returns the output folder."""
     from raysearch.ensemble.run import (
-        _cache_dir,
         _print_tables,
         _print_thresholds,
         _read_experiment,
@@ -128,8 +127,7 @@ def run_oof_ensemble(exp_dir: str, out_dir: str, *, top: int, method: str, tta: 
     folds = refits[refits["trial_id"].isin(picks)].sort_values(["trial_id", "fold"])
     members, member_weights, bag = [], [], {}
     for r in folds.itertuples():
-        uri = r.checkpoint if "://" in r.checkpoint or r.checkpoint.startswith("/") else join(
-            exp_dir, r.checkpoint)
+        uri = resolve(exp_dir, r.checkpoint)
         fold_id = f"{r.trial_id}_f{int(r.fold)}"
         members.append(read_trial_checkpoint(fold_id, uri, with_val=False))
         n_folds = int((folds["trial_id"] == r.trial_id).sum())
@@ -137,7 +135,7 @@ def run_oof_ensemble(exp_dir: str, out_dir: str, *, top: int, method: str, tta: 
         bag.setdefault(r.trial_id, []).append(fold_id)
     predictor = Predictor(members, weights=member_weights, task=task)
     test_images, fold_probs = predict_split(
-        predictor, manifest, task, split="test", cache_dir=_cache_dir(exp_dir, info), tta=tta,
+        predictor, manifest, task, split="test", cache_dir=cache_dir(exp_dir, info), tta=tta,
         console=console)
     test_probs = {t: np.mean([fold_probs[f] for f in ids], axis=0) for t, ids in bag.items()}
 

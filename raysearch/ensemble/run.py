@@ -57,7 +57,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from typing import Any
 
 import numpy as np
@@ -87,6 +86,7 @@ from raysearch.evaluation import metrics as M
 from raysearch.evaluation import triage as T
 from raysearch.experiment import (
     ExperimentLock,
+    cache_dir,
     find_experiment,
     read_info,
     read_manifest,
@@ -94,7 +94,7 @@ from raysearch.experiment import (
 )
 from raysearch.experiment import schema as S
 from raysearch.experiment.schema import write_parquet
-from raysearch.storage import atomic_write_text, is_url, join
+from raysearch.storage import atomic_write_text, join
 
 __all__ = ["METRIC_COLUMNS", "category_table", "ensemble_frames", "run_ensemble", "select_members", "worklist"]
 
@@ -111,16 +111,6 @@ def _read_experiment(exp_dir: str) -> tuple[dict[str, Any], pd.DataFrame, pd.Dat
     """experiment.json, trials.parquet (checkpoints resolved), the manifest and the task."""
     info = read_info(exp_dir)
     return info, read_trials(exp_dir), read_manifest(exp_dir), Task.from_dict(info.get("task"))
-
-
-def _cache_dir(exp_dir: str, info: dict[str, Any]) -> str:
-    """Where to find (or build) the image caches: the experiment's own setting while it is
-    reachable; for a moved experiment, ``cache/`` beside it (the default place)."""
-    saved = info.get("cache_dir")
-    beside = f"{exp_dir.rstrip('/').rsplit('/', 1)[0]}/cache"
-    if saved and (is_url(str(saved)) or os.path.isdir(str(saved))):
-        return str(saved)
-    return beside if saved else join(exp_dir, "cache")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -504,7 +494,7 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, target_se
         predictor.model(m)
         predictor.unload(m.trial_id)
     test_images, test_probs = predict_split(
-        predictor, manifest, task, split="test", cache_dir=_cache_dir(exp_dir, info), tta=tta,
+        predictor, manifest, task, split="test", cache_dir=cache_dir(exp_dir, info), tta=tta,
         console=console,
     )
 
@@ -532,7 +522,7 @@ def _run_ensemble(exp_dir, out_dir, *, top, method, tta, n_boot, seed, target_se
         cross, _ = cross_dataset(
             predictor, home_task=task, home_format=_format_of(info, task), home_metrics=label_df,
             other_manifest=other[0], other_task=other[1], other_format=other_format,
-            cache_dir=_cache_dir(exp_dir, info), tta=tta, n_boot=n_boot, seed=seed,
+            cache_dir=cache_dir(exp_dir, info), tta=tta, n_boot=n_boot, seed=seed,
             console=console,
         )
     summary = {

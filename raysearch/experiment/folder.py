@@ -81,6 +81,17 @@ def relative(exp_dir: str, uri: str | None) -> str | None:
     return uri.removeprefix(base)
 
 
+def cache_dir(exp_dir: str, info: dict[str, Any]) -> str:
+    """Where to find (or build) an experiment's image caches: its own setting
+    (``experiment.json``'s ``cache_dir``) while it is reachable; for a moved experiment,
+    ``cache/`` beside it (the default place)."""
+    saved = info.get("cache_dir")
+    beside = f"{exp_dir.rstrip('/').rsplit('/', 1)[0]}/cache"
+    if saved and (is_url(str(saved)) or os.path.isdir(str(saved))):
+        return str(saved)
+    return beside if saved else join(exp_dir, "cache")
+
+
 def resolve(exp_dir: str, path: str | None) -> str | None:
     """The URI of ``path`` as stored in an experiment's files, for the experiment at ``exp_dir``.
 

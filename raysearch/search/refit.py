@@ -27,6 +27,7 @@ nnU-Net's five-fold ensembling (Isensee et al., Nature Methods 2021).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from typing import Any
@@ -39,14 +40,16 @@ from raysearch.data.dataset import Task
 from raysearch.errors import CheckpointError, ConfigError, DataError, SearchFailedError
 from raysearch.experiment import (
     ExperimentLock,
+    cache_dir,
     find_experiment,
     read_info,
     read_manifest,
     read_trials,
+    relative,
 )
 from raysearch.experiment import schema as S
 from raysearch.search.progress import LiveCallback
-from raysearch.storage import exists, join, read_bytes, read_parquet
+from raysearch.storage import atomic_write_parquet, exists, join, read_bytes, read_parquet
 
 __all__ = ["REFIT_DIR", "fold_manifest", "load_folds", "refit_epochs", "run_refit"]
 
@@ -186,8 +189,6 @@ def _run_refit(exp_dir, *, top, k, seed, address, verbose, console) -> str:
     manifests = {}
     for f in range(k):
         uri = join(refit_dir, f"manifest_f{f}.parquet")
-        from raysearch.storage import atomic_write_parquet
-
         atomic_write_parquet(fold_manifest(manifest, fold_frame, f), uri)
         manifests[f] = uri
 
@@ -255,7 +256,7 @@ def _fit(exp_dir, info, jobs, *, address, verbose, console) -> None:
     plan = plan_resources(resources, ray.cluster_resources(), node_cpus=node_cpus)
     run = {
         "jobs": jobs, "task": info.get("task") or {},
-        "cache_dir": _cache_dir(exp_dir, info), "workers": plan.workers,
+        "cache_dir": cache_dir(exp_dir, info), "workers": plan.workers,
         "gpus_per_worker": plan.gpus_per_worker, "cpus_per_worker": plan.cpus_per_worker,
         "torch_threads": plan.torch_threads,
     }
@@ -278,11 +279,6 @@ def _fit(exp_dir, info, jobs, *, address, verbose, console) -> None:
     with progress:
         progress.stage("starting refits")
         tuner.fit()
-
-
-def _cache_dir(exp_dir: str, info: dict[str, Any]) -> str:
-    saved = info.get("cache_dir")
-    return str(saved) if saved else join(exp_dir, "cache")
 
 
 def refit_driver(config: dict[str, Any], *, run: dict[str, Any]) -> None:
@@ -373,15 +369,13 @@ def _collect(exp_dir, refit_dir, jobs, manifest, fold_frame, trials, task, *, k,
             missing.append(f"{job['trial_id']} fold {job['fold']}")
             continue
         uri, metrics = final
-        import json
-
         history = json.loads(read_bytes(join(uri, "history.json")))
         seconds = sum(float(h.get("epoch_time_s", 0)) + float(h.get("val_time_s", 0))
                       for h in history)
         rows.append({"trial_id": job["trial_id"], "fold": job["fold"], "epochs": job["epochs"],
                      "val_loss": float(metrics.get("val_loss", math.nan)),
                      "val_study_kappa": float(metrics.get("val_study_kappa", math.nan)),
-                     "seconds": seconds, "checkpoint": _relative(uri, exp_dir)})
+                     "seconds": seconds, "checkpoint": relative(exp_dir, uri)})
         preds = read_parquet(join(uri, "val_predictions.parquet"))
         keep = ["image_path", *task.label_columns, *task.prob_columns]
         oof.append(preds[keep].assign(trial_id=job["trial_id"], fold=job["fold"]))
@@ -422,11 +416,6 @@ def _collect(exp_dir, refit_dir, jobs, manifest, fold_frame, trials, task, *, k,
     S.write_parquet(raw, join(exp_dir, "trials.parquet"), S.TRIALS)
     _print_cv(trials, cv, k=k, seconds=seconds, refit_dir=refit_dir, console=console)
     return refit_dir
-
-
-def _relative(uri: str, exp_dir: str) -> str:
-    base = exp_dir.rstrip("/") + "/"
-    return uri.removeprefix(base)
 
 
 def _print_cv(trials, cv, *, k, seconds, refit_dir, console) -> None:
