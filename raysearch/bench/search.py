@@ -305,13 +305,49 @@ def _search_arms(base, seed: int) -> dict[str, Any]:
     }
 
 
+def _trial_clock():
+    """A ``ray.tune.Callback`` that notes, in the driver, the wall times (Unix seconds) at which
+    each trial first appears in the controller's trial list (``created_at``: the moment the
+    searcher proposed it, which under the concurrency limit is the moment its slot was given
+    back by the trial before it) and at which Tune ends it (``ended_at``: completed, stopped by
+    the scheduler, or failed). Both map trial ids to times. Resolution: one controller step
+    (well under a second)."""
+    from ray.tune import Callback
+
+    class TrialClock(Callback):
+        def __init__(self) -> None:
+            self.created_at: dict[str, float] = {}
+            self.ended_at: dict[str, float] = {}
+
+        def _see(self, trials) -> None:
+            now = time.time()
+            for t in trials:
+                self.created_at.setdefault(t.trial_id, now)
+
+        def on_step_begin(self, iteration, trials, **info):
+            self._see(trials)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._see(trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.ended_at.setdefault(trial.trial_id, time.time())
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.ended_at.setdefault(trial.trial_id, time.time())
+
+    return TrialClock()
+
+
 def _measure_search(spec, *, console) -> dict[str, Any]:
     """Run one search; its epochs, best val_loss, wall time and Tune/Train overhead per trial."""
     from raysearch.search.tune import run_search
 
+    clock = _trial_clock()
     t0 = time.perf_counter()
     try:
-        exp = run_search(spec, console=console)  # an existing experiment of this spec resumes
+        # an existing experiment of this spec resumes
+        exp = run_search(spec, console=console, callbacks=(clock,))
     except ExperimentExistsError as e:  # tune's hint names tune's flags, which bench lacks
         raise ConfigError(
             f"bench search: {e.experiment_dir} holds a {spec.name!r} search with other settings "
@@ -320,7 +356,8 @@ def _measure_search(spec, *, console) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     trials = read_parquet(join(exp, "trials.parquet"))
     epochs = read_parquet(join(exp, "epochs.parquet"))
-    overhead = trial_overheads(trials, epochs)
+    overhead = trial_overheads(trials, epochs, created_at=clock.created_at,
+                               ended_at=clock.ended_at)
     return {
         "epochs": len(epochs),
         "best_val_loss": float(epochs["val_loss"].min()),
@@ -329,21 +366,33 @@ def _measure_search(spec, *, console) -> dict[str, Any]:
         "wall_s": wall,
         "overhead_per_trial_s": _median(overhead["outside_epochs_s"]),
         "before_first_epoch_s": _median(overhead["before_first_epoch_s"]),
+        # trials resumed from an earlier run were created then, and have no creation time here
+        "created_to_first_epoch_s": _median(overhead["created_to_first_epoch_s"].dropna()),
+        "slot_outside_epochs_s": _median(overhead["slot_outside_epochs_s"].dropna()),
         "epoch_frame": epochs,
     }
 
 
-def trial_overheads(trials, epochs):
+def trial_overheads(trials, epochs, *, created_at: dict[str, float] | None = None,
+                    ended_at: dict[str, float] | None = None):
     """Per trial, in seconds: ``before_first_epoch_s``, from the trial's start (its Tune
     trainable set up, in the driver process) to the start of its first epoch: the Ray Train
-    controller and worker processes, data and model set-up; and ``outside_epochs_s``, all of its
+    controller and worker processes, data and model set-up; ``outside_epochs_s``, all of its
     wall time outside its training and validation loops (that, plus checkpoints, reports and the
-    end). ``trials``/``epochs``: ``trials.parquet``/``epochs.parquet`` rows.
+    end); and ``created_to_first_epoch_s``, from the trial's creation (``created_at``: trial id
+    to Unix seconds, from :func:`_trial_clock`) to the start of its first epoch: everything the
+    trial's slot waited for, the start of the trial's driver process and its imports included;
+    and ``slot_outside_epochs_s``, from its creation to its end as Tune saw it (``ended_at``)
+    less its training and validation loops: the whole per-trial overhead of the search, the
+    previous trial's tear-down (which the next trial's creation waits for) included. The last
+    two are NaN for a trial without those times. ``trials``/``epochs``:
+    ``trials.parquet``/``epochs.parquet`` rows. Returns a DataFrame indexed by trial id.
 
     A trial's start is its last report's time less its wall time (Tune's ``time_total_s``,
     counted from the trainable's start); its first epoch's start is that epoch's report time
-    less its training and validation time. Not counted in either: the driver process's own
-    start, before Tune's clock runs.
+    less its training and validation time. ``before_first_epoch_s`` and ``outside_epochs_s``
+    leave out the driver process's own start, before Tune's clock runs;
+    ``created_to_first_epoch_s`` does not.
     """
     import pandas as pd
 
@@ -358,13 +407,23 @@ def trial_overheads(trials, epochs):
     start = last_at + ckpt_last - wall
     first_epoch = first_at - first["val_time_s"] - first["epoch_time_s"]
     in_loop = per[["epoch_time_s", "val_time_s"]].sum().sum(axis=1)
+    created = pd.Series(created_at or {}, dtype=float).reindex(first.index)
+    ended = pd.Series(ended_at or {}, dtype=float).reindex(first.index)
     return pd.DataFrame({"before_first_epoch_s": first_epoch - start,
-                         "outside_epochs_s": wall - in_loop}).dropna()
+                         "outside_epochs_s": wall - in_loop,
+                         "created_to_first_epoch_s": first_epoch - created,
+                         "slot_outside_epochs_s": ended - created - in_loop,
+                         }).dropna(subset=["before_first_epoch_s", "outside_epochs_s"])
 
 
 def _median(values) -> float:
     values = [float(v) for v in values]
     return float(np.median(values)) if values else float("nan")
+
+
+def _secs(value) -> str:
+    """Seconds to one decimal; "-" for a figure the run could not measure (resumed trials)."""
+    return "-" if value is None or not np.isfinite(value) else f"{value:.1f}"
 
 
 def _seed_line(row: dict[str, Any]) -> str:
@@ -392,7 +451,8 @@ def _print_search(console: Console, r: dict[str, Any]) -> None:
         title_justify="left",
     )
     for col in ("seed", "search", "epochs", "best val_loss", "to max / stopped", "wall (s)",
-                "to 1st epoch (s)", "outside epochs (s)", "ASHA+TPE epochs to FIFO's best"):
+                "to 1st epoch (s) trial / slot", "outside epochs (s) trial / slot",
+                "ASHA+TPE epochs to FIFO's best"):
         table.add_column(col, justify="left" if col == "search" else "right")
     for row in r["seeds"]:
         for label, run in (("fifo+random", row["fifo"]), ("asha+tpe", row["asha"])):
@@ -402,8 +462,10 @@ def _print_search(console: Console, r: dict[str, Any]) -> None:
             table.add_row(
                 str(row["seed"]), label, str(run["epochs"]), f"{run['best_val_loss']:.4f}",
                 f"{run['trials_at_max_epochs']} / {run['trials_stopped_early']}",
-                f"{run['wall_s']:.0f}", f"{run['before_first_epoch_s']:.1f}",
-                f"{run['overhead_per_trial_s']:.1f}", reach,
+                f"{run['wall_s']:.0f}",
+                f"{run['before_first_epoch_s']:.1f} / {_secs(run.get('created_to_first_epoch_s'))}",
+                f"{run['overhead_per_trial_s']:.1f} / {_secs(run.get('slot_outside_epochs_s'))}",
+                reach,
             )
         replay = row["replay"]
         table.add_row(
@@ -414,9 +476,11 @@ def _print_search(console: Console, r: dict[str, Any]) -> None:
         )
     console.print(table)
     console.print(
-        "per trial, medians: 'to 1st epoch' from the trial's start in its Tune driver to its "
-        "first epoch; 'outside epochs' all of its time outside its training and validation "
-        "loops (target: 10 s or less). One-worker trials run inline in their driver "
+        "per trial, medians: 'to 1st epoch' from the trial's start in its Tune driver (trial) "
+        "or from its creation, when its slot came free (slot: the driver process's start and "
+        "imports included), to its first epoch; 'outside epochs' all of its time outside its "
+        "training and validation loops, in the trial or from its creation to its end in the "
+        "slot (target: 10 s or less). One-worker trials run inline in their driver "
         "(RAYSEARCH_INLINE_TRIALS=0: through Ray Train)"
     )
     n = len(r["seeds"])

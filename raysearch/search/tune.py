@@ -123,6 +123,7 @@ def run_search(
     trust: bool = False,
     time_budget_s: float | None = None,
     console=None,
+    callbacks: tuple = (),
 ) -> str:
     """Run (or resume, or extend) the search described by ``spec``. Returns the experiment
     folder URI.
@@ -130,7 +131,9 @@ def run_search(
     A finished experiment run again with a larger ``spec.search.num_samples`` goes on with new
     trials, its Optuna study and ASHA rungs restored (:mod:`raysearch.search.budget`); only a
     changed space (or a smaller count) is refused. ``time_budget_s``: after that many seconds no
-    new trial starts, the running ones finish, and the search ends as finished.
+    new trial starts, the running ones finish, and the search ends as finished. ``callbacks``:
+    more ``ray.tune.Callback`` objects for the driver (instruments, such as ``bench search``'s
+    trial clock); they are not saved with the experiment.
 
     Everything that can be checked is checked before anything is deleted and before Ray starts:
     the experiment's lock, its saved state (intact, and signed by raysearch unless ``trust``),
@@ -160,7 +163,8 @@ def run_search(
         t0 = time.time()
         deadline = t0 + time_budget_s if time_budget_s is not None else None
         grid, budget_spent = _fit(spec, exp_dir, task, restoring=restoring, address=address,
-                                  verbose=verbose, deadline=deadline, console=console)
+                                  verbose=verbose, deadline=deadline, console=console,
+                                  callbacks=callbacks)
         return _finish(spec, exp_dir, grid, seconds=time.time() - t0, budget_spent=budget_spent,
                        console=console)
 
@@ -219,7 +223,8 @@ def _prepare(spec, exp_dir, spec_yaml, *, restoring, overwrite, console) -> Task
     return task
 
 
-def _fit(spec, exp_dir, task, *, restoring, address, verbose, console, deadline=None):
+def _fit(spec, exp_dir, task, *, restoring, address, verbose, console, deadline=None,
+         callbacks=()):
     """Ray: plan the resources, build (or restore) the Tuner, rebuild ASHA's rungs, run it.
     Returns Tune's result grid and whether the time budget ended the search; errors a user can
     act on come out as raysearch's."""
@@ -262,7 +267,7 @@ def _fit(spec, exp_dir, task, *, restoring, address, verbose, console, deadline=
     update_info(exp_dir, resources={"workers": plan.workers, "gpus_per_worker": plan.gpus_per_worker,
                                     "cpus_per_worker": plan.cpus_per_worker})
     progress = SearchProgress(spec, console=console)
-    callbacks = [progress, TrustCallback(exp_dir)]
+    callbacks = [progress, TrustCallback(exp_dir), *callbacks]
     retry_failed = restoring and read_info(exp_dir).get("state") == "no_space"
     with fail_on_restore_error():
         tuner = _make_tuner(spec, plan, run, callbacks, restoring=restoring,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pandas as pd
 import pytest
 from rich.console import Console
@@ -206,10 +207,24 @@ def test_trial_overheads_split_the_time_before_the_first_epoch_from_the_rest():
         "reported_at": [162.0, 140.0, 151.0], "epoch_time_s": [8.0] * 3,
         "val_time_s": [2.0] * 3, "checkpoint_write_s": [1.0] * 3,
     })
-    trials = pd.DataFrame({"trial_id": ["a"], "wall_time_s": [63.0]})
-    out = trial_overheads(trials, epochs)
+    trials = pd.DataFrame({"trial_id": ["a", "b"], "wall_time_s": [63.0, 11.0]})
+    epochs = pd.concat([epochs, pd.DataFrame({  # b: resumed, created in an earlier run
+        "trial_id": ["b"], "epoch": [1], "reported_at": [20.0], "epoch_time_s": [8.0],
+        "val_time_s": [2.0], "checkpoint_write_s": [1.0]})])
+    # a was created at t=88 (its driver process took 12 s to start and import), and Tune saw
+    # it end at t=165 (3 s after its last report)
+    out = trial_overheads(trials, epochs, created_at={"a": 88.0}, ended_at={"a": 165.0})
     assert out.loc["a", "before_first_epoch_s"] == pytest.approx(30.0)
     assert out.loc["a", "outside_epochs_s"] == pytest.approx(33.0)
+    assert out.loc["a", "created_to_first_epoch_s"] == pytest.approx(42.0)
+    assert out.loc["a", "slot_outside_epochs_s"] == pytest.approx(165.0 - 88.0 - 30.0)
+    assert out.loc["b", "before_first_epoch_s"] == pytest.approx(0.0)
+    assert np.isnan(out.loc["b", "created_to_first_epoch_s"])
+    assert np.isnan(out.loc["b", "slot_outside_epochs_s"])
+    # without the clock (an older caller): the trainable-side figures alone
+    alone = trial_overheads(trials, epochs)
+    assert alone.loc["a", "outside_epochs_s"] == pytest.approx(33.0)
+    assert alone["created_to_first_epoch_s"].isna().all()
 
 
 def test_the_search_bench_prints_the_spread_over_seeds():
