@@ -310,19 +310,27 @@ def _trial_clock():
     each trial first appears in the controller's trial list (``created_at``: the moment the
     searcher proposed it, which under the concurrency limit is the moment its slot was given
     back by the trial before it) and at which Tune ends it (``ended_at``: completed, stopped by
-    the scheduler, or failed). Both map trial ids to times. Resolution: one controller step
-    (well under a second)."""
+    the scheduler, or failed). Both map trial ids to times. Trials restored from an earlier run
+    (ended, or resuming from a checkpoint) are left out. Resolution: one controller step (well
+    under a second)."""
     from ray.tune import Callback
 
     class TrialClock(Callback):
         def __init__(self) -> None:
             self.created_at: dict[str, float] = {}
             self.ended_at: dict[str, float] = {}
+            self._known: set[str] = set()
 
         def _see(self, trials) -> None:
             now = time.time()
             for t in trials:
-                self.created_at.setdefault(t.trial_id, now)
+                if t.trial_id in self._known:
+                    continue
+                self._known.add(t.trial_id)
+                # a new trial, not one restored from an earlier run (ended, or resuming from a
+                # checkpoint, its first epoch long past)
+                if t.status == "PENDING" and not t.has_reported_at_least_once:
+                    self.created_at[t.trial_id] = now
 
         def on_step_begin(self, iteration, trials, **info):
             self._see(trials)
@@ -331,10 +339,12 @@ def _trial_clock():
             self._see(trials)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.ended_at.setdefault(trial.trial_id, time.time())
+            if trial.trial_id in self.created_at:
+                self.ended_at.setdefault(trial.trial_id, time.time())
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.ended_at.setdefault(trial.trial_id, time.time())
+            if trial.trial_id in self.created_at:
+                self.ended_at.setdefault(trial.trial_id, time.time())
 
     return TrialClock()
 

@@ -129,6 +129,9 @@ def test_bench_search_runs_both_searches_side_by_side(tmp_path, tiny_root, ray_s
     assert 5 <= replay["epochs"] <= 9 and replay["concurrency"] in (1, 2)
     assert replay["best_val_loss"] >= fifo["best_val_loss"]
     assert (replay["epochs_needed"] is None) == (replay["best_val_loss"] > fifo["best_val_loss"])
+    for run in (fifo, asha):  # the driver's clock saw every trial: the slot holds the trial
+        assert 0 < run["before_first_epoch_s"] <= run["created_to_first_epoch_s"]
+        assert run["overhead_per_trial_s"] <= run["slot_outside_epochs_s"]
     text = out.getvalue()
     assert "fifo+random" in text and "asha+tpe" in text and "target" in text
     assert "asha replay on fifo's trials" in text and "ASHA alone on FIFO's own trials" in text
@@ -144,6 +147,8 @@ def test_bench_search_runs_both_searches_side_by_side(tmp_path, tiny_root, ray_s
     again = bench_search(**kwargs, console=Console(file=io.StringIO(), width=200))
     (row2,) = again["seeds"]
     assert row2["epochs_needed"] == row["epochs_needed"]
+    # read back, not run: no trial was created in this run, so no slot figures
+    assert np.isnan(row2["fifo"]["created_to_first_epoch_s"])
     for key in ("fifo", "asha"):
         assert row2[key]["epochs"] == row[key]["epochs"]
         assert row2[key]["best_val_loss"] == row[key]["best_val_loss"]
