@@ -462,7 +462,9 @@ def _same_space(saved_yaml: str, spec_yaml: str) -> bool:
     """Whether two resolved search spaces describe the same search. Where the experiment and its
     data are stored does not count: a moved or copied experiment resumes from its new place, on
     the manifest (the images and the split) it saved. Nor does the trial count: a larger one
-    extends the search, and :func:`_check_existing` refuses a smaller one."""
+    extends the search, and :func:`_check_existing` refuses a smaller one. Nor does how many
+    trials run at once (``resources.max_concurrent``, ``--max-concurrent``): it sets no trial's
+    config or training, and a restored search takes this run's limit (:func:`_make_tuner`)."""
     saved, now = yaml.safe_load(saved_yaml), yaml.safe_load(spec_yaml)
     if not isinstance(saved, dict):
         return False
@@ -475,6 +477,8 @@ def _same_space(saved_yaml: str, spec_yaml: str) -> bool:
         if isinstance(d.get("data"), dict):
             for key in ("root", "cache_dir"):
                 d["data"].pop(key, None)
+        if isinstance(d.get("resources"), dict):
+            d["resources"].pop("max_concurrent", None)
     return saved == now
 
 

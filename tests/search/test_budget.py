@@ -125,6 +125,18 @@ def test_the_trial_count_alone_does_not_make_another_space():
     assert saved_num_samples(yaml.safe_dump(base)) == 4
 
 
+def test_how_many_trials_run_at_once_does_not_make_another_space():
+    """A search started with --max-concurrent 1 (saved as resources.max_concurrent) and extended
+    without it, or with another limit, is the same search: it was refused as 'a different search
+    space'. What each trial holds still counts."""
+    base = {"name": "x", "search": {"num_samples": 2}, "space": {"lr": {"choice": [0.1, 0.01]}},
+            "resources": {"workers_per_trial": 1, "max_concurrent": 1}}
+    for limit in ({"workers_per_trial": 1}, {"workers_per_trial": 1, "max_concurrent": 4}):
+        assert _same_space(yaml.safe_dump(base), yaml.safe_dump({**base, "resources": limit}))
+    wider = {**base, "resources": {"workers_per_trial": 2, "max_concurrent": 1}}
+    assert not _same_space(yaml.safe_dump(base), yaml.safe_dump(wider))
+
+
 def test_extend_adds_to_the_saved_count(tmp_path, tiny_root):
     from raysearch.search.space import parse_search_space
 
