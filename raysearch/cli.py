@@ -860,9 +860,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--last-n-blocks", type=int, metavar="N",
                    help="train --finetune full|gradual: only the last N backbone blocks train")
     s.add_argument("--rounds", type=int,
-                   help="data, step, train, predict, serve: alternating rounds of the two arms "
-                   "(default 5; train 3; predict, serve 4); the median of the paired ratios is "
-                   "printed with its range")
+                   help="data, step, train, predict, serve, explain: alternating rounds of the "
+                   "two arms (default 5; train 3; predict, serve 4); the median of the paired "
+                   "ratios is printed with its range")
     s.add_argument("--num-samples", type=int, help="search: trials per search (default 24)")
     s.add_argument("--max-epochs", type=int, help="search: epochs per trial (default 27)")
     s.add_argument("--grace-period", type=int, help="search: ASHA's first rung (default 3)")

@@ -111,3 +111,30 @@ def test_a_long_line_stays_one_line_when_the_output_is_not_a_terminal(tmp_path, 
     out = capsys.readouterr().out
     assert len(out) > 250 and out.count("\n") == 1
     assert out.strip().endswith(f"raysearch tune {deep / 'space.yaml'}")
+
+
+def _readme_command_table() -> list[list[str]]:
+    """The README's `## Commands` table, as GitHub renders it: a row splits at each `|` not
+    escaped as `\\|` (inside code spans too), so a bare `|` in a cell adds a cell."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Commands\n", 1)[1].lstrip("\n")
+    rows = section.split("\n\n", 1)[0].splitlines()  # the first table: lines up to a blank one
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]] for row in rows[2:]]
+
+
+def test_the_readme_command_table_has_two_cells_a_row_and_every_command():
+    """The `bench` row had a bare `|` (`--finetune head|gradual|full`), which split it into four
+    cells: GitHub dropped the cells past the header's two, and the row's end with them."""
+    rows = _readme_command_table()
+    broken = [row[0][:60] for row in rows if len(row) != 2]
+    assert not broken, f"README command-table rows with a bare `|`: {broken}"
+    listed = " ".join(row[0] for row in rows).replace("\\|", "|")
+    for argv in COMMANDS:
+        assert f"raysearch {' '.join(argv)}" in listed, f"README's table lacks {argv}"
+    bench = next(a for a in build_parser()._subparsers._group_actions[0].choices["bench"]._actions
+                 if a.dest == "what")
+    row = next(row[0] for row in rows if row[0].startswith("`raysearch bench"))
+    assert row.split()[2].replace("\\|", "|") == "|".join(bench.choices), row
