@@ -194,7 +194,7 @@ def test_the_readme_python_api_session_runs(tmp_path, tiny_root, monkeypatch):
             exec(compile(statement, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
             assert not shown.strip(), (statement, shown)
             continue
-        result = eval(code, namespace)  # noqa: S307 - the README's own code
+        result = eval(code, namespace)  # the README's own code
         if not shown.strip():
             continue
         text = repr(result)
