@@ -12,6 +12,7 @@ import yaml
 
 from raysearch.cli import build_parser, main
 from raysearch.config import SEARCH_SPACES_DIR, packaged
+from raysearch.errors import ConfigError
 from raysearch.models.registry import ARCHITECTURES
 from raysearch.search.space import load_search_space, parse_search_space
 
@@ -86,6 +87,15 @@ def test_shipped_spaces_by_name_from_any_folder(tmp_path, monkeypatch):
     from raysearch.config import load_trial_config
 
     assert load_trial_config("configs/demo_trial.yaml")[0].arch == "resnet18"
+    # A folder of the same name is no config file: `raysearch demo-data demo` writes demo/, and
+    # `raysearch tune demo` beside it said "cannot read demo: is a directory".
+    for folder in ("demo", "demo_trial"):
+        (tmp_path / folder).mkdir()
+    assert load_search_space("demo").name == "demo"
+    assert load_trial_config("demo_trial")[0].arch == "resnet18"
+    (tmp_path / "mine").mkdir()  # a folder that names nothing shipped is still reported
+    with pytest.raises(ConfigError, match="cannot read mine: is a directory"):
+        load_search_space("mine")
 
 
 def test_init_writes_a_starter_space_that_validates(tmp_path, monkeypatch, capsys):
