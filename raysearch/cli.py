@@ -387,7 +387,9 @@ def cmd_init(args) -> int:
 
 
 def _check_bench_args(args) -> None:
-    """Options that do not apply to ``args.what``, or values out of range: one line each."""
+    """Options that do not apply to ``args.what``, values out of range, and the paths a bench
+    reads (``--root``, ``--space``, ``--ensemble``): one line each, before torch or Ray is
+    imported, so that a wrong path is answered at once as ``tune``'s and ``predict``'s are."""
     from raysearch.errors import ConfigError
 
     if args.rounds is not None and args.rounds < 1:
@@ -404,12 +406,33 @@ def _check_bench_args(args) -> None:
         if not 1 <= args.last_n_blocks <= n:
             raise ConfigError(f"--last-n-blocks must be in [1, {n}] ({args.arch} has {n} "
                               f"blocks), got {args.last_n_blocks}")
+    if args.what == "data" and args.root is not None:  # bench data reads MURA
+        from raysearch.data.roots import check_mura_root
+
+        check_mura_root(args.root)
+    elif args.what == "search":  # the space with its data root, as bench search will read them
+        from raysearch.data.formats import check_data_root
+        from raysearch.search.space import load_search_space
+
+        spec = load_search_space(args.space or "demo", data_root=args.root)
+        if args.root is not None:
+            check_data_root(spec.data)
+    elif args.what == "train" and args.root is not None and not args.finetune:
+        from raysearch.config import DataConfig
+        from raysearch.data.formats import check_data_root
+
+        check_data_root(DataConfig(root=args.root))
+    elif args.what in ("predict", "serve"):
+        from raysearch.experiment import find_experiment
+        from raysearch.experiment.folder import check_model_folder
+
+        check_model_folder(args.ensemble or find_experiment(None, storage=args.storage or "reports"))
 
 
 def cmd_bench(args) -> int:
+    _check_bench_args(args)
     from raysearch.bench import pipeline as bench
 
-    _check_bench_args(args)
     console = _stdout_console()
     if args.what == "data":
         bench.bench_data(root=args.root, image_size=args.image_size or 128,

@@ -155,6 +155,20 @@ def test_mistakes_known_before_ray_answer_without_torch_or_ray(tmp_path):
          f"raysearch: error: no such ensemble or experiment folder: {tmp_path}/none"),
         (["demo-data", f"{afile}/demo"],
          f"raysearch: error: not a folder (a file is in the way): {afile}/demo"),
+        # Each bench's paths, before the bench imports torch (bench data and predict answered
+        # after 2.4 s, once torch had loaded).
+        *[(["bench", what, "--root", "/nonexistent"],
+           "raysearch: error: dataset folder does not exist: /nonexistent")
+          for what in ("data", "train", "search")],
+        (["bench", "data", "--root", str(partial)],
+         f"raysearch: error: missing MURA CSV: {partial}/MURA-v1.1/train_labeled_studies.csv"),
+        (["bench", "search", "--space", str(tmp_path / "none.yaml")],
+         f"raysearch: error: config file not found: {tmp_path}/none.yaml"),
+        *[(["bench", what, "--ensemble", "/nonexistent"],
+           "raysearch: error: no such ensemble or experiment folder: /nonexistent")
+          for what in ("predict", "serve")],
+        (["bench", "predict", "--storage", str(tmp_path / "st")],
+         f"raysearch: error: no experiment under {tmp_path}/st"),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "0"}
     env.pop("RAY_ADDRESS", None)
