@@ -311,6 +311,15 @@ def cmd_explain(args) -> int:
     if importlib.util.find_spec("pytorch_grad_cam") is None:  # an extra: sdist only, no wheel
         raise ConfigError("raysearch explain needs the grad-cam package: "
                           "pip install 'raysearch[explain]' (or pip install grad-cam)")
+    if args.data_root is not None:  # before the ensemble's maps are made, not after
+        if not args.audit:
+            raise ConfigError("--data-root applies to explain --audit only (images to explain "
+                              "are given as INPUT or --studies)")
+        from raysearch.errors import DataError
+        from raysearch.storage import exists
+
+        if not exists(args.data_root):
+            raise DataError(f"dataset folder does not exist: {args.data_root}")
     if args.ensemble:
         check_model_folder(args.ensemble)  # before pandas and torch load
     console = _stdout_console()

@@ -169,6 +169,12 @@ def test_mistakes_known_before_ray_answer_without_torch_or_ray(tmp_path):
           for what in ("predict", "serve")],
         (["bench", "predict", "--storage", str(tmp_path / "st")],
          f"raysearch: error: no experiment under {tmp_path}/st"),
+        # explain --audit with a data root that is not there made every map (minutes), found no
+        # annotations there and wrote an audit of NaNs, exit 0
+        (["explain", "--audit", "--data-root", "/nonexistent", *st],
+         "raysearch: error: dataset folder does not exist: /nonexistent"),
+        (["explain", str(afile), "--data-root", str(full), *st],
+         "raysearch: error: --data-root applies to explain --audit only"),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "0"}
     env.pop("RAY_ADDRESS", None)
