@@ -35,6 +35,24 @@ def _stdout_console():
 # ----------------------------------------------------------------------------- commands
 
 
+def _check_out(path: str | None, *, option: str = "--out", file: bool = False) -> None:
+    """Refuse an output path that cannot be written, before the command's work rather than after
+    it (an ensemble scored for minutes, then "a file is in the way"): a folder output (``file``
+    False) that is, or lies under, a file; a file output whose folder is under a file, or that is
+    a folder itself. URLs pass (a bucket prefix needs no folder). Raises :class:`ConfigError`."""
+    from raysearch.storage import check_storage_folder, is_url
+
+    if path is None or is_url(path):
+        return
+    if not file:
+        check_storage_folder(path, what=option)
+        return
+    local = os.path.abspath(os.path.expanduser(str(path).removeprefix("file://")))
+    if os.path.isdir(local):
+        raise ConfigError(f"{option}: {path} is a folder, not a file")
+    check_storage_folder(os.path.dirname(local), what=f"{option} {path}")
+
+
 def _data_options(args) -> dict:
     """The `raysearch data` flags that set DataConfig options (None: not given)."""
     out = {"format": args.format, "views": args.views, "uncertain": args.uncertain,
@@ -55,6 +73,7 @@ def cmd_data(args) -> int:
 
     from raysearch.config import DataConfig, build
 
+    _check_out(args.out, file=True)  # before the dataset is read
     data, source = DataConfig(root=args.root or ""), ""
     if args.space:  # the split the search will use: its root, val_fraction, seed, skip_bad
         from raysearch.search.space import load_search_space
@@ -226,6 +245,7 @@ def cmd_export(args) -> int:
     from raysearch.experiment import check_model_folder
 
     check_model_folder(args.ensemble)  # before torch loads
+    _check_out(args.out)
     from raysearch.inference.export import export_ensemble
 
     out = export_ensemble(args.ensemble, format=args.format, out=args.out)
@@ -238,6 +258,12 @@ def cmd_ensemble(args) -> int:
     from raysearch.experiment import find_experiment
 
     experiment = find_experiment(args.experiment, storage=args.storage)  # before pandas loads
+    _check_out(args.out)
+    if args.test_data is not None:  # its files, before the members are scored
+        from raysearch.config import DataConfig
+        from raysearch.data.formats import check_data_root
+
+        check_data_root(DataConfig(root=args.test_data, format=args.format or "auto"))
     from raysearch.ensemble.run import run_ensemble
 
     run_ensemble(
@@ -258,7 +284,9 @@ def cmd_ensemble(args) -> int:
 def cmd_report(args) -> int:
     from raysearch.experiment import find_experiment
 
-    _make_report(find_experiment(args.experiment, storage=args.storage), out=args.out)
+    experiment = find_experiment(args.experiment, storage=args.storage)
+    _check_out(args.out, file=True)
+    _make_report(experiment, out=args.out)
     return 0
 
 
@@ -295,6 +323,7 @@ def cmd_predict(args) -> int:
 
     if args.ensemble:
         check_model_folder(args.ensemble)  # before pandas and torch load
+    _check_out(args.out)
     from raysearch.inference.predict import run_predict
 
     run_predict(args.inputs, ensemble=args.ensemble, storage=args.storage, out=args.out,
@@ -322,6 +351,7 @@ def cmd_explain(args) -> int:
             raise DataError(f"dataset folder does not exist: {args.data_root}")
     if args.ensemble:
         check_model_folder(args.ensemble)  # before pandas and torch load
+    _check_out(args.out)
     console = _stdout_console()
     if args.audit:
         from raysearch.explain.audit import audit_table, run_audit
@@ -363,6 +393,7 @@ def cmd_weights_fetch(args) -> int:
     from raysearch.models.registry import check_arch
 
     check_arch(args.arch)  # before torch loads
+    _check_out(args.to, option="--to")
     from raysearch.models.weights import fetch_weights
 
     uri = fetch_weights(args.arch, to=args.to)
@@ -379,6 +410,7 @@ def cmd_weights_stage_demo(args) -> int:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
     if args.image_size < 16:
         raise ConfigError(f"--image-size must be >= 16, got {args.image_size}")
+    _check_out(args.to, option="--to")
     from raysearch.train.pretrain import stage_demo_weights
 
     stage_demo_weights(args.to, arch=args.arch, image_size=args.image_size, epochs=args.epochs,

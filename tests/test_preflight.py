@@ -113,6 +113,9 @@ def test_mistakes_known_before_ray_answer_without_torch_or_ray(tmp_path):
     st = ["--storage", str(tmp_path / "st")]
     afile = tmp_path / "results.csv"
     afile.write_text("a,b\n")
+    exp = tmp_path / "runs" / "done"  # an experiment, as far as a path check can tell
+    exp.mkdir(parents=True)
+    (exp / "experiment.json").write_text('{"kind": "search", "name": "done"}')
     cases = [
         (["tune", "demo", "--data-root", "/nonexistent", *st],
          "raysearch: error: dataset folder does not exist: /nonexistent"),
@@ -175,6 +178,26 @@ def test_mistakes_known_before_ray_answer_without_torch_or_ray(tmp_path):
          "raysearch: error: dataset folder does not exist: /nonexistent"),
         (["explain", str(afile), "--data-root", str(full), *st],
          "raysearch: error: --data-root applies to explain --audit only"),
+        # Outputs that cannot be written, refused before the work (an ensemble was scored, a
+        # report drawn, members exported, then "a file is in the way"), and --test-data's files.
+        (["ensemble", "--experiment", str(exp), "--out", f"{afile}/x"],
+         f"raysearch: error: --out: {afile}/x is under {afile}, which is a file, not a folder"),
+        (["ensemble", "--experiment", str(exp), "--test-data", "/nonexistent"],
+         "raysearch: error: dataset folder does not exist: /nonexistent"),
+        (["report", "--experiment", str(exp), "--out", f"{afile}/r.html"],
+         f"raysearch: error: --out {afile}/r.html: {afile} is a file, not a folder"),
+        (["export", "--ensemble", str(exp), "--format", "onnx", "--out", f"{afile}/x"],
+         f"raysearch: error: --out: {afile}/x is under {afile}, which is a file"),
+        (["predict", str(full), "--ensemble", str(exp), "--out", str(afile)],
+         f"raysearch: error: --out: {afile} is a file, not a folder"),
+        (["explain", str(full), "--ensemble", str(exp), "--out", str(afile)],
+         f"raysearch: error: --out: {afile} is a file, not a folder"),
+        (["data", str(full), "--out", str(tmp_path)],
+         f"raysearch: error: --out: {tmp_path} is a folder, not a file"),
+        (["weights", "fetch", "resnet18", "--to", f"{afile}/w"],
+         f"raysearch: error: --to: {afile}/w is under {afile}, which is a file"),
+        (["weights", "stage-demo", "--to", str(afile)],
+         f"raysearch: error: --to: {afile} is a file, not a folder"),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "0"}
     env.pop("RAY_ADDRESS", None)
