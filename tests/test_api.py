@@ -165,7 +165,7 @@ def _kinds(text: str) -> set[str]:
 
 def test_the_readme_python_api_session_runs(tmp_path, tiny_root, monkeypatch):
     """Every statement of the README's Python API example runs, in order, in a folder laid out
-    as the example's (reports/grow with an ensemble, data/ with the demo data, the ensemble
+    as the example's (runs/tiny with an ensemble, demo/ with the demo data, the ensemble
     exported to ONNX by the README's export command); each result has the README's shape: the
     same classes in its repr, the same table header."""
     pytest.importorskip("onnx")
@@ -173,7 +173,7 @@ def test_the_readme_python_api_session_runs(tmp_path, tiny_root, monkeypatch):
     from raysearch.cli import main
 
     monkeypatch.chdir(tmp_path)
-    exp_dir = make_search(str(tmp_path / "reports"), "grow")
+    exp_dir = make_search(str(tmp_path / "runs"), "tiny")
     # the example's columns: lr in trials, the losses and kappa in epochs
     trials = pd.read_parquet(join(exp_dir, "trials.parquet")).assign(lr=[1e-3, 3e-3])
     trials["best_checkpoint"] = ["train-b/checkpoint_000002", "train-a/checkpoint_000001"]
@@ -181,8 +181,8 @@ def test_the_readme_python_api_session_runs(tmp_path, tiny_root, monkeypatch):
                            "train_loss": [0.5, 0.6, 0.5, 0.4], "val_loss": [0.45, 0.5, 0.4, 0.3],
                            "val_study_kappa": [0.2, 0.3, 0.5, 0.6]})
     write_results(exp_dir, trials, epochs)
-    os.symlink(tiny_root, tmp_path / "data")
-    assert main(["export", "--ensemble", "reports/grow/ensemble", "--format", "onnx"]) == 0
+    os.symlink(tiny_root, tmp_path / "demo")
+    assert main(["export", "--ensemble", "runs/tiny/ensemble", "--format", "onnx"]) == 0
 
     session = _readme_python_session()
     assert len(session) >= 10, session
