@@ -94,9 +94,10 @@ def read_state_dict(path: str, *, arch: str) -> dict[str, torch.Tensor]:
 
 # Keys under which checkpoints commonly keep the model's state dict: PyTorch's "saving a general
 # checkpoint" tutorial (model_state_dict), Lightning and timm (state_dict), torchvision's
-# references and DeiT (model), and others (net, network, model_state, state, weights, params).
+# references and DeiT (model), DeepSpeed's model_states files (module), and others (net,
+# network, model_state, state, weights, params).
 STATE_DICT_KEYS = (
-    "state_dict", "model_state_dict", "model", "model_state", "net", "network", "state",
+    "state_dict", "model_state_dict", "model", "model_state", "module", "net", "network", "state",
     "weights", "params",
 )  # fmt: skip
 # Prefixes that wrappers add to every key: DistributedDataParallel / DataParallel (module.) and
