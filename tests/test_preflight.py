@@ -111,6 +111,11 @@ def test_mistakes_known_before_ray_answer_without_torch_or_ray(tmp_path):
     big_space.write_text(f"data: {{root: {full}}}\nresources: {{gpus_per_worker: 8}}\n"
                          "trial: {weights: none}\nspace: {lr: {choice: [0.001]}}\n")
     st = ["--storage", str(tmp_path / "st")]
+    nofile = tmp_path / "no_weights.yaml"  # a weights file that is not there, in a search...
+    nofile.write_text(f"data: {{root: {full}}}\ntrial: {{weights: /nonexistent/w.pt}}\n"
+                      "space: {lr: {choice: [0.001]}}\n")
+    nodemo = tmp_path / "no_demo_weights.yaml"  # ... and in one trial (the demo's stand-in)
+    nodemo.write_text(f"arch: resnet18\nweights: demo_weights/resnet18.pt\ndata: {{root: {full}}}\n")
     afile = tmp_path / "results.csv"
     afile.write_text("a,b\n")
     exp = tmp_path / "runs" / "done"  # an experiment, as far as a path check can tell
@@ -198,6 +203,12 @@ def test_mistakes_known_before_ray_answer_without_torch_or_ray(tmp_path):
          f"raysearch: error: --to: {afile}/w is under {afile}, which is a file"),
         (["weights", "stage-demo", "--to", str(afile)],
          f"raysearch: error: --to: {afile} is a file, not a folder"),
+        # a weights file that is not there: after 5 s, once torch had loaded
+        (["tune", str(nofile), *st],
+         "raysearch: error: weights file not found: /nonexistent/w.pt (weights must be"),
+        (["train", str(nodemo), *st],
+         (f"raysearch: error: weights file not found: {tmp_path}/demo_weights/resnet18.pt; stage "
+          "the demo's stand-in weights first: raysearch weights stage-demo --arch resnet18")),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "0"}
     env.pop("RAY_ADDRESS", None)

@@ -14,7 +14,6 @@ from typing import Any
 
 import yaml
 
-from raysearch.config import TrialConfig
 from raysearch.data.dataset import Task
 from raysearch.errors import (
     ConfigError,
@@ -38,7 +37,8 @@ from raysearch.experiment import (
     verify_ray_state,
     write_results,
 )
-from raysearch.search.preflight import preflight_search
+from raysearch.search.preflight import preflight_search, weight_sources
+from raysearch.search.preflight import trial_values as _values
 from raysearch.search.progress import SearchProgress, TrustCallback
 from raysearch.search.resources import DRIVER_CPU, ResourcePlan, plan_resources
 from raysearch.search.results import collect_results
@@ -75,20 +75,6 @@ def image_sizes(spec: SearchSpace) -> list[int]:
         if "image_size" in point:
             sizes.add(int(point["image_size"]))
     return sorted(sizes)
-
-
-def _values(spec: SearchSpace, name: str) -> set[str]:
-    """Every value a categorical trial setting may take in ``spec`` (the default if unset)."""
-    for p in spec.space:
-        if p.name == name and p.kind in ("choice", "constant"):
-            return {str(v) for v in p.values}
-    default = TrialConfig.__dataclass_fields__[name].default
-    return {str(spec.trial.get(name, default))}
-
-
-def weight_sources(spec: SearchSpace) -> set[tuple[str, str]]:
-    """Every (arch, weights) pair a trial of ``spec`` may ask for."""
-    return {(a, w) for a in _values(spec, "arch") for w in _values(spec, "weights")}
 
 
 def check_class_weighting(spec: SearchSpace, manifest, task, *, console) -> None:
