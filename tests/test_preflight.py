@@ -114,6 +114,9 @@ def test_mistakes_known_before_ray_answer_without_torch_or_ray(tmp_path):
     nofile = tmp_path / "no_weights.yaml"  # a weights file that is not there, in a search...
     nofile.write_text(f"data: {{root: {full}}}\ntrial: {{weights: /nonexistent/w.pt}}\n"
                       "space: {lr: {choice: [0.001]}}\n")
+    point = tmp_path / "point.yaml"  # the README's old example: a start outside the choices
+    point.write_text(f"data: {{root: {full}}}\nsearch: {{points_to_evaluate: [{{arch: densenet169}}]}}\n"
+                     "space: {arch: {choice: [resnet18, mobilenet_v3_small]}}\n")
     nodemo = tmp_path / "no_demo_weights.yaml"  # ... and in one trial (the demo's stand-in)
     nodemo.write_text(f"arch: resnet18\nweights: demo_weights/resnet18.pt\ndata: {{root: {full}}}\n")
     afile = tmp_path / "results.csv"
@@ -203,6 +206,10 @@ def test_mistakes_known_before_ray_answer_without_torch_or_ray(tmp_path):
          f"raysearch: error: --to: {afile}/w is under {afile}, which is a file"),
         (["weights", "stage-demo", "--to", str(afile)],
          f"raysearch: error: --to: {afile} is a file, not a folder"),
+        # a starting point outside the space: it ended in `unexpected ValueError`, exit 1, inside Ray
+        (["tune", str(point), *st],
+         ("raysearch: error: search.points_to_evaluate[0].arch: 'densenet169' is not one of the "
+          "choices ('resnet18', 'mobilenet_v3_small')")),
         # a weights file that is not there: after 5 s, once torch had loaded
         (["tune", str(nofile), *st],
          "raysearch: error: weights file not found: /nonexistent/w.pt (weights must be"),
