@@ -427,6 +427,24 @@ def cmd_init(args) -> int:
     return 0
 
 
+# bench option (argparse dest) -> the benches that read it; the help says the same.
+_BENCH_OPTIONS = {
+    "root": ("data", "train", "search"),
+    "image_size": ("data", "step", "train", "train --finetune", "explain"),
+    "method": ("explain",),
+    "n_images": ("data",),
+    "arch": ("step", "train", "train --finetune", "explain"),
+    "batch_size": ("step", "train", "train --finetune", "predict"),
+    "steps": ("step", "explain"),
+    "rounds": ("data", "step", "train", "train --finetune", "predict", "serve", "explain"),
+    **{k: ("search",) for k in ("num_samples", "max_epochs", "grace_period", "reduction_factor",
+                                "space", "seeds")},
+    "storage": ("search", "predict", "serve"),
+    "ensemble": ("predict", "serve"),
+    "studies": ("serve",),
+    "clients": ("serve",),
+}
+
 def _check_bench_args(args) -> None:
     """Options that do not apply to ``args.what``, values out of range, and the paths a bench
     reads (``--root``, ``--space``, ``--ensemble``): one line each, before torch or Ray is
@@ -437,6 +455,15 @@ def _check_bench_args(args) -> None:
         raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
     if args.finetune and args.what != "train":
         raise ConfigError(f"--finetune applies to `bench train` only, not `bench {args.what}`")
+    # Any other option given to a bench that does not read it (it was ignored without a word).
+    # `bench train --finetune` reads no dataset: it times steps on tensors.
+    what = "train --finetune" if args.what == "train" and args.finetune else args.what
+    for dest, applies in _BENCH_OPTIONS.items():
+        value = getattr(args, dest)
+        if what not in applies and value is not None and value != args.bench_defaults.get(dest):
+            option = "--" + dest.replace("_", "-")
+            raise ConfigError(f"{option} applies to bench {', '.join(applies)} only, not "
+                              f"`bench {what}`")
     if args.last_n_blocks is not None:
         if args.what != "train" or args.finetune not in ("full", "gradual"):
             raise ConfigError("--last-n-blocks applies to `bench train --finetune full|gradual` "
@@ -943,7 +970,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve: studies sent per arm, over all rounds")
     s.add_argument("--clients", type=int, default=16,
                    help="serve: concurrent clients")
-    s.set_defaults(func=cmd_bench)
+    # what the user did not give: an option left at its default is not refused where unread
+    s.set_defaults(func=cmd_bench, bench_defaults={a.dest: a.default for a in s._actions
+                                                   if a.dest in _BENCH_OPTIONS})
     return p
 
 
