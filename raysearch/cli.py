@@ -35,6 +35,24 @@ def _stdout_console():
 # ----------------------------------------------------------------------------- commands
 
 
+def _check_out(path: str | None, *, option: str = "--out", file: bool = False) -> None:
+    """Refuse an output path that cannot be written, before the command's work rather than after
+    it (an ensemble scored for minutes, then "a file is in the way"): a folder output (``file``
+    False) that is, or lies under, a file; a file output whose folder is under a file, or that is
+    a folder itself. URLs pass (a bucket prefix needs no folder). Raises :class:`ConfigError`."""
+    from raysearch.storage import check_storage_folder, is_url
+
+    if path is None or is_url(path):
+        return
+    if not file:
+        check_storage_folder(path, what=option)
+        return
+    local = os.path.abspath(os.path.expanduser(str(path).removeprefix("file://")))
+    if os.path.isdir(local):
+        raise ConfigError(f"{option}: {path} is a folder, not a file")
+    check_storage_folder(os.path.dirname(local), what=f"{option} {path}")
+
+
 def _data_options(args) -> dict:
     """The `raysearch data` flags that set DataConfig options (None: not given)."""
     out = {"format": args.format, "views": args.views, "uncertain": args.uncertain,
@@ -55,6 +73,7 @@ def cmd_data(args) -> int:
 
     from raysearch.config import DataConfig, build
 
+    _check_out(args.out, file=True)  # before the dataset is read
     data, source = DataConfig(root=args.root or ""), ""
     if args.space:  # the split the search will use: its root, val_fraction, seed, skip_bad
         from raysearch.search.space import load_search_space
@@ -226,6 +245,7 @@ def cmd_export(args) -> int:
     from raysearch.experiment import check_model_folder
 
     check_model_folder(args.ensemble)  # before torch loads
+    _check_out(args.out)
     from raysearch.inference.export import export_ensemble
 
     out = export_ensemble(args.ensemble, format=args.format, out=args.out)
@@ -238,6 +258,12 @@ def cmd_ensemble(args) -> int:
     from raysearch.experiment import find_experiment
 
     experiment = find_experiment(args.experiment, storage=args.storage)  # before pandas loads
+    _check_out(args.out)
+    if args.test_data is not None:  # its files, before the members are scored
+        from raysearch.config import DataConfig
+        from raysearch.data.formats import check_data_root
+
+        check_data_root(DataConfig(root=args.test_data, format=args.format or "auto"))
     from raysearch.ensemble.run import run_ensemble
 
     run_ensemble(
@@ -258,7 +284,9 @@ def cmd_ensemble(args) -> int:
 def cmd_report(args) -> int:
     from raysearch.experiment import find_experiment
 
-    _make_report(find_experiment(args.experiment, storage=args.storage), out=args.out)
+    experiment = find_experiment(args.experiment, storage=args.storage)
+    _check_out(args.out, file=True)
+    _make_report(experiment, out=args.out)
     return 0
 
 
@@ -295,6 +323,7 @@ def cmd_predict(args) -> int:
 
     if args.ensemble:
         check_model_folder(args.ensemble)  # before pandas and torch load
+    _check_out(args.out)
     from raysearch.inference.predict import run_predict
 
     run_predict(args.inputs, ensemble=args.ensemble, storage=args.storage, out=args.out,
@@ -311,8 +340,18 @@ def cmd_explain(args) -> int:
     if importlib.util.find_spec("pytorch_grad_cam") is None:  # an extra: sdist only, no wheel
         raise ConfigError("raysearch explain needs the grad-cam package: "
                           "pip install 'raysearch[explain]' (or pip install grad-cam)")
+    if args.data_root is not None:  # before the ensemble's maps are made, not after
+        if not args.audit:
+            raise ConfigError("--data-root applies to explain --audit only (images to explain "
+                              "are given as INPUT or --studies)")
+        from raysearch.errors import DataError
+        from raysearch.storage import exists
+
+        if not exists(args.data_root):
+            raise DataError(f"dataset folder does not exist: {args.data_root}")
     if args.ensemble:
         check_model_folder(args.ensemble)  # before pandas and torch load
+    _check_out(args.out)
     console = _stdout_console()
     if args.audit:
         from raysearch.explain.audit import audit_table, run_audit
@@ -354,6 +393,7 @@ def cmd_weights_fetch(args) -> int:
     from raysearch.models.registry import check_arch
 
     check_arch(args.arch)  # before torch loads
+    _check_out(args.to, option="--to")
     from raysearch.models.weights import fetch_weights
 
     uri = fetch_weights(args.arch, to=args.to)
@@ -370,6 +410,7 @@ def cmd_weights_stage_demo(args) -> int:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
     if args.image_size < 16:
         raise ConfigError(f"--image-size must be >= 16, got {args.image_size}")
+    _check_out(args.to, option="--to")
     from raysearch.train.pretrain import stage_demo_weights
 
     stage_demo_weights(args.to, arch=args.arch, image_size=args.image_size, epochs=args.epochs,
@@ -386,14 +427,43 @@ def cmd_init(args) -> int:
     return 0
 
 
+# bench option (argparse dest) -> the benches that read it; the help says the same.
+_BENCH_OPTIONS = {
+    "root": ("data", "train", "search"),
+    "image_size": ("data", "step", "train", "train --finetune", "explain"),
+    "method": ("explain",),
+    "n_images": ("data",),
+    "arch": ("step", "train", "train --finetune", "explain"),
+    "batch_size": ("step", "train", "train --finetune", "predict"),
+    "steps": ("step", "explain"),
+    "rounds": ("data", "step", "train", "train --finetune", "predict", "serve", "explain"),
+    **{k: ("search",) for k in ("num_samples", "max_epochs", "grace_period", "reduction_factor",
+                                "space", "seeds")},
+    "storage": ("search", "predict", "serve"),
+    "ensemble": ("predict", "serve"),
+    "studies": ("serve",),
+    "clients": ("serve",),
+}
+
 def _check_bench_args(args) -> None:
-    """Options that do not apply to ``args.what``, or values out of range: one line each."""
+    """Options that do not apply to ``args.what``, values out of range, and the paths a bench
+    reads (``--root``, ``--space``, ``--ensemble``): one line each, before torch or Ray is
+    imported, so that a wrong path is answered at once as ``tune``'s and ``predict``'s are."""
     from raysearch.errors import ConfigError
 
     if args.rounds is not None and args.rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
     if args.finetune and args.what != "train":
         raise ConfigError(f"--finetune applies to `bench train` only, not `bench {args.what}`")
+    # Any other option given to a bench that does not read it (it was ignored without a word).
+    # `bench train --finetune` reads no dataset: it times steps on tensors.
+    what = "train --finetune" if args.what == "train" and args.finetune else args.what
+    for dest, applies in _BENCH_OPTIONS.items():
+        value = getattr(args, dest)
+        if what not in applies and value is not None and value != args.bench_defaults.get(dest):
+            option = "--" + dest.replace("_", "-")
+            raise ConfigError(f"{option} applies to bench {', '.join(applies)} only, not "
+                              f"`bench {what}`")
     if args.last_n_blocks is not None:
         if args.what != "train" or args.finetune not in ("full", "gradual"):
             raise ConfigError("--last-n-blocks applies to `bench train --finetune full|gradual` "
@@ -404,12 +474,33 @@ def _check_bench_args(args) -> None:
         if not 1 <= args.last_n_blocks <= n:
             raise ConfigError(f"--last-n-blocks must be in [1, {n}] ({args.arch} has {n} "
                               f"blocks), got {args.last_n_blocks}")
+    if args.what == "data" and args.root is not None:  # bench data reads MURA
+        from raysearch.data.roots import check_mura_root
+
+        check_mura_root(args.root)
+    elif args.what == "search":  # the space with its data root, as bench search will read them
+        from raysearch.data.formats import check_data_root
+        from raysearch.search.space import load_search_space
+
+        spec = load_search_space(args.space or "demo", data_root=args.root)
+        if args.root is not None:
+            check_data_root(spec.data)
+    elif args.what == "train" and args.root is not None and not args.finetune:
+        from raysearch.config import DataConfig
+        from raysearch.data.formats import check_data_root
+
+        check_data_root(DataConfig(root=args.root))
+    elif args.what in ("predict", "serve"):
+        from raysearch.experiment import find_experiment
+        from raysearch.experiment.folder import check_model_folder
+
+        check_model_folder(args.ensemble or find_experiment(None, storage=args.storage or "reports"))
 
 
 def cmd_bench(args) -> int:
+    _check_bench_args(args)
     from raysearch.bench import pipeline as bench
 
-    _check_bench_args(args)
     console = _stdout_console()
     if args.what == "data":
         bench.bench_data(root=args.root, image_size=args.image_size or 128,
@@ -860,9 +951,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--last-n-blocks", type=int, metavar="N",
                    help="train --finetune full|gradual: only the last N backbone blocks train")
     s.add_argument("--rounds", type=int,
-                   help="data, step, train, predict, serve: alternating rounds of the two arms "
-                   "(default 5; train 3; predict, serve 4); the median of the paired ratios is "
-                   "printed with its range")
+                   help="data, step, train, predict, serve, explain: alternating rounds of the "
+                   "two arms (default 5; train 3; predict, serve 4); the median of the paired "
+                   "ratios is printed with its range")
     s.add_argument("--num-samples", type=int, help="search: trials per search (default 24)")
     s.add_argument("--max-epochs", type=int, help="search: epochs per trial (default 27)")
     s.add_argument("--grace-period", type=int, help="search: ASHA's first rung (default 3)")
@@ -879,7 +970,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve: studies sent per arm, over all rounds")
     s.add_argument("--clients", type=int, default=16,
                    help="serve: concurrent clients")
-    s.set_defaults(func=cmd_bench)
+    # what the user did not give: an option left at its default is not refused where unread
+    s.set_defaults(func=cmd_bench, bench_defaults={a.dest: a.default for a in s._actions
+                                                   if a.dest in _BENCH_OPTIONS})
     return p
 
 

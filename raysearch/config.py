@@ -428,9 +428,10 @@ def packaged(folder: str) -> list[str]:
 
 def resolve_config_path(path: str, folder: str) -> str:
     """``path`` itself when it names a file (or a URL); else the file shipped in ``folder`` that
-    it names: ``mura``, ``mura.yaml`` or ``search_spaces/mura.yaml`` from any working directory.
+    it names: ``mura``, ``mura.yaml`` or ``search_spaces/mura.yaml`` from any working directory,
+    also one that holds a folder of that name (``raysearch demo-data demo`` writes ``demo/``).
     A path that is neither stays as given, for :func:`load_yaml` to report as not found."""
-    if is_url(path) or os.path.exists(os.path.expanduser(path)):
+    if is_url(path) or os.path.isfile(os.path.expanduser(path)):
         return path
     name = os.path.basename(path)
     name = name.removesuffix(".yaml")

@@ -136,3 +136,70 @@ def test_raysearch_ensemble_returns_the_ensemble_it_wrote(tmp_path, tiny_root):
     assert list(ens.weights) == ["t_b", "t_d"] and sum(ens.weights.values()) == pytest.approx(1)
     assert ens.summary["top"] == 2 and set(ens.test_metrics["body_part"]) >= {"ALL"}
     assert raysearch.open_experiment(exp_dir).ensemble.weights == ens.weights
+
+
+def _readme_python_session() -> list[tuple[str, str]]:
+    """(statement, output shown) pairs of the ``>>>`` session under README's `## The Python API`."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## The Python API\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    pairs: list[tuple[str, str]] = []
+    for line in block.splitlines():
+        if line.startswith(">>> "):
+            pairs.append((line[4:], ""))
+        elif pairs:
+            pairs[-1] = (pairs[-1][0], pairs[-1][1] + line + "\n")
+    return pairs
+
+
+def _kinds(text: str) -> set[str]:
+    """The class names a repr shows (``Experiment(...)``, ``array([...])``): what a run's output
+    has in common with the README's, whose ids, paths and numbers are its own run's."""
+    import re
+
+    return set(re.findall(r"\b([A-Za-z_]\w*)\(", text))
+
+
+def test_the_readme_python_api_session_runs(tmp_path, tiny_root, monkeypatch):
+    """Every statement of the README's Python API example runs, in order, in a folder laid out
+    as the example's (runs/tiny with an ensemble, demo/ with the demo data, the ensemble
+    exported to ONNX by the README's export command); each result has the README's shape: the
+    same classes in its repr, the same table header."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from raysearch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    exp_dir = make_search(str(tmp_path / "runs"), "tiny")
+    # the example's columns: lr in trials, the losses and kappa in epochs
+    trials = pd.read_parquet(join(exp_dir, "trials.parquet")).assign(lr=[1e-3, 3e-3])
+    trials["best_checkpoint"] = ["train-b/checkpoint_000002", "train-a/checkpoint_000001"]
+    epochs = pd.DataFrame({"trial_id": ["a", "b", "b", "b"], "epoch": [1, 1, 2, 3],
+                           "train_loss": [0.5, 0.6, 0.5, 0.4], "val_loss": [0.45, 0.5, 0.4, 0.3],
+                           "val_study_kappa": [0.2, 0.3, 0.5, 0.6]})
+    write_results(exp_dir, trials, epochs)
+    os.symlink(tiny_root, tmp_path / "demo")
+    assert main(["export", "--ensemble", "runs/tiny/ensemble", "--format", "onnx"]) == 0
+
+    session = _readme_python_session()
+    assert len(session) >= 10, session
+    namespace: dict = {}
+    for statement, shown in session:
+        try:
+            code = compile(statement, "README.md", "eval")
+        except SyntaxError:
+            exec(compile(statement, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+            assert not shown.strip(), (statement, shown)
+            continue
+        result = eval(code, namespace)  # the README's own code
+        if not shown.strip():
+            continue
+        text = repr(result)
+        if isinstance(result, pd.DataFrame):  # the header: the columns the example selects
+            assert text.splitlines()[0].split() == shown.splitlines()[0].split(), (statement, text)
+        else:
+            assert _kinds(text) == _kinds(shown), (statement, text, shown)
+    assert namespace["images"], "the example's glob found no demo images to predict"

@@ -12,6 +12,7 @@ import yaml
 
 from raysearch.cli import build_parser, main
 from raysearch.config import SEARCH_SPACES_DIR, packaged
+from raysearch.errors import ConfigError
 from raysearch.models.registry import ARCHITECTURES
 from raysearch.search.space import load_search_space, parse_search_space
 
@@ -86,6 +87,15 @@ def test_shipped_spaces_by_name_from_any_folder(tmp_path, monkeypatch):
     from raysearch.config import load_trial_config
 
     assert load_trial_config("configs/demo_trial.yaml")[0].arch == "resnet18"
+    # A folder of the same name is no config file: `raysearch demo-data demo` writes demo/, and
+    # `raysearch tune demo` beside it said "cannot read demo: is a directory".
+    for folder in ("demo", "demo_trial"):
+        (tmp_path / folder).mkdir()
+    assert load_search_space("demo").name == "demo"
+    assert load_trial_config("demo_trial")[0].arch == "resnet18"
+    (tmp_path / "mine").mkdir()  # a folder that names nothing shipped is still reported
+    with pytest.raises(ConfigError, match="cannot read mine: is a directory"):
+        load_search_space("mine")
 
 
 def test_init_writes_a_starter_space_that_validates(tmp_path, monkeypatch, capsys):
@@ -111,3 +121,30 @@ def test_a_long_line_stays_one_line_when_the_output_is_not_a_terminal(tmp_path, 
     out = capsys.readouterr().out
     assert len(out) > 250 and out.count("\n") == 1
     assert out.strip().endswith(f"raysearch tune {deep / 'space.yaml'}")
+
+
+def _readme_command_table() -> list[list[str]]:
+    """The README's `## Commands` table, as GitHub renders it: a row splits at each `|` not
+    escaped as `\\|` (inside code spans too), so a bare `|` in a cell adds a cell."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Commands\n", 1)[1].lstrip("\n")
+    rows = section.split("\n\n", 1)[0].splitlines()  # the first table: lines up to a blank one
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]] for row in rows[2:]]
+
+
+def test_the_readme_command_table_has_two_cells_a_row_and_every_command():
+    """The `bench` row had a bare `|` (`--finetune head|gradual|full`), which split it into four
+    cells: GitHub dropped the cells past the header's two, and the row's end with them."""
+    rows = _readme_command_table()
+    broken = [row[0][:60] for row in rows if len(row) != 2]
+    assert not broken, f"README command-table rows with a bare `|`: {broken}"
+    listed = " ".join(row[0] for row in rows).replace("\\|", "|")
+    for argv in COMMANDS:
+        assert f"raysearch {' '.join(argv)}" in listed, f"README's table lacks {argv}"
+    bench = next(a for a in build_parser()._subparsers._group_actions[0].choices["bench"]._actions
+                 if a.dest == "what")
+    row = next(row[0] for row in rows if row[0].startswith("`raysearch bench"))
+    assert row.split()[2].replace("\\|", "|") == "|".join(bench.choices), row

@@ -552,3 +552,18 @@ def test_shipped_chexpert_spaces_validate_and_start_from_report_3():
     assert spec.data.format == "chexpert" and spec.trial["hflip"] == 0.0
     demo = load_search_space("search_spaces/chexpert_demo.yaml")
     assert demo.trial["weights"] == "none" and demo.data.format == "chexpert"
+
+
+def test_every_search_space_the_readme_shows_validates():
+    """Not only the reference example: every YAML block of the README that holds a `space:`
+    (the extended search's file, ...) parses as `raysearch tune` would parse it."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"^```yaml\n(.*?)^```", readme,
+                                                   re.DOTALL | re.MULTILINE)]
+    spaces = [b for b in blocks if isinstance(b, dict) and "space" in b]
+    assert len(spaces) >= 2, "README shows fewer search spaces than expected"
+    for raw in spaces:
+        assert parse_search_space(raw, source="README.md").space

@@ -111,8 +111,19 @@ def test_mistakes_known_before_ray_answer_without_torch_or_ray(tmp_path):
     big_space.write_text(f"data: {{root: {full}}}\nresources: {{gpus_per_worker: 8}}\n"
                          "trial: {weights: none}\nspace: {lr: {choice: [0.001]}}\n")
     st = ["--storage", str(tmp_path / "st")]
+    nofile = tmp_path / "no_weights.yaml"  # a weights file that is not there, in a search...
+    nofile.write_text(f"data: {{root: {full}}}\ntrial: {{weights: /nonexistent/w.pt}}\n"
+                      "space: {lr: {choice: [0.001]}}\n")
+    point = tmp_path / "point.yaml"  # the README's old example: a start outside the choices
+    point.write_text(f"data: {{root: {full}}}\nsearch: {{points_to_evaluate: [{{arch: densenet169}}]}}\n"
+                     "space: {arch: {choice: [resnet18, mobilenet_v3_small]}}\n")
+    nodemo = tmp_path / "no_demo_weights.yaml"  # ... and in one trial (the demo's stand-in)
+    nodemo.write_text(f"arch: resnet18\nweights: demo_weights/resnet18.pt\ndata: {{root: {full}}}\n")
     afile = tmp_path / "results.csv"
     afile.write_text("a,b\n")
+    exp = tmp_path / "runs" / "done"  # an experiment, as far as a path check can tell
+    exp.mkdir(parents=True)
+    (exp / "experiment.json").write_text('{"kind": "search", "name": "done"}')
     cases = [
         (["tune", "demo", "--data-root", "/nonexistent", *st],
          "raysearch: error: dataset folder does not exist: /nonexistent"),
@@ -155,6 +166,56 @@ def test_mistakes_known_before_ray_answer_without_torch_or_ray(tmp_path):
          f"raysearch: error: no such ensemble or experiment folder: {tmp_path}/none"),
         (["demo-data", f"{afile}/demo"],
          f"raysearch: error: not a folder (a file is in the way): {afile}/demo"),
+        # Each bench's paths, before the bench imports torch (bench data and predict answered
+        # after 2.4 s, once torch had loaded).
+        *[(["bench", what, "--root", "/nonexistent"],
+           "raysearch: error: dataset folder does not exist: /nonexistent")
+          for what in ("data", "train", "search")],
+        (["bench", "data", "--root", str(partial)],
+         f"raysearch: error: missing MURA CSV: {partial}/MURA-v1.1/train_labeled_studies.csv"),
+        (["bench", "search", "--space", str(tmp_path / "none.yaml")],
+         f"raysearch: error: config file not found: {tmp_path}/none.yaml"),
+        *[(["bench", what, "--ensemble", "/nonexistent"],
+           "raysearch: error: no such ensemble or experiment folder: /nonexistent")
+          for what in ("predict", "serve")],
+        (["bench", "predict", "--storage", str(tmp_path / "st")],
+         f"raysearch: error: no experiment under {tmp_path}/st"),
+        # explain --audit with a data root that is not there made every map (minutes), found no
+        # annotations there and wrote an audit of NaNs, exit 0
+        (["explain", "--audit", "--data-root", "/nonexistent", *st],
+         "raysearch: error: dataset folder does not exist: /nonexistent"),
+        (["explain", str(afile), "--data-root", str(full), *st],
+         "raysearch: error: --data-root applies to explain --audit only"),
+        # Outputs that cannot be written, refused before the work (an ensemble was scored, a
+        # report drawn, members exported, then "a file is in the way"), and --test-data's files.
+        (["ensemble", "--experiment", str(exp), "--out", f"{afile}/x"],
+         f"raysearch: error: --out: {afile}/x is under {afile}, which is a file, not a folder"),
+        (["ensemble", "--experiment", str(exp), "--test-data", "/nonexistent"],
+         "raysearch: error: dataset folder does not exist: /nonexistent"),
+        (["report", "--experiment", str(exp), "--out", f"{afile}/r.html"],
+         f"raysearch: error: --out {afile}/r.html: {afile} is a file, not a folder"),
+        (["export", "--ensemble", str(exp), "--format", "onnx", "--out", f"{afile}/x"],
+         f"raysearch: error: --out: {afile}/x is under {afile}, which is a file"),
+        (["predict", str(full), "--ensemble", str(exp), "--out", str(afile)],
+         f"raysearch: error: --out: {afile} is a file, not a folder"),
+        (["explain", str(full), "--ensemble", str(exp), "--out", str(afile)],
+         f"raysearch: error: --out: {afile} is a file, not a folder"),
+        (["data", str(full), "--out", str(tmp_path)],
+         f"raysearch: error: --out: {tmp_path} is a folder, not a file"),
+        (["weights", "fetch", "resnet18", "--to", f"{afile}/w"],
+         f"raysearch: error: --to: {afile}/w is under {afile}, which is a file"),
+        (["weights", "stage-demo", "--to", str(afile)],
+         f"raysearch: error: --to: {afile} is a file, not a folder"),
+        # a starting point outside the space: it ended in `unexpected ValueError`, exit 1, inside Ray
+        (["tune", str(point), *st],
+         ("raysearch: error: search.points_to_evaluate[0].arch: 'densenet169' is not one of the "
+          "choices ('resnet18', 'mobilenet_v3_small')")),
+        # a weights file that is not there: after 5 s, once torch had loaded
+        (["tune", str(nofile), *st],
+         "raysearch: error: weights file not found: /nonexistent/w.pt (weights must be"),
+        (["train", str(nodemo), *st],
+         (f"raysearch: error: weights file not found: {tmp_path}/demo_weights/resnet18.pt; stage "
+          "the demo's stand-in weights first: raysearch weights stage-demo --arch resnet18")),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "0"}
     env.pop("RAY_ADDRESS", None)

@@ -45,7 +45,32 @@ def assert_matches_schema(folder: str | os.PathLike, *, group: str = "body_part"
         fixed = {c.name for c in f.all_columns() if "<" not in c.name and c.name != "label_name"}
         assert fixed <= set(written.names), f"{f.file} lacks {sorted(fixed - set(written.names))}"
         checked.append(f.file)
+    summary = next((p for p in (folder / "ensemble" / "ensemble.json", folder / "ensemble.json")
+                    if p.exists()), None)
+    if summary is not None:
+        assert_ensemble_json_matches(json.loads(summary.read_text()))
+        checked.append("ensemble/ensemble.json")
     return checked
+
+
+# A JSON type name of schema.ENSEMBLE_JSON -> the Python types json.load gives for it.
+_JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
+               "object": (dict,), "array": (list,), "null": (type(None),)}
+
+
+def assert_ensemble_json_matches(summary: dict) -> None:
+    """``ensemble.json`` has every key that ``schema.ENSEMBLE_JSON`` documents and no other,
+    each value of a documented JSON type (``"integer or null"``: either)."""
+    assert set(summary) == set(S.ENSEMBLE_JSON), (
+        f"ensemble.json keys differ from the schema: undocumented "
+        f"{sorted(set(summary) - set(S.ENSEMBLE_JSON))}, missing "
+        f"{sorted(set(S.ENSEMBLE_JSON) - set(summary))}")
+    for key, value in summary.items():
+        names = S.ENSEMBLE_JSON[key][0].split(" or ")
+        allowed = tuple(t for n in names for t in _JSON_TYPES[n])
+        is_bool = isinstance(value, bool)  # JSON's true is no integer or number
+        assert isinstance(value, allowed) and (not is_bool or bool in allowed), (
+            f"ensemble.json: {key} is {value!r}, not {S.ENSEMBLE_JSON[key][0]}")
 
 
 def _fake_run(exp: Path, trial_id: str, *, epochs: int, cfg: TrialConfig) -> None:
@@ -123,3 +148,20 @@ def test_the_schema_doc_is_rendered_from_the_module():
         "docs/SCHEMAS.md is stale: python -m raysearch.experiment.schema > docs/SCHEMAS.md")
     for key in S.ENSEMBLE_JSON:
         assert f"`{key}`" in doc.read_text()
+
+
+def test_the_ensemble_json_check_holds_values_to_their_documented_types():
+    """The check the ensemble tests run on each ensemble.json they write (through
+    :func:`assert_matches_schema`): keys and JSON types, a null only where one is documented."""
+    good = {"experiment": "/x", "method": "top", "top": 2, "tta": False, "n_boot": 20, "seed": 0,
+            "device": "cpu", "weights": {"a": 1.0}, "task": {}, "n_test_studies": 17,
+            "threshold": 0.5, "threshold_rule": "r", "selection": "val", "folds": None,
+            "selection_path": [], "target_sensitivity": 0.9, "worklist_rule": "max",
+            "test_data": None, "test_format": None}
+    assert_ensemble_json_matches(good)
+    assert_ensemble_json_matches({**good, "folds": 3, "threshold": {"Edema": 0.4}})
+    for bad in ({"top": 2.5}, {"tta": 1}, {"n_boot": True}, {"method": None}, {"colour": 1}):
+        with pytest.raises(AssertionError):
+            assert_ensemble_json_matches({**good, **bad})
+    for key, (kind, _) in S.ENSEMBLE_JSON.items():
+        assert set(kind.split(" or ")) <= set(_JSON_TYPES), (key, kind)

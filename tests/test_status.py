@@ -124,6 +124,9 @@ def test_status_command_prints_state_trials_best_and_hours(tmp_path, capsys):
     assert "finished" in out
     assert "4 of 6 (1 completed, 2 pruned, 1 failed)" in out
     assert "c: val_loss 0.3800" in out and "5 epochs, 12.00 CPU-hours" in out
+    lines = out.splitlines()  # one `key  value` line each, the values in one column, no padding
+    assert lines[0].startswith("experiment  exp (search) ") and lines[1] == "state       finished"
+    assert not [line for line in lines if line != line.rstrip()], "trailing spaces"
 
 
 def test_status_of_a_missing_experiment_is_one_line_exit_2(tmp_path, capsys):

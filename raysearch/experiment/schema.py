@@ -448,7 +448,8 @@ FILES = (TRIALS, EPOCHS, MEMBERS, STUDY_PREDICTIONS, IMAGE_PREDICTIONS, CATEGORY
          OOF_PREDICTIONS)
 
 # ensemble/ensemble.json, written last by `raysearch ensemble` (its presence marks a complete
-# run): key -> (JSON type, meaning).
+# run): key -> (JSON type, or types joined by " or ", and meaning). The ensemble tests check
+# each written file's keys and value types against it (tests/test_schema.py).
 ENSEMBLE_JSON = {
     "experiment": ("string", "the experiment folder or URL the ensemble was built from"),
     "method": ("string", "top | greedy"),
@@ -466,7 +467,7 @@ ENSEMBLE_JSON = {
     "selection": ("string", ("val: members chosen on the val split; oof: on the out-of-fold "
                              "predictions of `raysearch refit` (`ensemble --oof`), each member "
                              "then the mean of its fold models")),
-    "folds": ("integer", "--oof: the folds of each member (null otherwise)"),
+    "folds": ("integer or null", "--oof: the folds of each member (null otherwise)"),
     "selection_path": ("array", ("how the selection set's study log loss moved with each "
                                  "member added: {round, added (trial id), val_study_log_loss} "
                                  "per round (greedy: its picks in order; top: rank order)")),

@@ -4,10 +4,12 @@ each, by name. Torch-free, so that configuration can be checked without importin
 
 from __future__ import annotations
 
-from raysearch.errors import ConfigError
+import os
+
+from raysearch.errors import ConfigError, WeightsError
 
 __all__ = ["ARCHITECTURES", "BLOCKS", "CAM_HEADS", "CAM_LAYERS", "cam_layer", "check_arch",
-           "num_blocks"]
+           "check_weights_file", "num_blocks"]
 
 
 # arch -> the attribute holding the final Linear layer that becomes the single-logit head.
@@ -53,6 +55,29 @@ def check_arch(arch: str) -> None:
     """Raise :class:`ConfigError` naming the allowed architectures unless ``arch`` is one."""
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
+
+
+def check_weights_file(source: str, *, arch: str) -> str | None:
+    """The local file a ``weights`` setting names, when it names one, which must be there.
+
+    ``none``, ``imagenet`` and URLs give None: what they need (a download, a bucket) is checked
+    where torch is loaded (:func:`raysearch.models.factory.check_weights`). A path is checked with
+    the file system alone, so that ``weights: /wrong/path.pt`` is answered before torch or Ray
+    starts. Returns the absolute path; raises :class:`WeightsError` naming it (and how to stage
+    the demo's stand-in weights when it is one of theirs).
+    """
+    if source in ("none", "imagenet") or ("://" in source and not source.startswith("file://")):
+        return None
+    path = os.path.abspath(os.path.expanduser(source.removeprefix("file://")))
+    if not os.path.isfile(path):
+        if os.path.basename(os.path.dirname(path)) == "demo_weights":
+            raise WeightsError(f"weights file not found: {source}; stage the demo's stand-in "
+                               f"weights first: raysearch weights stage-demo --arch {arch}")
+        raise WeightsError(
+            f"weights file not found: {source} (weights must be 'none', 'imagenet', "
+            "a file path or a URL)"
+        )
+    return path
 
 
 # arch -> the layer whose output class activation maps are computed on (raysearch explain), as a

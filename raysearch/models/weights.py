@@ -37,7 +37,7 @@ import torchvision
 from torch import nn
 
 from raysearch.errors import CheckpointError, ConfigError, WeightsError, first_line, name_some
-from raysearch.models.registry import check_arch
+from raysearch.models.registry import check_arch, check_weights_file
 from raysearch.storage import atomic_write_bytes, get_fs, is_url, join
 
 __all__ = [
@@ -94,9 +94,10 @@ def read_state_dict(path: str, *, arch: str) -> dict[str, torch.Tensor]:
 
 # Keys under which checkpoints commonly keep the model's state dict: PyTorch's "saving a general
 # checkpoint" tutorial (model_state_dict), Lightning and timm (state_dict), torchvision's
-# references and DeiT (model), and others (net, network, model_state, state, weights, params).
+# references and DeiT (model), DeepSpeed's model_states files (module), and others (net,
+# network, model_state, state, weights, params).
 STATE_DICT_KEYS = (
-    "state_dict", "model_state_dict", "model", "model_state", "net", "network", "state",
+    "state_dict", "model_state_dict", "model", "model_state", "module", "net", "network", "state",
     "weights", "params",
 )  # fmt: skip
 # Prefixes that wrappers add to every key: DistributedDataParallel / DataParallel (module.) and
@@ -274,16 +275,7 @@ def resolve_weights_file(source: str, *, arch: str, cache_dir: str | None) -> st
         return _imagenet_path(arch)
     if is_url(source):
         return _cached_url(source, cache_dir=cache_dir)
-    path = os.path.abspath(os.path.expanduser(source.removeprefix("file://")))
-    if not os.path.isfile(path):
-        if os.path.basename(os.path.dirname(path)) == "demo_weights":
-            raise WeightsError(f"weights file not found: {source}; stage the demo's stand-in "
-                               f"weights first: raysearch weights stage-demo --arch {arch}")
-        raise WeightsError(
-            f"weights file not found: {source} (weights must be 'none', 'imagenet', "
-            "a file path or a URL)"
-        )
-    return path
+    return check_weights_file(source, arch=arch)
 
 def _imagenet_path(arch: str) -> str:
     url, filename = torchvision_weights_info(arch)

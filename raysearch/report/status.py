@@ -38,9 +38,7 @@ def status_view(st: ExperimentStatus) -> Group:
         state.append(f" (`raysearch {st.holder.get('command', '?')}`, pid "
                      f"{st.holder.get('pid', '?')} on {st.holder.get('host', '?')}, since "
                      f"{st.holder.get('started', '?')})")
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
+    grid = _Lines()
     grid.add_row("experiment", f"{st.name} ({st.kind}) {st.path}")
     grid.add_row("state", state)
     grid.add_row("trials", _trials_line(st))
@@ -64,7 +62,24 @@ def status_view(st: ExperimentStatus) -> Group:
         chosen = {"oof": " (selected on out-of-fold predictions)",
                   "val": " (selected on val)"}.get(st.selection or "", "")
         grid.add_row("ensemble", f"{st.path.rstrip('/')}/ensemble{chosen}")
-    return Group(grid)
+    return grid.group()
+
+
+class _Lines:
+    """``key  value`` lines, the keys bold and padded to one width. Not a Rich grid: a grid pads
+    every line to its widest, so piped output (``raysearch status | grep``) carried a run of
+    trailing spaces on each line."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str | Text]] = []
+
+    def add_row(self, key: str, value: str | Text) -> None:
+        self.rows.append((key, value))
+
+    def group(self) -> Group:
+        width = max(len(k) for k, _ in self.rows) + 2
+        return Group(*(Text.assemble((key.ljust(width), "bold"), value)
+                       for key, value in self.rows))
 
 
 def experiments_table(frame, *, title: str | None = None) -> Table:

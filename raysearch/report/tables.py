@@ -73,17 +73,18 @@ def _cell(row: dict[str, Any], key: str) -> str:
 
 def trials_table(
     rows: Iterable[dict[str, Any]], *, title: str | None = None, params: Sequence[str] = KEY_PARAMS,
-    width: int | None = None,
+    width: int | None = None, without: Sequence[str] = (),
 ) -> Table:
     """Trials: id, status, epoch ('k/max'), val_loss, best val_loss, val study kappa (at the best
-    epoch), key config values.
+    epoch), key config values; not the columns named in ``without``.
 
     ``width`` (the terminal's columns): columns are abbreviated, then dropped by
     :data:`TRIAL_COLUMNS_BY_PRIORITY`, until the table fits; no cell is ever cut short. ``None``
     keeps every column.
     """
     rows = list(rows)
-    wanted = [k for k in _ORDER if k not in KEY_PARAMS or (k in params and any(k in r for r in rows))]
+    wanted = [k for k in _ORDER if k not in without
+              and (k not in KEY_PARAMS or (k in params and any(k in r for r in rows)))]
     cells = {k: [_cell(r, k) for r in rows] for k in wanted}
     short = {k: (full, abbr) for k, full, abbr in TRIAL_COLUMNS_BY_PRIORITY}
     keep = _fit_columns(wanted, cells, short, width)
@@ -124,15 +125,10 @@ def best_trials_table(trials: pd.DataFrame, *, n: int = 10, title: str | None = 
     """The ``n`` trials with the lowest best val_loss (trials.parquet rows), fitted to ``width``
     (see :func:`trials_table`)."""
     ok = trials[trials["best_val_loss"].notna()].nsmallest(n, "best_val_loss")
-    rows = []
-    for r in ok.to_dict("records"):
-        r = dict(r)
-        r["epoch"] = r.get("epochs")
-        # trials.parquet keeps the best epoch's loss, not the last one's: the `val_loss` column
-        # (the last epoch's, live) stays empty rather than repeat `best` under another name.
-        r["val_loss"] = None
-        rows.append(r)
-    return trials_table(rows, title=title, width=width)
+    rows = [{**r, "epoch": r.get("epochs")} for r in ok.to_dict("records")]
+    # trials.parquet keeps the best epoch's loss, not the last one's: no `val_loss` column (the
+    # last epoch's, live), rather than one that repeats `best` or shows "-" on every row.
+    return trials_table(rows, title=title, width=width, without=("val_loss",))
 
 
 def epochs_table(epochs: pd.DataFrame, *, title: str | None = None) -> Table:

@@ -14,7 +14,6 @@ from typing import Any
 
 import yaml
 
-from raysearch.config import TrialConfig
 from raysearch.data.dataset import Task
 from raysearch.errors import (
     ConfigError,
@@ -38,7 +37,8 @@ from raysearch.experiment import (
     verify_ray_state,
     write_results,
 )
-from raysearch.search.preflight import preflight_search
+from raysearch.search.preflight import preflight_search, weight_sources
+from raysearch.search.preflight import trial_values as _values
 from raysearch.search.progress import SearchProgress, TrustCallback
 from raysearch.search.resources import DRIVER_CPU, ResourcePlan, plan_resources
 from raysearch.search.results import collect_results
@@ -75,20 +75,6 @@ def image_sizes(spec: SearchSpace) -> list[int]:
         if "image_size" in point:
             sizes.add(int(point["image_size"]))
     return sorted(sizes)
-
-
-def _values(spec: SearchSpace, name: str) -> set[str]:
-    """Every value a categorical trial setting may take in ``spec`` (the default if unset)."""
-    for p in spec.space:
-        if p.name == name and p.kind in ("choice", "constant"):
-            return {str(v) for v in p.values}
-    default = TrialConfig.__dataclass_fields__[name].default
-    return {str(spec.trial.get(name, default))}
-
-
-def weight_sources(spec: SearchSpace) -> set[tuple[str, str]]:
-    """Every (arch, weights) pair a trial of ``spec`` may ask for."""
-    return {(a, w) for a in _values(spec, "arch") for w in _values(spec, "weights")}
 
 
 def check_class_weighting(spec: SearchSpace, manifest, task, *, console) -> None:
@@ -425,10 +411,10 @@ def _check_existing(spec, exp_dir, spec_yaml, *, resume, overwrite) -> bool:
     saved = join(exp_dir, "search_space.yaml")
     if exists(saved):
         saved_yaml = read_bytes(saved).decode()
-        if not _same_space(saved_yaml, spec_yaml):
+        if (changed := space_difference(saved_yaml, spec_yaml)) is not None:
             raise ExperimentExistsError(
                 f"experiment {spec.name!r} already exists at {exp_dir} with a different search "
-                "space; use --name to start a new one or --overwrite to replace it",
+                f"space ({changed}); use --name to start a new one or --overwrite to replace it",
                 experiment_dir=exp_dir,
             )
         before = saved_num_samples(saved_yaml)
@@ -464,13 +450,22 @@ def extended_num_samples(spec: SearchSpace, extend: int) -> SearchSpace:
 
 
 def _same_space(saved_yaml: str, spec_yaml: str) -> bool:
-    """Whether two resolved search spaces describe the same search. Where the experiment and its
+    """Whether two resolved search spaces describe the same search (:func:`space_difference`)."""
+    return space_difference(saved_yaml, spec_yaml) is None
+
+
+def space_difference(saved_yaml: str, spec_yaml: str) -> str | None:
+    """None when two resolved search spaces describe the same search, else the first key path
+    that differs with both values, e.g. ``space.lr.loguniform: [0.001, 0.01] saved, [0.001,
+    0.1] now``. Where the experiment and its
     data are stored does not count: a moved or copied experiment resumes from its new place, on
     the manifest (the images and the split) it saved. Nor does the trial count: a larger one
-    extends the search, and :func:`_check_existing` refuses a smaller one."""
+    extends the search, and :func:`_check_existing` refuses a smaller one. Nor does how many
+    trials run at once (``resources.max_concurrent``, ``--max-concurrent``): it sets no trial's
+    config or training, and a restored search takes this run's limit (:func:`_make_tuner`)."""
     saved, now = yaml.safe_load(saved_yaml), yaml.safe_load(spec_yaml)
     if not isinstance(saved, dict):
-        return False
+        return "the saved search_space.yaml is not a mapping"
     _fill_defaults(saved)
     _fill_defaults(now)
     for d in (saved, now):
@@ -480,7 +475,33 @@ def _same_space(saved_yaml: str, spec_yaml: str) -> bool:
         if isinstance(d.get("data"), dict):
             for key in ("root", "cache_dir"):
                 d["data"].pop(key, None)
-    return saved == now
+        if isinstance(d.get("resources"), dict):
+            d["resources"].pop("max_concurrent", None)
+    return _first_difference(saved, now, "")
+
+
+def _first_difference(saved: Any, now: Any, path: str) -> str | None:
+    """The first key path (in the saved file's order, then the new one's) where ``saved`` and
+    ``now`` differ, with both values; None when they are equal."""
+    if saved == now:
+        return None
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in [*saved, *(k for k in now if k not in saved)]:
+            where = f"{path}.{key}" if path else str(key)
+            if key not in now:
+                return f"{where}: saved, now absent"
+            if key not in saved:
+                return f"{where}: absent when saved, now {_flow(now[key])}"
+            if (found := _first_difference(saved[key], now[key], where)) is not None:
+                return found
+    return f"{path or 'the file'}: {_flow(saved)} saved, {_flow(now)} now"
+
+
+def _flow(value: Any) -> str:
+    """``value`` as one line of YAML flow style, cut at 80 characters."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    text = text.removesuffix("...").strip()
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _fill_defaults(raw: dict[str, Any]) -> None:

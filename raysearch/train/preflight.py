@@ -9,6 +9,7 @@ import dataclasses
 from raysearch.cluster import check_resources
 from raysearch.config import DataConfig, TrialConfig, load_trial_config, norm_path
 from raysearch.data.formats import check_data_root
+from raysearch.models.registry import check_weights_file
 from raysearch.storage import check_name, check_storage_folder
 
 __all__ = ["load_train_config"]
@@ -41,4 +42,5 @@ def load_train_config(
         data = dataclasses.replace(data, root=norm_path(data_root))
     check_data_root(data)
     check_resources(rest["resources"], address=address)
+    check_weights_file(cfg.weights, arch=cfg.arch)  # a local file: there, before torch loads
     return cfg, rest, data

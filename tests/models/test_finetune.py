@@ -249,6 +249,16 @@ def test_bench_train_finetune_compares_a_frozen_arm_with_a_full_one():
     (["bench", "step", "--finetune", "head"],
      "--finetune applies to `bench train` only, not `bench step`"),
     (["bench", "train", "--finetune", "head", "--rounds", "0"], "--rounds must be >= 1, got 0"),
+    # every other option a bench does not read (they were ignored without a word)
+    (["bench", "data", "--num-samples", "5"], ("--num-samples applies to bench search only, not "
+     "`bench data`")),
+    (["bench", "search", "--rounds", "3"], ("--rounds applies to bench data, step, train, train "
+     "--finetune, predict, serve, explain only, not `bench search`")),
+    (["bench", "train", "--finetune", "head", "--root", "d"], ("--root applies to bench data, "
+     "train, search only, not `bench train --finetune`")),
+    (["bench", "explain", "--ensemble", "e"], ("--ensemble applies to bench predict, serve only, "
+     "not `bench explain`")),
+    (["bench", "step", "--clients", "3"], "--clients applies to bench serve only, not `bench step`"),
     (["weights", "stage-demo", "--epochs", "0"], "--epochs must be >= 1, got 0"),
 ])
 def test_bench_and_stage_demo_options_that_do_not_apply_are_refused(argv, line, capsys):

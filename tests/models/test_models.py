@@ -141,8 +141,10 @@ def test_wrapper_prefixes_are_stripped_in_any_order_and_nesting(tmp_path, prefix
         lambda sd: {"model_state": sd},
         lambda sd: {"model": {"state_dict": sd}, "args": {"lr": 0.1}},
         lambda sd: {"state_dict": {f"_orig_mod.module.{k}": v for k, v in sd.items()}},
+        lambda sd: {"module": sd, "global_steps": 120, "dp_world_size": 2},
     ],
-    ids=["general-checkpoint", "net", "model_state", "nested", "lightning-compiled-ddp"],
+    ids=["general-checkpoint", "net", "model_state", "nested", "lightning-compiled-ddp",
+         "deepspeed"],
 )  # fmt: skip
 def test_general_checkpoint_layouts_are_recognised(tmp_path, layout):
     staged = staged_state("resnet18")

@@ -65,6 +65,8 @@ def test_the_end_table_shows_epochs_of_max_and_the_recorded_status():
     # `val_loss` column does not repeat it under another name.
     best = f"{trials['best_val_loss'].min():.3f}"
     assert text.count(best) == 1, text
+    # ... and no val_loss column that shows "-" on every row
+    assert "val_loss" not in text.splitlines()[1] and " - " not in text, text
 
 
 def test_status_words_are_one_vocabulary():

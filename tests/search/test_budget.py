@@ -125,6 +125,33 @@ def test_the_trial_count_alone_does_not_make_another_space():
     assert saved_num_samples(yaml.safe_dump(base)) == 4
 
 
+def test_how_many_trials_run_at_once_does_not_make_another_space():
+    """A search started with --max-concurrent 1 (saved as resources.max_concurrent) and extended
+    without it, or with another limit, is the same search: it was refused as 'a different search
+    space'. What each trial holds still counts."""
+    base = {"name": "x", "search": {"num_samples": 2}, "space": {"lr": {"choice": [0.1, 0.01]}},
+            "resources": {"workers_per_trial": 1, "max_concurrent": 1}}
+    for limit in ({"workers_per_trial": 1}, {"workers_per_trial": 1, "max_concurrent": 4}):
+        assert _same_space(yaml.safe_dump(base), yaml.safe_dump({**base, "resources": limit}))
+    wider = {**base, "resources": {"workers_per_trial": 2, "max_concurrent": 1}}
+    assert not _same_space(yaml.safe_dump(base), yaml.safe_dump(wider))
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"space": {"lr": {"choice": [0.1, 0.02]}}}, "space.lr.choice: [0.1, 0.01] saved, [0.1, 0.02] now"),
+    ({"space": {"lr": {"choice": [0.1, 0.01]}, "wd": {"choice": [0]}}}, "space.wd: absent when saved, now {choice: [0]}"),
+    ({"space": {}}, "space.lr: saved, now absent"),
+    ({"search": {"num_samples": 2, "seed": 1}}, "search.seed: 0 saved, 1 now"),
+])  # fmt: skip
+def test_a_changed_space_is_named_by_its_first_differing_key(change, named):
+    from raysearch.search.tune import space_difference
+
+    base = {"name": "x", "search": {"num_samples": 2, "seed": 0},
+            "space": {"lr": {"choice": [0.1, 0.01]}}}
+    assert space_difference(yaml.safe_dump(base), yaml.safe_dump(base)) is None
+    assert space_difference(yaml.safe_dump(base), yaml.safe_dump({**base, **change})) == named
+
+
 def test_extend_adds_to_the_saved_count(tmp_path, tiny_root):
     from raysearch.search.space import parse_search_space
 
@@ -163,5 +190,7 @@ def test_a_saved_search_restores_with_more_trials_and_refuses_fewer_or_another_s
     assert check(search={**raw["search"], "num_samples": 5}) is True
     with pytest.raises(ConfigError, match="num_samples: 1 is fewer than the 2 trials"):
         check(search={**raw["search"], "num_samples": 1})
-    with pytest.raises(ConfigError, match="with a different search space"):
+    with pytest.raises(ConfigError, match="with a different search space") as info:
         check(space={**raw["space"], "lr": {"loguniform": [0.001, 0.1]}})
+    # the refusal names what changed, so the user knows which edit to undo
+    assert "(space.lr.loguniform: " in str(info.value) and "0.1] now)" in str(info.value)

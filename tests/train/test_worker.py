@@ -74,7 +74,8 @@ def test_cosine_schedule_warms_up_then_decays():
 
 
 @pytest.mark.slow
-def test_two_epochs_lower_the_loss_and_checkpoint_predictions(tmp_path, tiny_root, ray_session):
+def test_two_epochs_lower_the_loss_and_checkpoint_predictions(tmp_path, tiny_root, ray_session,
+                                                              capsys):
     config = write_config(tmp_path / "t.yaml", tiny_root, tmp_path / "runs", max_epochs=3)
     epochs = run_single(config)
     assert list(epochs["epoch"]) == [1, 2, 3]
@@ -100,12 +101,27 @@ def test_two_epochs_lower_the_loss_and_checkpoint_predictions(tmp_path, tiny_roo
     state = torch.load(os.path.join(latest, "model.pt"), weights_only=True)
     assert any(k.endswith("fc.1.weight") for k in state)
 
-    # Running the same command again with more epochs resumes from the saved epoch.
+    # Running the same command again with more epochs resumes from the saved epoch. Through
+    # the command line: `raysearch train` shows tune's live view on stdout, its stage lines and
+    # the trial's end line from its recorded row (epochs of max, the best epoch and its kappa).
+    from raysearch.cli import main
+    from raysearch.report.tables import fmt
+
+    capsys.readouterr()
     config = write_config(tmp_path / "t.yaml", tiny_root, tmp_path / "runs", max_epochs=4)
-    resumed = run_single(config)
+    assert main(["train", config]) == 0
+    shown = capsys.readouterr()
+    resumed = pd.read_parquet(tmp_path / "runs" / "t" / "epochs.parquet").sort_values("epoch")
     assert list(resumed["epoch"]) == [1, 2, 3, 4]
+    best = int(resumed["val_loss"].idxmin())
+    assert "starting Ray ..." in shown.out and "starting the worker ..." in shown.out
+    assert (f"trial single completed after 4/4 epochs: best val_loss "
+            f"{fmt(float(resumed['val_loss'].min()))} at epoch {resumed['epoch'][best]}, val "
+            f"study kappa {fmt(float(resumed['val_study_kappa'][best]))} (resnet18, 32 px)"
+            ) in shown.out, shown.out
+    assert "trial single" not in shown.err
     # Epochs 1-3 come from the checkpoint, not from training them again.
-    pd.testing.assert_series_equal(resumed["train_loss"][:3], epochs["train_loss"])
+    np.testing.assert_allclose(resumed["train_loss"].to_numpy()[:3], epochs["train_loss"])
 
     # A complete experiment: one trial in trials.parquet, ensembled and predicted with like a
     # search's.
