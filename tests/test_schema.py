@@ -126,6 +126,27 @@ def test_trials_and_epochs_have_fixed_types_whether_or_not_a_trial_failed(tmp_pa
     assert not {"fail_at_epoch", "fail_mode"} & set(trials.names)
 
 
+def test_the_tables_rows_do_not_depend_on_the_order_tune_lists_its_trials():
+    """A restored search lists its trials in another order; the files it writes are the same:
+    trials by best val_loss (ties by id), epochs in reporting order."""
+    def frame(tid, times):
+        return pd.DataFrame({"trial_id": tid, "epoch": range(1, len(times) + 1),
+                             "reported_at": pd.to_datetime(times, unit="s", utc=True)})
+
+    from raysearch.experiment.trials import TRIAL_COLUMNS
+
+    rows = [{**dict.fromkeys(TRIAL_COLUMNS), "trial_id": t, "best_val_loss": v}
+            for t, v in (("b", 0.5), ("a", 0.5), ("c", 0.4))]
+    frames = [frame("b", [10.0, 30.0]), frame("a", [20.0, 25.0]), frame("c", [5.0])]
+    t1, e1 = results_tables(rows, frames)
+    t2, e2 = results_tables(rows[::-1], frames[::-1])
+    pd.testing.assert_frame_equal(t1, t2)
+    pd.testing.assert_frame_equal(e1, e2)
+    assert list(t1["trial_id"]) == ["c", "a", "b"]
+    assert list(zip(e1["trial_id"], e1["epoch"])) == [("c", 1), ("b", 1), ("a", 1), ("a", 2),
+                                                      ("b", 2)]
+
+
 def test_a_search_without_epochs_still_writes_every_column_typed(tmp_path):
     write_results(str(tmp_path), *results_tables([], []))
     assert assert_matches_schema(tmp_path) == ["trials.parquet", "epochs.parquet"]

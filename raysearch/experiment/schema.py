@@ -183,7 +183,7 @@ _TRIAL_RESULT = (
 
 TRIALS = FileSchema(
     "trials.parquet",
-    "One row per trial, lowest best_val_loss first; written by `tune` and `train` after the run "
+    "One row per trial, lowest best_val_loss first (ties by trial_id); written by `tune` and `train` after the run "
     "(its presence means the results are complete).",
     _TRIAL_RESULT + (
         Column("wall_time_s", F64, "seconds the trial ran (Tune's time_total_s)"),
@@ -242,7 +242,8 @@ OOF_PREDICTIONS = FileSchema(
 
 EPOCHS = FileSchema(
     "epochs.parquet",
-    "One row per trial and epoch, from the trial's latest checkpoint (history.json).",
+    "One row per trial and epoch, from the trial's latest checkpoint (history.json), in "
+    "reporting order (reported_at, then trial_id and epoch).",
     (
         Column("trial_id", STR, "the trial (trials.parquet)"),
         Column("epoch", I64, "1-based epoch"),

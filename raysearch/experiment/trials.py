@@ -282,14 +282,21 @@ def trial_summary(
 
 
 def results_tables(rows: list[dict[str, Any]], frames: list):
-    """``trials.parquet`` (lowest best val_loss first) and ``epochs.parquet`` as DataFrames, from
-    :func:`trial_summary`'s rows and epoch frames."""
+    """``trials.parquet`` (lowest best val_loss first, ties by trial id) and ``epochs.parquet``
+    (in reporting order: ``reported_at``, then trial id and epoch) as DataFrames, from
+    :func:`trial_summary`'s rows and epoch frames. Both orders depend on the results alone, not
+    on the order Tune lists its trials in (which a restored search changes), so a search read
+    back writes the same files."""
     import pandas as pd
 
     trials = pd.DataFrame(rows) if rows else pd.DataFrame(columns=TRIAL_COLUMNS)
     cols = TRIAL_COLUMNS + [c for c in trials.columns if c not in TRIAL_COLUMNS]
-    trials = trials[cols].sort_values("best_val_loss", na_position="last").reset_index(drop=True)
+    trials = (trials[cols].sort_values(["best_val_loss", "trial_id"], na_position="last",
+                                       kind="stable").reset_index(drop=True))
     epochs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    order = [c for c in ("reported_at", "trial_id", "epoch") if c in epochs.columns]
+    if order:
+        epochs = epochs.sort_values(order, na_position="last", kind="stable").reset_index(drop=True)
     return trials, epochs
 
 
