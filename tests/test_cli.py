@@ -148,3 +148,19 @@ def test_the_readme_command_table_has_two_cells_a_row_and_every_command():
                  if a.dest == "what")
     row = next(row[0] for row in rows if row[0].startswith("`raysearch bench"))
     assert row.split()[2].replace("\\|", "|") == "|".join(bench.choices), row
+
+
+def test_python_dash_m_runs_the_command(tmp_path):
+    """``python -m raysearch`` is the ``raysearch`` command: same answers, same exit codes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    bad = subprocess.run([sys.executable, "-m", "raysearch", "status", "nope", "--storage",
+                          str(tmp_path)], check=False, capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.startswith("raysearch: error:") and "nope" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

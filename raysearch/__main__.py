@@ -1,0 +1,8 @@
+"""``python -m raysearch``: the ``raysearch`` command, for an environment whose scripts folder
+is not on ``PATH`` (a venv not activated, a notebook's kernel)."""
+
+import sys
+
+from raysearch.cli import main
+
+sys.exit(main())
