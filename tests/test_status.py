@@ -177,3 +177,21 @@ def test_list_of_a_local_folder_that_is_not_there_is_one_line_exit_2(tmp_path, c
 def test_list_of_an_empty_bucket_prefix_is_empty_not_an_error(capsys):
     assert main(["list", f"memory://raysearch-tests/none-{uuid.uuid4().hex[:8]}"]) == 0
     assert "no experiments" in capsys.readouterr().out
+
+
+def test_list_shows_the_update_time_status_shows_even_after_a_copy(tmp_path):
+    """A copied or downloaded experiment has new file times; `list` must still show when the
+    experiment was last updated (what `status` shows), not when its files were copied."""
+    import os
+
+    root = str(tmp_path / "reports")
+    exp_dir = finished_search(root, "old")
+    marker = os.path.join(exp_dir, "experiment.json")
+    with open(marker) as f:
+        info = json.load(f)
+    info["updated"] = "2020-01-02T03:04:05+00:00"
+    with open(marker, "w") as f:  # written now, as `cp` without -p leaves its time
+        json.dump(info, f)
+    st = X.experiment_status(exp_dir)
+    assert st.updated == "2020-01-02T03:04:05+00:00"
+    assert X.list_status(root).set_index("name").loc["old", "updated"] == "2020-01-02 03:04"

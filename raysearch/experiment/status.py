@@ -240,9 +240,26 @@ def _is_set(v: Any) -> bool:
     return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
+def _minutes(stamp: str | None) -> str | None:
+    """``stamp`` (ISO 8601, as ``experiment.json``'s ``updated``) as ``YYYY-MM-DD HH:MM`` UTC, the
+    time ``status`` shows; None when absent or unreadable (the caller falls back to the file's
+    modification time, which a copy or a download resets)."""
+    if not stamp:
+        return None
+    try:
+        when = datetime.fromisoformat(str(stamp))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
 def list_status(storage: str):
     """One row per experiment under ``storage`` (newest first): name, kind, state, trials, best
-    val_loss, updated (UTC). Damaged experiments are listed with state ``damaged``.
+    val_loss, updated (UTC: the time ``status`` shows, from ``experiment.json``, not the file's
+    modification time, which a copy resets). Damaged experiments are listed with state
+    ``damaged``.
 
     Raises :class:`ConfigError` when ``storage`` is a local path that is not a folder (a bucket
     prefix with nothing under it is simply empty)."""
@@ -266,7 +283,8 @@ def list_status(storage: str):
                          "best_val_loss": None, "updated": when, "note": str(e)[:80]})
             continue
         rows.append({"name": name, "kind": st.kind, "state": st.state, "trials": st.trials,
-                     "best_val_loss": (st.best or {}).get("best_val_loss"), "updated": when,
+                     "best_val_loss": (st.best or {}).get("best_val_loss"),
+                     "updated": _minutes(st.updated) or when,
                      "note": "ensemble" if st.ensemble else ""})
     cols = ["name", "kind", "state", "trials", "best_val_loss", "updated", "note"]
     return pd.DataFrame(rows, columns=cols).sort_values("updated", ascending=False,
