@@ -176,18 +176,58 @@ def _to_onnx(module: torch.nn.Module, example: torch.Tensor) -> bytes:
     return raw
 
 
+def _read_manifest(folder: str) -> dict[str, Any]:
+    """``folder``'s ``export.json``, checked to be one :func:`export_ensemble` writes (a known
+    ``format``; ``members`` each with ``trial_id``, ``file``, ``sha256``, ``weight`` and
+    ``image_size``; ``output.labels``). Raises :class:`ConfigError` naming the path otherwise."""
+    path = join(folder, MANIFEST)
+    try:
+        raw = read_bytes(path)
+    except FileNotFoundError:
+        raise ConfigError(f"not an export folder: {folder} (no {MANIFEST}; `raysearch export "
+                          f"--ensemble DIR --format torchscript|onnx --out {folder}` writes "
+                          f"one)") from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise ConfigError(f"not an export folder: {folder}") from None
+    try:
+        manifest = json.loads(raw)
+        if manifest["format"] not in FORMATS:
+            raise ValueError(f"format {manifest['format']!r} is not one of {', '.join(FORMATS)}")
+        labels = manifest["output"]["labels"]
+        members = manifest["members"]
+        if not members or not labels:
+            raise ValueError("no members" if not members else "no labels")
+        for m in members:
+            for key in ("trial_id", "file", "sha256", "weight", "image_size"):
+                if key not in m:
+                    raise KeyError(key)
+    except (ValueError, KeyError, TypeError) as e:
+        what = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise ConfigError(f"{path} is not a manifest `raysearch export` writes ({what})") from None
+    return manifest
+
+
 class ExportedEnsemble:
     """An export folder read back: ``predict(images)`` gives ``(ensemble [N, K], {trial_id:
     [N, K]})`` with onnxruntime (ONNX) or ``torch.jit.load`` (TorchScript), the members combined
-    by the manifest's weights. Each file's SHA-256 is checked against the manifest."""
+    by the manifest's weights. Each file's SHA-256 is checked against the manifest.
+
+    Raises :class:`ConfigError` naming the path when ``folder`` holds no ``export.json`` (an
+    ensemble or experiment folder given by mistake, a mistyped path), when the manifest is not
+    one ``raysearch export`` writes, or when a member file it lists is missing or changed."""
 
     def __init__(self, folder: str) -> None:
-        self.folder = folder.rstrip("/")
-        self.manifest: dict[str, Any] = json.loads(read_bytes(join(self.folder, MANIFEST)))
+        self.folder = str(folder).rstrip("/")
+        self.manifest: dict[str, Any] = _read_manifest(self.folder)
         self.format = self.manifest["format"]
         self._run = {}
         for m in self.manifest["members"]:
-            raw = read_bytes(join(self.folder, m["file"]))
+            path = join(self.folder, m["file"])
+            try:
+                raw = read_bytes(path)
+            except FileNotFoundError:
+                raise ConfigError(f"{path} is missing (a member listed in "
+                                  f"{join(self.folder, MANIFEST)})") from None
             if hashlib.sha256(raw).hexdigest() != m["sha256"]:
                 raise ConfigError(f"{join(self.folder, m['file'])} does not match its sha256 in "
                                   f"{MANIFEST}")
@@ -215,6 +255,10 @@ class ExportedEnsemble:
         members = {}
         for m in self.manifest["members"]:
             size = int(m["image_size"])
+            if not len(sources):  # no images: [0, K], as many labels as the files answer
+                k = len(self.manifest["output"]["labels"])
+                members[m["trial_id"]] = np.zeros((0, k), dtype=np.float32)
+                continue
             x = np.stack([preprocess_image(s, image_size=size) for s in sources])[:, None]
             members[m["trial_id"]] = np.asarray(self._run[m["trial_id"]](x), dtype=np.float32)
         probs = sum(float(m["weight"]) * members[m["trial_id"]].astype(np.float64)

@@ -125,3 +125,32 @@ def test_export_command_writes_the_files_and_errors_are_one_line(exported, ensem
     assert "no such ensemble or experiment folder" in err and "\n" not in err
     with pytest.raises(ConfigError, match="--format: unknown value 'tflite'"):
         export_ensemble(ensemble_dir, format="tflite")
+
+
+def test_a_folder_that_is_not_a_whole_export_is_refused_by_name(exported, ensemble_dir,
+                                                                tmp_path):
+    """The wrong folder (an ensemble, a typo), a damaged manifest or a missing member file: a
+    ConfigError naming the path, not a FileNotFoundError, JSONDecodeError or KeyError."""
+    with pytest.raises(ConfigError, match=f"not an export folder: {tmp_path / 'nothing'}"):
+        ExportedEnsemble(str(tmp_path / "nothing"))
+    with pytest.raises(ConfigError, match="not an export folder: .*ensemble .no export.json"):
+        ExportedEnsemble(ensemble_dir)
+    out = str(tmp_path / "copy")
+    shutil.copytree(exported("torchscript"), out)
+    manifest = os.path.join(out, "export.json")
+    with open(manifest) as f:
+        good = f.read()
+    os.remove(os.path.join(out, "b.pt"))
+    with pytest.raises(ConfigError, match=r"b\.pt is missing \(a member listed in"):
+        ExportedEnsemble(out)
+    for text, why in [("{not json", "Expecting"), (json.dumps({"format": "tflite"}), "tflite"),
+                      (good.replace('"sha256"', '"sha"'), "no 'sha256'")]:
+        with open(manifest, "w") as f:
+            f.write(text)
+        with pytest.raises(ConfigError, match=f"export.json is not a manifest .*{why}"):
+            ExportedEnsemble(out)
+
+
+def test_an_export_predicts_no_images_as_an_empty_batch(exported):
+    probs, by_member = ExportedEnsemble(exported("torchscript")).predict([])
+    assert probs.shape == (0, 1) and {m.shape for m in by_member.values()} == {(0, 1)}
