@@ -166,7 +166,10 @@ def remove_experiment(exp_dir: str, *, storage: str, dry_run: bool = False) -> N
 
 def find_experiment(experiment: str | None, *, storage: str = "reports") -> str:
     """The experiment folder to ensemble: ``None`` -> the most recent one under ``storage``
-    (newest ``experiment.json``); a bare name -> ``storage/name``; a path or URL as given."""
+    (newest ``experiment.json``); a bare name -> ``storage/name``; a path or URL as given.
+
+    Raises :class:`ConfigError` when there is none, listing the experiments of the folder looked
+    in (``storage`` for a bare name, the path's parent folder for a path or URL)."""
     if experiment is None:
         found = list_experiments(storage)
         if not found:
@@ -181,11 +184,14 @@ def find_experiment(experiment: str | None, *, storage: str = "reports") -> str:
     for path in candidates:
         if exists(join(path, "experiment.json")):
             return path
-    known = [uri.rstrip("/").rsplit("/", 1)[-1] for uri, _ in list_experiments(storage)]
+    # The hint lists the folder the user pointed at: ``storage`` for a bare name, else the
+    # parent of the path given (``runs/tyni`` lists ``runs``, not ``reports``).
+    where = storage if bare else candidates[-1].rstrip("/").rsplit("/", 1)[0]
+    known = [uri.rstrip("/").rsplit("/", 1)[-1] for uri, _ in list_experiments(where)]
     listing = (
-        f"experiments under {storage}: {name_some(sorted(known), limit=8)}"
+        f"experiments under {where}: {name_some(sorted(known), limit=8)}"
         if known
-        else f"there are none under {storage}"
+        else f"there are none under {where}"
     )
     raise ConfigError(f"no experiment at {candidates[0]} (no experiment.json); {listing}")
 

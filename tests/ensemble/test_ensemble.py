@@ -243,6 +243,14 @@ def test_find_experiment_newest_by_name_by_path_and_missing(tmp_path):
         find_experiment("nope", storage=storage)
     with pytest.raises(ConfigError, match="no experiment under"):
         find_experiment(None, storage=str(tmp_path / "empty"))
+    # a path is looked for where it points: the hint lists its folder, not the storage's
+    runs = str(tmp_path / "runs")
+    atomic_write_text(join(runs, "tiny", "experiment.json"), "{}")
+    with pytest.raises(ConfigError, match=r"no experiment at .*runs/tyni .*experiments under "
+                                          r".*runs: tiny$"):
+        find_experiment(join(runs, "tyni"), storage=storage)
+    with pytest.raises(ConfigError, match=r"there are none under .*nowhere$"):
+        find_experiment(str(tmp_path / "nowhere" / "x"), storage=storage)
 
 
 # ----------------------------------------------------------------------------- a full run
