@@ -441,14 +441,49 @@ def resolve_config_path(path: str, folder: str) -> str:
     return path
 
 
+def check_config_command(path: str, raw: dict[str, Any] | None, command: str) -> None:
+    """Refuse, with the command to use, a file meant for the other command: a search space
+    (``space:``) given to ``raysearch train``, a trial config (trial keys such as ``arch`` at the
+    top, no ``space``) given to ``raysearch tune``. With ``raw`` None (``path`` not read yet),
+    refuse a ``path`` that is no file but names a config shipped for the other command
+    (``raysearch train demo``, ``raysearch tune demo_trial``), so that it is not reported as
+    merely not found. ``command`` is ``"train"`` or ``"tune"``.
+
+    Raises :class:`ConfigError` naming ``path`` and the right command; returns otherwise."""
+    mine, other, folder = (("trial config", "search space", SEARCH_SPACES_DIR)
+                           if command == "train" else
+                           ("search space", "trial config", CONFIGS_DIR))
+    other_command = "tune" if command == "train" else "train"
+    if raw is None:
+        name = os.path.basename(os.path.normpath(path)).removesuffix(".yaml")
+        if (not is_url(path) and not os.path.isfile(os.path.expanduser(path))
+                and name in packaged(folder)):
+            raise ConfigError(f"config file not found: {path}; `{name}` is a shipped {other}: "
+                              f"run it with `raysearch {other_command} {name}`")
+        return
+    if command == "train":
+        wrong = "space" in raw
+    else:
+        trial_keys = {f.name for f in fields(TrialConfig)}
+        wrong = "space" not in raw and bool(trial_keys & set(raw))
+    if wrong:
+        raise ConfigError(f"{path} is a {other}, not a {mine}: run it with "
+                          f"`raysearch {other_command} {path}`")
+
+
 def load_trial_config(path: str) -> tuple[TrialConfig, dict[str, Any]]:
     """Read ``raysearch train`` YAML: trial keys at the top, plus optional data/resources/storage/name.
 
     ``path`` is a file, a URL, or the name of a shipped config (``demo_trial``; see CONFIGS_DIR).
+    Raises :class:`ConfigError` for a search space (see :func:`check_config_command`), an
+    unknown key or a bad value.
     """
     from raysearch.storage import check_name
 
-    raw = load_yaml(resolve_config_path(path, CONFIGS_DIR))
+    path = resolve_config_path(path, CONFIGS_DIR)
+    check_config_command(path, None, "train")
+    raw = load_yaml(path)
+    check_config_command(path, raw, "train")
     extra_keys = {"name", "data", "resources", "storage"}
     trial = {k: v for k, v in raw.items() if k not in extra_keys}
     cfg = TrialConfig.from_dict(trial)

@@ -164,3 +164,26 @@ def test_python_dash_m_runs_the_command(tmp_path):
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr.startswith("raysearch: error:") and "nope" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_file_for_the_other_command_names_the_command_to_use(tmp_path, monkeypatch, capsys):
+    """`train` given a search space, `tune` given a trial config, or either given the name of a
+    config shipped for the other: one line with the right command, exit 2, before any work."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # `raysearch demo-data demo` leaves a folder of that name
+    space = tmp_path / "space.yaml"
+    space.write_text("space:\n  lr: {loguniform: [1.0e-3, 3.0e-3]}\n")
+    trial = tmp_path / "trial.yaml"
+    trial.write_text("arch: resnet18\nlr: 0.001\ndata: {root: nowhere}\n")
+    said = "{} is a {}, not a {}: run it with `raysearch {} {}`"
+    shipped = "`{0}` is a shipped {1}: run it with `raysearch {2} {0}`"
+    for argv, says in [
+        (["train", str(space)], said.format(space, "search space", "trial config", "tune", space)),
+        (["tune", str(trial)], said.format(trial, "trial config", "search space", "train", trial)),
+        (["train", "demo"], shipped.format("demo", "search space", "tune")),
+        (["tune", "demo_trial"], shipped.format("demo_trial", "trial config", "train")),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("raysearch: error: ") and err.endswith(says), err
+        assert "\n" not in err

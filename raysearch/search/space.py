@@ -23,6 +23,7 @@ from raysearch.config import (
     TrialConfig,
     build,
     check_choice,
+    check_config_command,
     check_range,
     load_yaml,
     mapping,
@@ -152,7 +153,9 @@ def load_search_space(path: str, **overrides: Any) -> SearchSpace:
     ``search_spaces/mura.yaml`` from any working directory; see ``config.SEARCH_SPACES_DIR``).
     """
     path = resolve_config_path(path, SEARCH_SPACES_DIR)
+    check_config_command(path, None, "tune")
     raw = load_yaml(path)
+    check_config_command(path, raw, "tune")  # a trial config: `raysearch train`, said so
     return parse_search_space(raw, source=path, **overrides)
 
 
