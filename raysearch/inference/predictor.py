@@ -321,12 +321,14 @@ class Predictor:
         on_batch: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """One member's probabilities ``[N, K]`` on preprocessed images (see
-        :meth:`predict_preprocessed`)."""
+        :meth:`predict_preprocessed`); ``[0, K]`` for no images."""
         size = member.config.image_size
         if size not in arrays:
             raise ConfigError(f"no {size} px images for member {member.trial_id}")
         images = arrays[size]
         idx = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
+        if not len(idx):  # predict_batches cannot know K without a batch
+            return np.empty((0, self.task.k), dtype=np.float32)
         return predict_batches(
             self.model(member),
             _batches(images, idx, batch_size or self.batch_size, on_batch=on_batch),

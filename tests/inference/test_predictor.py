@@ -151,3 +151,15 @@ def test_importing_the_predictor_does_not_import_ray():
             "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray.'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
+
+
+def test_no_images_give_empty_tables_of_the_right_shape(tiny_manifest, two_members):
+    """An empty list or frame (every input filtered out upstream) gives [0, K] probabilities and
+    empty image and study tables, not a [0, 0] array that breaks the indexing after it."""
+    predictor = Predictor(two_members, task=MURA_TASK, device="cpu")
+    pred = predictor.predict([])
+    assert pred.probs.shape == (0, 1)
+    assert {m.shape for m in pred.members.values()} == {(0, 1)}
+    per_image, studies = predictor.predict_studies(tiny_manifest.head(0))
+    assert len(per_image) == 0 and len(studies) == 0
+    assert {"prob", "prob_t0", "prob_t1"} <= set(per_image.columns)
