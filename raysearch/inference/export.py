@@ -46,7 +46,14 @@ import torch
 
 from raysearch.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from raysearch.errors import ConfigError
-from raysearch.storage import atomic_write_bytes, atomic_write_text, join, read_bytes
+from raysearch.storage import (
+    atomic_write_bytes,
+    atomic_write_text,
+    exists,
+    get_fs,
+    join,
+    read_bytes,
+)
 
 __all__ = ["FORMATS", "ExportedEnsemble", "export_ensemble"]
 
@@ -92,7 +99,10 @@ def export_ensemble(
 ) -> str:
     """Write every member of ``ensemble`` (an ensemble folder, or an experiment: its ensemble, else
     its best trial) as a ``format`` file (``torchscript`` or ``onnx``) under ``out`` (default
-    ``<ensemble>/export-<format>``), then ``export.json``. Returns ``out``.
+    ``<ensemble>/export-<format>``), then ``export.json``. Returns ``out``. Files an earlier
+    export into ``out`` listed and this one does not (another ensemble's members, the other
+    format's files) are removed after the new manifest is written, so the folder holds what its
+    manifest says; nothing else in ``out`` is touched.
 
     Raises :class:`ConfigError` for an unknown format, or ONNX without ``onnx`` installed, and what :meth:`Predictor.from_dir` raises for a folder that is neither.
     """
@@ -141,8 +151,27 @@ def export_ensemble(
                    "shape": ["batch", task.k]},
         "members": members,
     }
+    stale = _previous_files(out) - {m["file"] for m in members}
     atomic_write_text(join(out, MANIFEST), json.dumps(manifest, indent=1))
+    for name in sorted(stale):  # an earlier export's members, named by its manifest only
+        path = join(out, name)
+        if exists(path):
+            fs, local = get_fs(path)
+            fs.rm(local)
     return out
+
+
+def _previous_files(out: str) -> set[str]:
+    """The member files an earlier export into ``out`` listed in its manifest (none when there
+    is none, or it is unreadable): the files a new export there leaves stale. Only plain names
+    inside ``out`` are returned, so a damaged manifest cannot point the removal elsewhere."""
+    try:
+        old = json.loads(read_bytes(join(out, MANIFEST)))
+        names = {str(m["file"]) for m in old["members"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {n for n in names if n and "/" not in n and "\\" not in n and n not in (".", "..")
+            and n != MANIFEST}
 
 
 @contextlib.contextmanager

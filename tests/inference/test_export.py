@@ -154,3 +154,26 @@ def test_a_folder_that_is_not_a_whole_export_is_refused_by_name(exported, ensemb
 def test_an_export_predicts_no_images_as_an_empty_batch(exported):
     probs, by_member = ExportedEnsemble(exported("torchscript")).predict([])
     assert probs.shape == (0, 1) and {m.shape for m in by_member.values()} == {(0, 1)}
+
+
+def test_an_export_over_an_earlier_one_leaves_only_what_its_manifest_lists(exported,
+                                                                          ensemble_dir, tmp_path):
+    """Exporting again into a folder (another ensemble, the other format) removes the earlier
+    manifest's member files it does not write, and nothing else."""
+    out = str(tmp_path / "again")
+    shutil.copytree(exported("torchscript"), out)
+    manifest = os.path.join(out, "export.json")
+    with open(manifest) as f:
+        earlier = json.load(f)
+    earlier["members"].append({**earlier["members"][0], "trial_id": "gone", "file": "gone.pt"})
+    earlier["members"].append({**earlier["members"][0], "trial_id": "x", "file": "../outside"})
+    with open(manifest, "w") as f:
+        json.dump(earlier, f)
+    for name in ("gone.pt", "notes.txt"):
+        with open(os.path.join(out, name), "w") as f:
+            f.write("x")
+    (tmp_path / "outside").write_text("not the export's")
+    export_ensemble(ensemble_dir, format="torchscript", out=out)
+    assert sorted(os.listdir(out)) == ["a.pt", "b.pt", "export.json", "notes.txt"]
+    assert (tmp_path / "outside").exists()
+    assert set(ExportedEnsemble(out).predict([])[1]) == {"a", "b"}
