@@ -195,3 +195,16 @@ def test_list_shows_the_update_time_status_shows_even_after_a_copy(tmp_path):
     st = X.experiment_status(exp_dir)
     assert st.updated == "2020-01-02T03:04:05+00:00"
     assert X.list_status(root).set_index("name").loc["old", "updated"] == "2020-01-02 03:04"
+
+
+def test_a_few_core_seconds_are_not_shown_as_zero_hours(tmp_path, capsys):
+    """A tiny CPU search spends seconds: `status` shows them (two significant digits), not
+    `0.00 CPU-hours`, as if nothing had run."""
+    exp = X.experiment_dir(str(tmp_path), "tiny")
+    X.update_info(exp, kind="search", name="tiny", state="finished", trials=1, num_samples=1,
+                  resources={"workers": 1, "gpus_per_worker": 0.0, "cpus_per_worker": 2.0})
+    X.write_results(exp, TRIALS.head(1), pd.DataFrame({
+        "trial_id": ["a"], "epoch": [1], "val_loss": [0.41], "epoch_time_s": [4.0],
+        "val_time_s": [1.4]}))
+    assert main(["status", "tiny", "--storage", str(tmp_path)]) == 0
+    assert "1 epochs, 0.003 CPU-hours" in capsys.readouterr().out  # 5.4 s x 2 CPUs

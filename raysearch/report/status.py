@@ -24,6 +24,15 @@ def _trials_line(st: ExperimentStatus) -> str:
     return f"{st.trials}{asked}" + (f" ({parts})" if parts else "")
 
 
+def _hours(hours: float) -> str:
+    """Device-hours with two decimals, or two significant digits below 0.01 (a short CPU search
+    spends a few core-seconds: ``0.0016``, where two decimals showed ``0.00``, as if nothing had
+    run)."""
+    if 0 < hours < 0.01:
+        return f"{hours:.2g}" if hours >= 1e-4 else f"{hours:.1e}"
+    return f"{hours:.2f}"
+
+
 def _int(value: Any) -> str:
     try:
         return str(int(value))
@@ -48,14 +57,14 @@ def status_view(st: ExperimentStatus) -> Group:
         grid.add_row("best", f"{b.get('trial_id')}: val_loss {fmt(b.get('best_val_loss'), 4)}, "
                      f"kappa {fmt(b.get('val_study_kappa'))} at epoch {_int(b.get('best_epoch'))}"
                      + (f" ({what})" if what else ""))
-    grid.add_row("spent", f"{st.epochs} epochs, {st.device_hours:.2f} {st.device}-hours")
+    grid.add_row("spent", f"{st.epochs} epochs, {_hours(st.device_hours)} {st.device}-hours")
     if st.updated:
         grid.add_row("updated", str(st.updated))
     if st.refit:
         r = st.refit
         b = r["best"]
         grid.add_row("refit", f"{r['configurations']} configurations x {r['folds']} folds "
-                     f"({r['runs']} runs, {r['epochs']} epochs, {r['device_hours']:.2f} "
+                     f"({r['runs']} runs, {r['epochs']} epochs, {_hours(r['device_hours'])} "
                      f"{r['device']}-hours); best cv val_loss {fmt(b['cv_val_loss_mean'])} ± "
                      f"{fmt(b['cv_val_loss_sd'])} ({b['trial_id']})")
     if st.ensemble:
