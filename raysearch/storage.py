@@ -87,7 +87,9 @@ def get_fs(path: str | os.PathLike) -> tuple[Any, str]:
     """Return (filesystem, path inside it) for a local path or any fsspec URL.
 
     Raises :class:`StorageError` at once for a ``gs://`` URL whose endpoint does not resolve
-    (offline): gcsfs would otherwise log tracebacks and retry for over a minute.
+    (offline): gcsfs would otherwise log tracebacks and retry for over a minute; and
+    :class:`ConfigError` naming the URL for a scheme fsspec does not know (``foo://``) or whose
+    package is not installed (``s3://`` without ``s3fs``).
     """
     s = str(path)
     if not is_url(s):
@@ -95,8 +97,17 @@ def get_fs(path: str | os.PathLike) -> tuple[Any, str]:
     elif s.startswith(("gs://", "gcs://")):
         _check_gcs_reachable(s)
     from fsspec.core import url_to_fs
+    from fsspec.registry import known_implementations
 
-    return url_to_fs(s)
+    scheme = s.split("://", 1)[0] if is_url(s) else "file"
+    if scheme.split("::")[-1] not in known_implementations and "::" not in scheme:
+        raise ConfigError(f"{s}: unknown URL scheme {scheme}:// (use a local path, gs://, or "
+                          "another scheme fsspec knows)")
+    try:
+        return url_to_fs(s)
+    except ImportError as e:  # e.g. "Install s3fs to access S3"
+        reason = str(e).splitlines()[0] if str(e) else f"no package for {scheme}://"
+        raise ConfigError(f"{s}: {reason[:1].lower()}{reason[1:]}") from None
 
 
 _REACHABLE: dict[str, str | None] = {}  # host -> None (resolves) or why it does not

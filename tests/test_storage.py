@@ -284,3 +284,16 @@ def test_a_write_under_a_file_is_a_storage_error_naming_the_path(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(StorageError, match=f"already exists: {tmp_path}/f"):
         storage.atomic_write_text(str(tmp_path / "f" / "out.txt"), "hi")
+
+
+def test_a_url_scheme_that_cannot_be_opened_is_a_config_error_naming_the_url():
+    from raysearch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^foo://b/x: unknown URL scheme foo://"):
+        storage.get_fs("foo://b/x")
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"^s3://b/x: install s3fs"):
+            storage.get_fs("s3://b/x")
+    assert storage.get_fs("memory://b/x")[1] == "/b/x"

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from raysearch.errors import ConfigError, DataError, name_some
+from raysearch.errors import ConfigError, DataError, name_some, os_reason
 from raysearch.storage import atomic_write_parquet, atomic_write_text, get_fs, is_url, join
 
 __all__ = ["IMAGE_EXTENSIONS", "collect_images", "run_predict"]
@@ -95,33 +95,16 @@ def _name_studies(images: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
 
 def collect_images(inputs: Sequence[str]) -> Collected:
     """Every image the inputs name, with its study and patient. Raises :class:`DataError` for an
-    input that does not exist and when nothing usable is found (an empty folder)."""
+    input that does not exist or cannot be read (an unreachable host: the input named, with the
+    reason) and when nothing usable is found (an empty folder)."""
     rows: list[tuple[str, str, str]] = []
     by_folder: list[tuple[str, str]] = []  # (image, its study folder) from folders and files
     skipped: list[tuple[str, str]] = []
     for item in inputs:
-        fs, path = get_fs(item)
-        path = path.rstrip("/")
-        if not fs.exists(path):
-            raise DataError(f"input not found: {item}")
-        if fs.isdir(path):
-            found = [p for p in fs.find(path, withdirs=False)]
-            images = [p for p in found if _is_image(p)]
-            # A file without an image extension may still be DICOM (PACS exports often have none).
-            for p in found:
-                if not _is_image(p) and "." not in p.rsplit("/", 1)[-1]:
-                    images.append(p)
-            if not images:
-                raise DataError(f"no images in {item} (looked for {', '.join(IMAGE_EXTENSIONS)} "
-                                "and extension-less DICOM files)")
-            for p in sorted(images):  # a study is the folder that holds the image
-                uri = _uri(fs, p, item)
-                by_folder.append((uri, uri.rsplit("/", 1)[0]))
-        elif path.lower().endswith(".csv"):
-            rows += _from_csv(item, fs, path)
-        else:
-            uri = _uri(fs, path, item)
-            by_folder.append((uri, uri.rsplit("/", 1)[0]))
+        try:
+            _collect_one(item, rows, by_folder)
+        except OSError as e:  # an unreachable host, a refused connection, no permission
+            raise DataError(f"cannot read input {item}: {os_reason(e)}") from None
     rows += _name_studies(by_folder)
     frame = pd.DataFrame(rows, columns=["image_path", "study_id", "patient_id"])
     dup = frame["image_path"].duplicated()
@@ -130,6 +113,36 @@ def collect_images(inputs: Sequence[str]) -> Collected:
     if frame.empty:
         raise DataError(f"no images found in {name_some(list(inputs))}")
     return Collected(frame, skipped)
+
+
+def _collect_one(item: str, rows: list[tuple[str, str, str]],
+                 by_folder: list[tuple[str, str]]) -> None:
+    """Add the images of one input (a file, a folder, a CSV; local or a URL) to ``rows`` (CSV
+    rows: image, study, patient) or ``by_folder`` (image, its study folder). Raises
+    :class:`DataError` for a missing input or a folder without images; OS errors (an
+    unreachable host) pass through for :func:`collect_images` to name the input."""
+    fs, path = get_fs(item)
+    path = path.rstrip("/")
+    if not fs.exists(path):
+        raise DataError(f"input not found: {item}")
+    if fs.isdir(path):
+        found = [p for p in fs.find(path, withdirs=False)]
+        images = [p for p in found if _is_image(p)]
+        # A file without an image extension may still be DICOM (PACS exports often have none).
+        for p in found:
+            if not _is_image(p) and "." not in p.rsplit("/", 1)[-1]:
+                images.append(p)
+        if not images:
+            raise DataError(f"no images in {item} (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                            "and extension-less DICOM files)")
+        for p in sorted(images):  # a study is the folder that holds the image
+            uri = _uri(fs, p, item)
+            by_folder.append((uri, uri.rsplit("/", 1)[0]))
+    elif path.lower().endswith(".csv"):
+        rows.extend(_from_csv(item, fs, path))
+    else:
+        uri = _uri(fs, path, item)
+        by_folder.append((uri, uri.rsplit("/", 1)[0]))
 
 
 def _from_csv(item: str, fs, path: str) -> list[tuple[str, str, str]]:

@@ -210,3 +210,21 @@ def test_the_patient_comes_from_the_path_when_one_study_or_one_patient_is_given(
     for given in (folder, study, os.path.join(study, min(os.listdir(study)))):
         images = collect_images([given]).images
         assert (images["patient_id"] == patient).all(), (given, images["patient_id"].tolist())
+
+
+def test_an_input_url_that_cannot_be_read_is_one_line_naming_it(ensemble, tmp_path, capsys):
+    """A host that refuses the connection, a scheme nobody knows: one line naming the input and
+    exit 2 (were `unexpected ConnectionRefusedError` and `unexpected ValueError: Protocol not
+    known`, exit 1)."""
+    from raysearch.cli import main
+    from raysearch.errors import ConfigError
+
+    with pytest.raises(DataError, match=r"^cannot read input ftp://127\.0\.0\.1:9/y\.png: "):
+        collect_images(["ftp://127.0.0.1:9/y.png"])
+    with pytest.raises(ConfigError, match=r"^foo://x/y\.png: unknown URL scheme foo://"):
+        collect_images(["foo://x/y.png"])
+    for url in ("ftp://127.0.0.1:9/y.png", "foo://x/y.png"):
+        assert main(["predict", "--ensemble", ensemble, url,
+                     "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("raysearch: error: ") and url in err and "\n" not in err
