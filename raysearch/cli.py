@@ -976,6 +976,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands that continue from their checkpoints when run again after Ctrl-C.
+_RESUMABLE = frozenset({"tune", "train", "refit"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from raysearch.logs import log_path, quiet_libraries
@@ -992,7 +996,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"raysearch: error: {plain(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("raysearch: interrupted; run the same command to resume", file=sys.stderr)
+        # Only the commands that keep their progress resume; the others start over.
+        what = ("run the same command to resume" if args.command in _RESUMABLE
+                else f"`raysearch {args.command}` starts over when run again")
+        print(f"raysearch: interrupted; {what}", file=sys.stderr)
         return 130
     except Exception as e:  # a bug or an unexpected library error: one line unless --debug
         if debug:

@@ -187,3 +187,24 @@ def test_a_file_for_the_other_command_names_the_command_to_use(tmp_path, monkeyp
         err = capsys.readouterr().err.strip()
         assert err.startswith("raysearch: error: ") and err.endswith(says), err
         assert "\n" not in err
+
+
+@pytest.mark.parametrize(("command", "says"), [
+    ("status", "interrupted; `raysearch status` starts over when run again"),
+    ("tune", "interrupted; run the same command to resume"),
+])
+def test_ctrl_c_says_what_running_the_command_again_does(monkeypatch, capsys, command, says):
+    """Ctrl-C exits 130; only the commands that keep their progress promise a resume (predict,
+    report, export... said `run the same command to resume` and then started over)."""
+    from raysearch import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub.choices[command].set_defaults(func=interrupted)
+    argv = [command] + (["x.yaml"] if command == "tune" else [])
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip() == f"raysearch: {says}"
