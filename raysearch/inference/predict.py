@@ -214,8 +214,9 @@ def run_predict(
         except DataError as e:  # the decoder saw bytes: name the file
             return None, None, str(e).replace("<bytes>", path)
 
+    # A bar only on a terminal: elsewhere (a pipe, a log) rich leaves an empty line behind.
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=console, transient=not console.is_terminal) as bar, \
+                  console=console, disable=not console.is_terminal) as bar, \
             ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         job = bar.add_task("reading images", total=len(images))
         for i, (path, (hint, decoded, error)) in enumerate(

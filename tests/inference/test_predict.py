@@ -228,3 +228,14 @@ def test_an_input_url_that_cannot_be_read_is_one_line_naming_it(ensemble, tmp_pa
                      "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("raysearch: error: ") and url in err and "\n" not in err
+
+
+def test_output_that_is_not_a_terminal_gets_no_progress_bar_remnant(tmp_path, ensemble):
+    """Piped or logged, `predict` writes its lines and nothing else: the progress bar left an
+    empty line before them (so a refusal was two lines, the first one blank)."""
+    bad = tmp_path / "notimg.png"
+    bad.write_text("hello")
+    console = _console()
+    with pytest.raises(DataError, match="none of the 1 images could be used"):
+        run_predict([str(bad)], ensemble=ensemble, out=str(tmp_path / "out"), console=console)
+    assert console.file.getvalue() == ""
