@@ -178,12 +178,19 @@ def find_experiment(experiment: str | None, *, storage: str = "reports") -> str:
                 "first or name one with --experiment"
             )
         return max(found, key=lambda item: (item[1], item[0]))[0]
-    bare = not is_url(experiment) and "/" not in experiment and os.sep not in experiment
-    candidates = [join(storage, experiment)] if bare else []
+    # A name with a trailing slash (`demo/`, as shells complete it) is still a name.
+    name = experiment.rstrip("/" + os.sep) or experiment
+    bare = not is_url(experiment) and "/" not in name and os.sep not in name
+    candidates = [join(storage, name)] if bare else []
     candidates.append(experiment if is_url(experiment) else join(experiment))
     for path in candidates:
         if exists(join(path, "experiment.json")):
             return path
+    for path in candidates:  # an experiment's ensemble folder given for the experiment
+        parent = path.rstrip("/").rsplit("/", 1)[0]
+        if exists(join(path, "members.parquet")) and exists(join(parent, "experiment.json")):
+            raise ConfigError(f"{path} is an ensemble folder, not an experiment; its experiment "
+                              f"is {parent}")
     # The hint lists the folder the user pointed at: ``storage`` for a bare name, else the
     # parent of the path given (``runs/tyni`` lists ``runs``, not ``reports``).
     where = storage if bare else candidates[-1].rstrip("/").rsplit("/", 1)[0]

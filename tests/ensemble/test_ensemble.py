@@ -553,3 +553,15 @@ def test_the_selection_path_is_the_score_of_each_prefix():
     assert [p["added"] for p in top] == ["m2", "m0"]
     assert top[1]["val_study_log_loss"] == pytest.approx(
         _study_loss(images, probs, {"m2": 0.5, "m0": 0.5}))
+
+
+def test_find_experiment_takes_a_name_with_a_slash_and_names_an_ensemble_folder(tmp_path):
+    """`status demo/` (a shell's completion) is the experiment `demo`; an experiment's
+    `ensemble/` folder given for it is named as such, with its experiment."""
+    storage = str(tmp_path / "reports")
+    atomic_write_text(join(storage, "demo", "experiment.json"), "{}")
+    atomic_write_text(join(storage, "demo", "ensemble", "members.parquet"), "")
+    assert find_experiment("demo/", storage=storage) == join(storage, "demo")
+    with pytest.raises(ConfigError, match=r"demo/ensemble is an ensemble folder, not an "
+                                          r"experiment; its experiment is .*reports/demo$"):
+        find_experiment(join(storage, "demo", "ensemble"), storage=storage)
