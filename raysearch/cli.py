@@ -235,7 +235,13 @@ def cmd_list(args) -> int:
 
     out = _stdout_console()
     if frame.empty:
-        out.print(f"no experiments under {args.storage}")
+        from raysearch.experiment import is_experiment
+
+        parent = str(args.storage).rstrip("/").rsplit("/", 1)[0] if "/" in str(
+            args.storage).rstrip("/") else "."
+        hint = (f" ({args.storage} is itself an experiment: `raysearch status {args.storage}`, "
+                f"or `raysearch list {parent}`)" if is_experiment(args.storage) else "")
+        out.print(f"no experiments under {args.storage}{hint}", soft_wrap=True)
     else:
         out.print(experiments_table(frame, title=f"experiments under {args.storage}"))
     return 0

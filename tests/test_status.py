@@ -208,3 +208,13 @@ def test_a_few_core_seconds_are_not_shown_as_zero_hours(tmp_path, capsys):
         "val_time_s": [1.4]}))
     assert main(["status", "tiny", "--storage", str(tmp_path)]) == 0
     assert "1 epochs, 0.003 CPU-hours" in capsys.readouterr().out  # 5.4 s x 2 CPUs
+
+
+def test_list_of_an_experiment_folder_says_it_is_one(tmp_path, capsys):
+    """`raysearch list reports/demo` (an experiment, not a storage) says so, with the two
+    commands meant, instead of only `no experiments under reports/demo`."""
+    exp = finished_search(str(tmp_path / "reports"), "demo")
+    assert main(["list", exp]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == (f"no experiments under {exp} ({exp} is itself an experiment: `raysearch "
+                   f"status {exp}`, or `raysearch list {tmp_path / 'reports'}`)")
