@@ -21,6 +21,7 @@ replica or a plain script.
 from __future__ import annotations
 
 import io
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -183,7 +184,14 @@ class Predictor:
             raise ConfigError(f"thresholds must be in [0, 1], got {values}")
         self.thresholds = np.asarray(values, dtype=np.float64)  # [K]
         self.threshold = float(values[0])
-        self.device = torch.device(device) if device is not None else best_device()
+        if device is None:
+            self.device = best_device()
+        else:
+            try:
+                self.device = torch.device(device)
+            except (RuntimeError, TypeError):  # torch's message lists 20 device types
+                raise ConfigError(f"device must be a torch device such as cpu, cuda or "
+                                  f"cuda:0, got {device!r}") from None
         self.batch_size = int(batch_size)
         self._models: dict[str, torch.nn.Module] = {}
 
@@ -202,10 +210,15 @@ class Predictor:
     ) -> Predictor:
         """A predictor from an ensemble folder (``members.parquet``) or an experiment folder
         (its ``ensemble/`` if it has one, else its ``top`` best trials, default 1, equally
-        weighted). Raises :class:`ConfigError` when the folder is neither."""
+        weighted). Raises :class:`ConfigError` when the folder is neither, for a ``top`` that is
+        not an int >= 1 (0 gave the best trial alone, without a word) and for an unknown
+        ``device``."""
         from raysearch.experiment import check_model_folder, read_info, read_trials
         from raysearch.storage import exists
 
+        if top is not None and (isinstance(top, bool) or not isinstance(top, numbers.Integral)
+                                or top < 1):
+            raise ConfigError(f"top must be an int >= 1, got {top!r}")
         path = check_model_folder(path)
         if exists(join(path, "members.parquet")):
             return cls._from_ensemble(path, device=device, batch_size=batch_size)

@@ -163,3 +163,16 @@ def test_no_images_give_empty_tables_of_the_right_shape(tiny_manifest, two_membe
     per_image, studies = predictor.predict_studies(tiny_manifest.head(0))
     assert len(per_image) == 0 and len(studies) == 0
     assert {"prob", "prob_t0", "prob_t1"} <= set(per_image.columns)
+
+
+def test_a_bad_top_or_device_is_a_config_error_naming_it(tmp_path, two_members):
+    """`exp.predictor(top=0)` gave the best trial alone without a word; `device="tpu"` was
+    torch's RuntimeError listing twenty device types."""
+    ensemble = two_member_ensemble(tmp_path / "exp")
+    for top in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match=f"top must be an int >= 1, got {top!r}"):
+            Predictor.from_dir(str(tmp_path / "exp"), top=top, device="cpu")
+    with pytest.raises(ConfigError, match="device must be a torch device .*got 'tpu'"):
+        Predictor.from_dir(ensemble, device="tpu")
+    with pytest.raises(ConfigError, match="device must be a torch device"):
+        Predictor(two_members, task=MURA_TASK, device="gpu")
