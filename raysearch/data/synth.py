@@ -422,6 +422,8 @@ def make_demo_data(
         raise ConfigError(f"unknown demo size {size!r}; choose one of {', '.join(DEMO_SIZES)}")
     if not 0.0 <= label_noise < 0.5:
         raise ConfigError(f"label_noise must be in [0, 0.5), got {label_noise}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be an int >= 0, got {seed!r}")  # numpy's generators
     if shortcut is not None and not 0.0 <= shortcut <= 1.0:
         raise ConfigError(f"shortcut must be in [0, 1], got {shortcut}")
     if num_workers is not None and num_workers < 1:

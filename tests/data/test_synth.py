@@ -185,3 +185,12 @@ def test_overwrite_replaces_demo_data_but_never_a_folder_demo_data_did_not_make(
     with pytest.raises(DataError, match="was not made by raysearch demo-data"):
         make_demo_data(str(real), size="tiny", num_workers=1, overwrite=True)
     assert (real / "MURA-v1.1" / "train" / "keep.png").exists()
+
+
+def test_a_negative_seed_is_one_line_exit_2_before_any_file(tmp_path, capsys):
+    """`demo-data --seed -4` was `unexpected ValueError: expected non-negative integer`, exit 1."""
+    from raysearch.cli import main
+
+    assert main(["demo-data", str(tmp_path / "d"), "--seed", "-4", "--size", "tiny"]) == 2
+    assert capsys.readouterr().err.strip() == "raysearch: error: seed must be an int >= 0, got -4"
+    assert not (tmp_path / "d").exists()
