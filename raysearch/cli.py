@@ -314,6 +314,7 @@ def cmd_refit(args) -> int:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     if args.folds is not None and args.folds < 2:
         raise ConfigError(f"--folds must be an integer >= 2, got {args.folds}")
+    _check_seeds("--seed", [] if args.seed is None else [args.seed])
 
     experiment = find_experiment(args.experiment, storage=args.storage)  # before Ray loads
     from raysearch.search.refit import run_refit
@@ -569,6 +570,7 @@ def cmd_bench(args) -> int:
         sched = {k: v for k, v in (("max_epochs", args.max_epochs),
                                    ("grace_period", args.grace_period),
                                    ("reduction_factor", args.reduction_factor)) if v is not None}
+        _check_seeds("--seeds", args.seeds)  # before the demo data is generated
         from raysearch.bench.search import BENCH_TRIALS, bench_search
 
         bench_search(root=args.root, space=args.space, num_samples=args.num_samples or BENCH_TRIALS,
@@ -980,6 +982,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench, bench_defaults={a.dest: a.default for a in s._actions
                                                    if a.dest in _BENCH_OPTIONS})
     return p
+
+
+def _check_seeds(flag: str, seeds) -> None:
+    """Raise :class:`ConfigError` naming ``flag`` unless every seed is in [0, 2**32 - 1] (what
+    numpy's and Optuna's generators take), before any work."""
+    from raysearch.config import MAX_SEED
+
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise ConfigError(f"{flag} must be in [0, {MAX_SEED}], got {bad[0]}")
 
 
 # Commands that continue from their checkpoints when run again after Ctrl-C.

@@ -208,3 +208,16 @@ def test_ctrl_c_says_what_running_the_command_again_does(monkeypatch, capsys, co
     argv = [command] + (["x.yaml"] if command == "tune" else [])
     assert main(argv) == 130
     assert capsys.readouterr().err.strip() == f"raysearch: {says}"
+
+
+@pytest.mark.parametrize("argv", [["refit", "--seed", "-1"], ["bench", "search", "--seeds", "0", "-1"],
+                                  ["refit", "--seed", str(2**32)]])
+def test_a_seed_out_of_range_is_refused_before_any_work(argv, tmp_path, monkeypatch, capsys):
+    """`refit --seed -1` was `unexpected ValueError: Seed must be between 0 and 2**32 - 1`, exit
+    1; `bench search --seeds -1` generated the demo dataset first."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"raysearch: error: {argv[-2] if argv[0] == 'refit' else '--seeds'} "
+                          "must be in [0, 4294967295], got ") and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
