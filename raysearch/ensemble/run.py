@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from raysearch.config import MAX_SEED
 from raysearch.data.dataset import Task
 from raysearch.ensemble.members import (
     Member,
@@ -429,7 +430,8 @@ def run_ensemble(
     ensemble on, through the label mapping (:func:`cross_dataset`).
     Returns the output folder URI. Warns when the experiment is unfinished (an interrupted
     search); raises :class:`ExperimentLockedError` when another run writes the experiment and the
-    output would go into it.
+    output would go into it. Raises :class:`ConfigError`, before any work, for an option out of
+    range (``top``, ``n_boot``, ``seed`` outside [0, 2**32 - 1], ``target_sensitivity``).
     """
     from rich.console import Console
 
@@ -440,6 +442,8 @@ def run_ensemble(
         raise ConfigError(f"--top must be >= 1, got {top}")
     if n_boot < 1:
         raise ConfigError(f"--n-boot must be >= 1, got {n_boot}")
+    if not 0 <= seed <= MAX_SEED:  # the bootstrap's numpy generator takes no negative seed
+        raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
     if not 0.0 < target_sensitivity <= 1.0:
         raise ConfigError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
     if worklist_rule not in T.RULES:

@@ -565,3 +565,11 @@ def test_find_experiment_takes_a_name_with_a_slash_and_names_an_ensemble_folder(
     with pytest.raises(ConfigError, match=r"demo/ensemble is an ensemble folder, not an "
                                           r"experiment; its experiment is .*reports/demo$"):
         find_experiment(join(storage, "demo", "ensemble"), storage=storage)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_an_ensemble_seed_out_of_range_is_refused_before_any_work(tmp_path, seed):
+    """`ensemble --seed -1` loaded and scored every member, then failed with `unexpected
+    ValueError: expected non-negative integer`, exit 1."""
+    with pytest.raises(ConfigError, match=rf"^--seed must be in \[0, 4294967295\], got {seed}$"):
+        run_ensemble(experiment=str(tmp_path / "nowhere"), seed=seed)
