@@ -998,13 +998,29 @@ def _check_seeds(flag: str, seeds) -> None:
 _RESUMABLE = frozenset({"tune", "train", "refit"})
 
 
+def _refuse_empty(argv: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` for an empty value (``--out ''``, ``--storage=``, an empty
+    INPUT: a shell variable that was not set): taken as given it meant the current folder
+    (``predict --out ''`` wrote its files there and said ``-> :``) or was dropped for the file's
+    setting without a word."""
+    for i, token in enumerate(argv):
+        if token.startswith("--") and token.endswith("=") and len(token) > 3:
+            raise ConfigError(f"{token[:-1]}: empty value (an unset shell variable?)")
+        if token.strip() == "":
+            before = argv[i - 1] if i else ""
+            what = before if before.startswith("-") and "=" not in before else "an argument"
+            raise ConfigError(f"{what}: empty value (an unset shell variable?)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     from raysearch.logs import log_path, quiet_libraries
 
     quiet_libraries(verbose=getattr(args, "verbose", False), command=args.command)
     debug = args.debug or bool(os.environ.get("RAYSEARCH_DEBUG"))
     try:
+        _refuse_empty(argv)
         return args.func(args)
     except RaysearchError as e:
         if debug:

@@ -221,3 +221,19 @@ def test_a_seed_out_of_range_is_refused_before_any_work(argv, tmp_path, monkeypa
     assert err.startswith(f"raysearch: error: {argv[-2] if argv[0] == 'refit' else '--seeds'} "
                           "must be in [0, 4294967295], got ") and "\n" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["predict", "--ensemble", "x", "a.png", "--out", ""], "--out"),
+    (["tune", "demo", "--storage="], "--storage"),
+    (["status", ""], "an argument"),
+    (["export", "--ensemble", " ", "--format", "onnx"], "--ensemble"),
+])
+def test_an_empty_value_is_refused_by_name(argv, flag, tmp_path, monkeypatch, capsys):
+    """`predict --out ''` wrote into the current folder and said `-> :`; `tune --storage ''`
+    used the file's storage without a word."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"raysearch: error: {flag}: empty value (an unset shell variable?)")
+    assert list(tmp_path.iterdir()) == []
