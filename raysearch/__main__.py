@@ -5,4 +5,5 @@ import sys
 
 from raysearch.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (tools, the layout test) runs nothing
+    sys.exit(main())
