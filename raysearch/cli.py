@@ -985,13 +985,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_seeds(flag: str, seeds) -> None:
-    """Raise :class:`ConfigError` naming ``flag`` unless every seed is in [0, 2**32 - 1] (what
-    numpy's and Optuna's generators take), before any work."""
-    from raysearch.config import MAX_SEED
+    """:func:`raysearch.config.check_seed` for each of ``seeds``, before any work."""
+    from raysearch.config import check_seed
 
-    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
-    if bad:
-        raise ConfigError(f"{flag} must be in [0, {MAX_SEED}], got {bad[0]}")
+    for seed in seeds:
+        check_seed(flag, seed)
 
 
 # Commands that continue from their checkpoints when run again after Ctrl-C.

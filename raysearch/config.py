@@ -514,6 +514,13 @@ def check_range(key: str, value: float, low: float, high: float) -> None:
         raise ConfigError(f"{key} must be <= {high!r}, got {value!r}", key=key)
 
 
+def check_seed(key: str, seed: int) -> None:
+    """Raise :class:`ConfigError` naming ``key`` (a flag such as ``--seed``) unless ``seed`` is
+    in [0, MAX_SEED], the seeds numpy's and Optuna's generators take: checked before any work."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{key} must be in [0, {MAX_SEED}], got {seed}")
+
+
 def check_choice(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
     if value not in allowed:
         raise ConfigError(

@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysearch.config import MAX_SEED
+from raysearch.config import check_seed
 from raysearch.data.dataset import Task
 from raysearch.ensemble.members import (
     Member,
@@ -442,8 +442,7 @@ def run_ensemble(
         raise ConfigError(f"--top must be >= 1, got {top}")
     if n_boot < 1:
         raise ConfigError(f"--n-boot must be >= 1, got {n_boot}")
-    if not 0 <= seed <= MAX_SEED:  # the bootstrap's numpy generator takes no negative seed
-        raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
+    check_seed("--seed", seed)  # the bootstrap's numpy generator takes no negative seed
     if not 0.0 < target_sensitivity <= 1.0:
         raise ConfigError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
     if worklist_rule not in T.RULES:

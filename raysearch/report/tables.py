@@ -172,10 +172,8 @@ def members_table(
 
 
 def kappa_cell(kappa: Any, low: Any, high: Any) -> str:
-    """'0.712 [0.61, 0.80]': a kappa with its interval."""
-    if low is None or (isinstance(low, float) and math.isnan(low)):
-        return fmt(kappa)
-    return f"{fmt(kappa)} [{fmt(low, 2)}, {fmt(high, 2)}]"
+    """'0.712 [0.61, 0.80]': a kappa with its interval (:func:`ci_cell`)."""
+    return ci_cell(kappa, low, high)
 
 
 def ensemble_table(

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysearch.config import MAX_SEED, TrialConfig
+from raysearch.config import TrialConfig, check_seed
 from raysearch.data.dataset import Task
 from raysearch.errors import CheckpointError, ConfigError, DataError, SearchFailedError
 from raysearch.experiment import (
@@ -162,8 +162,8 @@ def run_refit(
         raise ConfigError(f"--top must be >= 1, got {top}")
     if folds is not None and (not isinstance(folds, int) or folds < 2):
         raise ConfigError(f"--folds must be an integer >= 2, got {folds!r}")
-    if seed is not None and not 0 <= seed <= MAX_SEED:  # numpy's RandomState takes < 2**32
-        raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
+    if seed is not None:  # numpy's RandomState takes < 2**32
+        check_seed("--seed", seed)
     exp_dir = find_experiment(experiment, storage=storage)
     with ExperimentLock(exp_dir, command="refit"):
         return _run_refit(exp_dir, top=top, k=folds, seed=seed, address=address, verbose=verbose,
